@@ -1,0 +1,99 @@
+# lua-prefork: a Lua 5.4 module in C on libev for preforking servers.
+# `make` builds; `make test` installs what is missing, builds and runs
+# the suite; `make run` serves examples/http.lua on 127.0.0.1:8080.
+
+LUA_VERSION = 5.4
+LUA = lua$(LUA_VERSION)
+LUA_INCDIR = /usr/include/lua$(LUA_VERSION)
+# where `make install` puts things (luarocks passes its own)
+PREFIX = /usr/local
+LIBDIR = $(PREFIX)/lib/lua/$(LUA_VERSION)
+LUADIR = $(PREFIX)/share/lua/$(LUA_VERSION)
+BINDIR = $(PREFIX)/bin
+
+CC = cc
+CFLAGS = -O2 -g
+LIBFLAG = -shared
+EV_LIBS = -lev
+WARN = -Wall -Wextra -Wpedantic -Werror -Wcast-qual -Wshadow \
+       -Wwrite-strings -Wmissing-prototypes -Wstrict-prototypes \
+       -Wdeclaration-after-statement -Wc++-compat -Wundef \
+       -Wpointer-arith -Wmissing-declarations -Wredundant-decls \
+       -Wnested-externs
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
+             -I$(LUA_INCDIR) $(CFLAGS)
+
+BUILD = build
+SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c
+OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
+CORE = $(BUILD)/prefork/core.so
+LUASRC = src/prefork/init.lua
+
+# the suite runs from the checkout
+TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
+           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)"
+SPEC_TIMEOUT = 180
+
+# Debian packages: to build, to test, to measure
+DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
+             gcc make pkg-config
+DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
+            psmisc strace
+DEPS = $(DEPS_BUILD) $(DEPS_TEST)
+
+.PHONY: all deps run test asan valgrind install clean rock-check
+
+all: $(CORE)
+
+$(BUILD)/obj/%.o: src/%.c src/prefork.h
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(CORE): $(OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LIBS) $(LDFLAGS)
+
+# installs only what is missing; apt needs root (or sudo)
+deps:
+	@missing=""; for p in $(DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" \
+	    || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+	fi
+
+run: deps all
+	$(TEST_ENV) $(LUA) examples/http.lua 8080
+
+test: deps all
+	$(TEST_ENV) SPEC_TIMEOUT=$(SPEC_TIMEOUT) sh spec/run.sh
+
+# the whole suite against an ASan+UBSan build (gcc's runtimes, preloaded
+# into the uninstrumented lua5.4)
+asan: deps
+	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
+	  LDFLAGS="-fsanitize=address,undefined" all
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=99 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=99 \
+	LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp \
+	$(MAKE) --no-print-directory BUILD=build-asan SPEC_TIMEOUT=300 test-only
+
+valgrind: deps all
+	$(TEST_ENV) SPEC_TIMEOUT=600 \
+	SPEC_WRAP="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=no" \
+	sh spec/run.sh
+
+test-only:
+	$(TEST_ENV) SPEC_TIMEOUT=$(SPEC_TIMEOUT) sh spec/run.sh
+
+install: all
+	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
+	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
+	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/init.lua
+
+clean:
+	rm -rf build build-asan

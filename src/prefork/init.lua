@@ -1,0 +1,372 @@
+--- prefork: preforking servers for Lua 5.4, on libev.
+-- The C core (prefork.core) forks, reaps, times and signals; this front
+-- holds the public surface: options and their checking, defaults, the
+-- worker set as contexts, and the objects handed to user code.
+
+local core = require "prefork.core"
+
+local prefork = {
+  _VERSION = core._VERSION,
+  fork = core.fork,
+  wait = core.wait,
+  kill = core.kill,
+  signame = core.signame,
+  settitle = core.settitle,
+  ncpu = core.ncpu,
+  listen = core.listen,
+}
+
+
+-- {======================================================
+-- Helpers
+-- =======================================================
+
+--- Structural equality: tables compared deeply (cycles allowed),
+-- everything else (functions too) by identity.
+local function deepeq (a, b, seen)
+  if a == b then return true end
+  if type(a) ~= "table" or type(b) ~= "table" then return false end
+  seen = seen or {}
+  if seen[a] == b then return true end
+  seen[a] = b
+  for k, v in pairs(a) do
+    if not deepeq(v, b[k], seen) then return false end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false end
+  end
+  return true
+end
+prefork.deepeq = deepeq
+
+
+local function idorder (a, b)
+  local ta, tb = type(a.id), type(b.id)
+  if ta ~= tb then return ta < tb end
+  return a.id < b.id
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Options
+-- =======================================================
+
+local checks = {}  -- option name -> function(value) raising on a bad one
+
+local function isfunction (v) return type(v) == "function" end
+
+local function opt_number (min)
+  return function (v)
+    return math.type(v) ~= nil and v >= min, "a number >= " .. min
+  end
+end
+
+local function opt_integer (min)
+  return function (v)
+    return math.type(v) == "integer" and v >= min, "an integer >= " .. min
+  end
+end
+
+for _, name in ipairs{"update", "fork", "on_start", "before_fork",
+                      "after_fork", "on_worker_exit", "on_reload", "log"} do
+  checks[name] = function (v) return isfunction(v), "a function" end
+end
+checks.workers = opt_integer(0)
+checks.backlog = opt_integer(1)
+checks.graceful_timeout = opt_number(0)
+checks.title = function (v) return type(v) == "string", "a string" end
+checks.accept = function (v)
+  return v == "shared", '"shared" (the only strategy in this version)'
+end
+checks.listen = function (v)
+  local t = type(v)
+  if t == "string" or t == "number" then return true end
+  if t ~= "table" then return false, "an address or a list of addresses" end
+  for i, a in ipairs(v) do
+    local ta = type(a)
+    if ta ~= "string" and ta ~= "number" then
+      return false, "a list of addresses (item " .. i .. " is a " .. ta .. ")"
+    end
+  end
+  return true
+end
+
+
+local function checkopts (opts)
+  if type(opts) ~= "table" then
+    error("prefork.start: options must be a table, got " .. type(opts), 3)
+  end
+  for k, v in pairs(opts) do
+    local check = checks[k]
+    if not check then
+      error(("prefork.start: unknown option '%s'"):format(tostring(k)), 3)
+    end
+    local ok, want = check(v)
+    if not ok then
+      error(("prefork.start: option '%s' must be %s, got %s"):format(
+            k, want, type(v) == "string" and ("%q"):format(v) or type(v)), 3)
+    end
+  end
+  if not opts.fork then
+    error("prefork.start: option 'fork' (the worker's body) is required", 3)
+  end
+end
+
+
+-- bind every address; on a failure close what was bound and raise
+local function bindall (list, backlog)
+  if type(list) ~= "table" then list = {list} end
+  local ls = {}
+  for i, a in ipairs(list) do
+    local ok, l, err = pcall(core.listen, a, backlog)
+    if not ok or not l then
+      for _, done in ipairs(ls) do done:close() end
+      error(("prefork.start: listen[%d] %q: %s"):format(i, tostring(a),
+            ok and err or l), 3)
+    end
+    ls[i] = l
+  end
+  return ls
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- The worker object (in the child)
+-- =======================================================
+
+local Worker = {
+  accept = core.accept,  -- both ignore their self
+  stopping = core.stopping,
+}
+Worker.__index = Worker
+
+--- Iterate over accepted connections until a graceful stop begins.
+-- An accept failure other than the stop raises (the worker is respawned).
+function Worker:connections ()
+  return function ()
+    local c, err = core.accept()
+    if c then return c end
+    if err == "stopping" then return nil end
+    error(err, 2)
+  end
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- The master object and its policy
+-- =======================================================
+
+local Master = {}
+Master.__index = Master
+
+--- The workers: {id, pid, state, started, exits, accepted, inflight},
+-- sorted by id.
+function Master:workers ()
+  local list = self.core:workers()
+  for _, w in ipairs(list) do w.context = nil end
+  table.sort(list, idorder)
+  return list
+end
+
+function Master:addresses ()
+  local out = {}
+  for i, l in ipairs(self.listeners) do out[i] = l:address() end
+  return out
+end
+
+function Master:stop (graceful)
+  self.core:stop(graceful == nil or graceful)
+end
+
+
+-- make the running set this one: start what is new or changed, drop what
+-- went; unchanged workers are left alone
+function Master:apply (config, contexts)
+  local changed = not deepeq(config, self.config)
+  local seen = {}
+  for _, ctx in ipairs(contexts) do
+    local old = self.running[ctx.id]
+    if changed or not old or not deepeq(ctx, old) then
+      self.core:want(ctx)
+    end
+    seen[ctx.id] = true
+  end
+  for id in pairs(self.running) do
+    if not seen[id] then self.core:drop(id) end
+  end
+  self.config = config
+  self.running = {}
+  for _, ctx in ipairs(contexts) do self.running[ctx.id] = ctx end
+  self.contexts = contexts
+end
+
+
+local function countset (n)
+  local set = {}
+  for i = 1, n do set[i] = {id = i} end
+  return set
+end
+
+
+local function checkset (contexts)
+  if type(contexts) ~= "table" then
+    return nil, "contexts must be a list of tables, got " .. type(contexts)
+  end
+  local ids = {}
+  for i, ctx in ipairs(contexts) do
+    if type(ctx) ~= "table" then
+      return nil, ("context %d is a %s, not a table"):format(i, type(ctx))
+    end
+    local id, t = ctx.id, type(ctx.id)
+    if (t ~= "number" and t ~= "string") or id ~= id then
+      return nil, ("context %d has no id (a number or a string)"):format(i)
+    end
+    if ids[id] then
+      return nil, ("context %d repeats the id %s"):format(i, tostring(id))
+    end
+    ids[id] = true
+  end
+  return contexts
+end
+
+
+-- run update: config, contexts | nil, err
+function Master:update ()
+  local update = self.opts.update
+  if not update then return true, countset(self.count) end
+  local ok, config, contexts = xpcall(update, debug.traceback, self)
+  if not ok then return nil, config end
+  if config == nil then
+    return nil, "update returned nil" .. (contexts and (": " .. tostring(contexts)) or "")
+  end
+  if contexts == nil then
+    self.fromupdate = false
+    return config, countset(self.count)
+  end
+  local set, err = checkset(contexts)
+  if not set then return nil, err end
+  self.fromupdate = true
+  self.count = #set
+  return config, set
+end
+
+
+--- Run update again (as SIGHUP does); a failure keeps the running set.
+function Master:reload ()
+  local config, contexts = self:update()
+  local ok, err = config ~= nil, contexts
+  if ok then
+    self:apply(config, contexts)
+    core.log("info", "reloaded: " .. #contexts .. " workers")
+  else
+    core.log("error", "reload failed, the running set stays: " .. tostring(err))
+  end
+  if self.opts.on_reload then
+    local hok, herr = xpcall(self.opts.on_reload, debug.traceback, self, ok,
+                             not ok and err or nil)
+    if not hok then core.log("error", "on_reload failed: " .. herr) end
+  end
+  return ok, not ok and err or nil
+end
+
+
+--- Change the number of workers (as TTIN and TTOU do). With contexts from
+-- update, a new one copies the highest and takes id = max + 1; the
+-- highest ids go first.
+function Master:set_workers (n)
+  if math.type(n) ~= "integer" or n < 0 then
+    error("set_workers: expected an integer >= 0, got " .. tostring(n), 2)
+  end
+  local set = {}
+  for i, ctx in ipairs(self.contexts) do set[i] = ctx end
+  table.sort(set, idorder)
+  if not self.fromupdate then
+    set = countset(n)
+  elseif n > #set then
+    local last = set[#set] or {id = 0}
+    if math.type(last.id) ~= "integer" then
+      error("set_workers: needs integer worker ids to add one", 2)
+    end
+    while #set < n do
+      local ctx = {}
+      for k, v in pairs(last) do ctx[k] = v end
+      ctx.id = last.id + 1
+      set[#set + 1], last = ctx, ctx
+    end
+  else
+    while #set > n do set[#set] = nil end
+  end
+  self.count = n
+  self:apply(self.config, set)
+end
+
+
+-- in the new worker: after_fork(worker), then fork(worker)
+local function childmain (self, ctx)
+  local w = setmetatable({
+    id = ctx.id, context = ctx, config = self.config,
+    listeners = self.listeners,
+  }, Worker)
+  if self.opts.after_fork then self.opts.after_fork(w) end
+  self.opts.fork(w)
+end
+
+
+local function onsignal (self, name)
+  if name == "HUP" then
+    self:reload()
+  elseif name == "TTIN" then
+    self:set_workers(self.count + 1)
+  elseif name == "TTOU" and self.count > 0 then
+    self:set_workers(self.count - 1)
+  end
+end
+
+-- }======================================================
+
+
+--- Run a preforking server. Returns true after a stop; raises on every
+-- setup failure, having closed what it opened.
+function prefork.start (opts)
+  checkopts(opts)
+  local listeners = bindall(opts.listen or {}, opts.backlog)
+  local self = setmetatable({
+    opts = opts, listeners = listeners, running = {}, contexts = {},
+    count = opts.workers or core.ncpu(),
+  }, Master)
+  local function closeall () for _, l in ipairs(listeners) do l:close() end end
+  local config, contexts = self:update()
+  if config == nil then
+    closeall()
+    error("prefork.start: update failed: " .. tostring(contexts), 2)
+  end
+  if opts.log then core.setlog(opts.log) end
+  self.core = core.master{
+    listeners = listeners,
+    graceful_timeout = opts.graceful_timeout,
+    title = opts.title,
+    child = function (ctx) childmain(self, ctx) end,
+    before_fork = opts.before_fork
+                  and function (ctx) opts.before_fork(self, ctx) end,
+    on_exit = opts.on_worker_exit
+              and function (info) opts.on_worker_exit(self, info) end,
+    on_signal = function (name) onsignal(self, name) end,
+    on_start = opts.on_start and function () opts.on_start(self) end,
+  }
+  self:apply(config, contexts)
+  if opts.title then core.settitle(opts.title .. " master") end
+  local ok, err = pcall(self.core.run, self.core)
+  closeall()
+  if opts.log then core.setlog(nil) end
+  if not ok then error(err, 0) end
+  return true
+end
+
+
+return prefork

@@ -1,0 +1,363 @@
+/*
+** proc.c: fork and the child-side reset, wait status, kill and signal
+** names, process titles.
+*/
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+
+#include "prefork.h"
+
+
+/* {======================================================
+** Signal names
+** ======================================================= */
+
+static const struct {
+  const char *name;
+  int sig;
+} signames[] = {
+  {"HUP", SIGHUP}, {"INT", SIGINT}, {"QUIT", SIGQUIT}, {"ILL", SIGILL},
+  {"TRAP", SIGTRAP}, {"ABRT", SIGABRT}, {"BUS", SIGBUS}, {"FPE", SIGFPE},
+  {"KILL", SIGKILL}, {"USR1", SIGUSR1}, {"SEGV", SIGSEGV},
+  {"USR2", SIGUSR2}, {"PIPE", SIGPIPE}, {"ALRM", SIGALRM},
+  {"TERM", SIGTERM}, {"CHLD", SIGCHLD}, {"CONT", SIGCONT},
+  {"STOP", SIGSTOP}, {"TSTP", SIGTSTP}, {"TTIN", SIGTTIN},
+  {"TTOU", SIGTTOU}, {"URG", SIGURG}, {"XCPU", SIGXCPU},
+  {"XFSZ", SIGXFSZ}, {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF},
+  {"WINCH", SIGWINCH}, {"IO", SIGIO}, {"SYS", SIGSYS},
+  {NULL, 0}
+};
+
+
+/* "TERM" for SIGTERM; NULL for a signal without a name here */
+const char *pf_signame (int sig) {
+  int i;
+  for (i = 0; signames[i].name != NULL; i++)
+    if (signames[i].sig == sig) return signames[i].name;
+  return NULL;
+}
+
+
+/* a signal given as "TERM", "SIGTERM" or a number; raises on others */
+int pf_signum (lua_State *L, int idx) {
+  const char *name;
+  int i;
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0 && n < NSIG, idx, "no such signal");
+    return (int)n;
+  }
+  name = luaL_checkstring(L, idx);
+  if (strncmp(name, "SIG", 3) == 0) name += 3;
+  for (i = 0; signames[i].name != NULL; i++)
+    if (strcmp(signames[i].name, name) == 0) return signames[i].sig;
+  return luaL_argerror(L, idx,
+                       lua_pushfstring(L, "unknown signal '%s'", name));
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Wait status
+** ======================================================= */
+
+/* Keep the statuses of children that the master's loop reaped for
+** nobody, so that prefork.wait still finds them (libev reaps every child
+** of the process while a master runs). A small ring: the oldest go. */
+#define NREAPED	64
+
+static struct {
+  pid_t pid;
+  int status;
+} reaped[NREAPED];
+static unsigned nextreaped = 0;
+
+
+void pf_reaped (pid_t pid, int status) {
+  reaped[nextreaped % NREAPED].pid = pid;
+  reaped[nextreaped % NREAPED].status = status;
+  nextreaped++;
+}
+
+
+/* take a kept status: of pid, or of any child when pid <= 0 */
+static pid_t takereaped (pid_t pid, int *status) {
+  int i;
+  for (i = 0; i < NREAPED; i++) {
+    pid_t p = reaped[i].pid;
+    if (p > 0 && (pid <= 0 || p == pid)) {
+      *status = reaped[i].status;
+      reaped[i].pid = 0;
+      return p;
+    }
+  }
+  return 0;
+}
+
+
+/* "exit", code or "signal", number as Lua values [-0, +2, m] */
+int pf_pushstatus (lua_State *L, int status) {
+  if (WIFEXITED(status)) {
+    lua_pushliteral(L, "exit");
+    lua_pushinteger(L, WEXITSTATUS(status));
+  }
+  else if (WIFSIGNALED(status)) {
+    lua_pushliteral(L, "signal");
+    lua_pushinteger(L, WTERMSIG(status));
+  }
+  else if (WIFSTOPPED(status)) {
+    lua_pushliteral(L, "stopped");
+    lua_pushinteger(L, WSTOPSIG(status));
+  }
+  else {
+    lua_pushliteral(L, "continued");
+    lua_pushinteger(L, 0);
+  }
+  return 2;
+}
+
+
+/* prefork.wait([pid [, "nohang"]]) -> pid, "exit"|"signal", code */
+static int l_wait (lua_State *L) {
+  static const char *const opts[] = {"block", "nohang", NULL};
+  pid_t pid = (pid_t)luaL_optinteger(L, 1, -1);
+  int nohang = luaL_checkoption(L, 2, "block", opts);
+  int status = 0;
+  pid_t got = takereaped(pid, &status);
+  while (got == 0) {
+    got = waitpid(pid, &status, nohang ? WNOHANG : 0);
+    if (got < 0 && errno == EINTR) {
+      got = 0;
+      continue;
+    }
+    if (got < 0) return pf_fail(L, "wait");
+    if (got == 0) {  /* nohang and still running */
+      luaL_pushfail(L);
+      lua_pushliteral(L, "running");
+      return 2;
+    }
+  }
+  lua_pushinteger(L, got);
+  return 1 + pf_pushstatus(L, status);
+}
+
+
+/* prefork.kill(pid, [signal]) -> true; signal defaults to "TERM" */
+static int l_kill (lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  int sig = lua_isnoneornil(L, 2) ? SIGTERM : pf_signum(L, 2);
+  if (kill(pid, sig) != 0)
+    return pf_fail(L, "kill");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* prefork.signame(n) -> "TERM" */
+static int l_signame (lua_State *L) {
+  const char *name = pf_signame((int)luaL_checkinteger(L, 1));
+  if (name == NULL) luaL_pushfail(L);
+  else lua_pushstring(L, name);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Fork
+** ======================================================= */
+
+/*
+** The child starts as a fresh process would after exec: caught signals
+** back to their default action (an ignored signal stays ignored, as
+** across exec), an empty signal mask, and no copy of the master's loop.
+*/
+static void childreset (void) {
+  struct sigaction sa;
+  int sig;
+  for (sig = 1; sig < NSIG; sig++) {
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    if (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_IGN
+        && sa.sa_handler != SIG_DFL) {
+      sa.sa_handler = SIG_DFL;
+      sa.sa_flags = 0;
+      sigemptyset(&sa.sa_mask);
+      sigaction(sig, &sa, NULL);
+    }
+  }
+  pf_loop_child();
+}
+
+
+/*
+** fork(2) with all signals blocked across it, so that a signal sent to
+** the new child before its reset cannot run an inherited handler (libev's
+** would write into the master's wakeup pipe and lose the signal). Output
+** buffered before the fork is flushed first, so it appears once. The
+** child leaves with all signals still blocked: it unblocks them (with
+** pf_child_run) once its own handlers are in place.
+*/
+pid_t pf_fork (void) {
+  sigset_t all, old;
+  pid_t pid;
+  int en;
+  fflush(NULL);
+  sigfillset(&all);
+  sigprocmask(SIG_SETMASK, &all, &old);
+  pid = fork();
+  en = errno;
+  if (pid == 0)
+    childreset();
+  else
+    sigprocmask(SIG_SETMASK, &old, NULL);
+  errno = en;
+  return pid;
+}
+
+
+/* leave a child: its own output flushed, no atexit handlers, no __gc */
+void pf_exit (int status) {
+  fflush(NULL);
+  _exit(status);
+}
+
+
+/*
+** In a new child: unblock signals, call the function below the nargs
+** arguments, protected, and exit: 0 when it returns, 1 when it raises
+** (with the traceback in the log). Never returns into the caller's Lua.
+*/
+void pf_child_run (lua_State *L, int nargs) {
+  sigset_t none;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  if (pf_pcall(L, nargs, 0) != LUA_OK) {
+    pf_log(L, "error", "pid %ld failed: %s", (long)getpid(),
+           lua_tostring(L, -1));
+    pf_exit(1);
+  }
+  pf_exit(0);
+}
+
+
+/* prefork.fork(fn, ...) -> pid; the child runs fn(...) and exits */
+static int l_fork (lua_State *L) {
+  pid_t pid;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  pid = pf_fork();
+  if (pid < 0)
+    return pf_fail(L, "fork");
+  if (pid == 0)
+    pf_child_run(L, lua_gettop(L) - 1);
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Process titles
+** ======================================================= */
+
+/*
+** The title is written over the process's own argv strings, where ps and
+** /proc/PID/cmdline read it. When the environment strings follow argv
+** (the usual layout), they are copied to the heap first and their space
+** joins the title's, as nginx does. The last byte of the argv area is
+** then kept non-zero, which tells the kernel to read the title up to its
+** first NUL only.
+*/
+static char *titlebase = NULL;
+static size_t titlecap = 0;
+static char *argend = NULL;
+
+
+
+static int procstat (unsigned long f[4]) {
+  char buf[2048];
+  const char *p;
+  int i;
+  ssize_t n;
+  FILE *fp = fopen("/proc/self/stat", "r");
+  if (fp == NULL) return 0;
+  n = (ssize_t)fread(buf, 1, sizeof(buf) - 1, fp);
+  fclose(fp);
+  if (n <= 0) return 0;
+  buf[n] = '\0';
+  p = strrchr(buf, ')');  /* the name may hold spaces */
+  if (p == NULL) return 0;
+  for (i = 2; i < 48 && p != NULL; i++)  /* field 48 is arg_start */
+    p = strchr(p + 1, ' ');
+  return p != NULL && sscanf(p, " %lu %lu %lu %lu",
+                             &f[0], &f[1], &f[2], &f[3]) == 4;
+}
+
+
+static void titleinit (void) {
+  unsigned long f[4];  /* arg_start, arg_end, env_start, env_end */
+  char *envend;
+  int i;
+  if (titlebase != NULL || !procstat(f) || f[1] <= f[0]) return;
+  titlebase = (char *)f[0];
+  argend = (char *)f[1];
+  envend = argend;
+  if (f[2] == f[1] && f[3] > f[2]) {  /* environment right after argv */
+    for (i = 0; environ[i] != NULL; i++) {
+      char *s = environ[i];
+      if (s >= argend && s < (char *)f[3]) {
+        char *copy = strdup(s);
+        if (copy == NULL) break;
+        environ[i] = copy;
+        if (s + strlen(s) + 1 > envend) envend = s + strlen(s) + 1;
+      }
+    }
+  }
+  titlecap = (size_t)(envend - titlebase);
+}
+
+
+void pf_settitle (const char *title) {
+  size_t n = strlen(title);
+  char comm[16];
+  titleinit();
+  snprintf(comm, sizeof(comm), "%s", title);
+  prctl(PR_SET_NAME, comm, 0, 0, 0);
+  if (titlebase == NULL || titlecap < 2) return;
+  if (n > titlecap - 1) n = titlecap - 1;
+  memset(titlebase, 0, titlecap);
+  memcpy(titlebase, title, n);
+  if (titlebase + n + 1 < argend)
+    argend[-1] = ' ';  /* kernel: read up to the first NUL */
+}
+
+
+/* prefork.settitle(title) */
+static int l_settitle (lua_State *L) {
+  pf_settitle(luaL_checkstring(L, 1));
+  return 0;
+}
+
+/* }====================================================== */
+
+
+void pf_open_proc (lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"fork", l_fork},
+    {"wait", l_wait},
+    {"kill", l_kill},
+    {"signame", l_signame},
+    {"settitle", l_settitle},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+}

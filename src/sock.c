@@ -1,0 +1,649 @@
+/*
+** sock.c: listening sockets (addresses, bind) and connection objects
+** (buffered reads in io.read's formats, writes, timeouts).
+*/
+
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "prefork.h"
+
+
+/* first size of a connection's read buffer */
+#if !defined(PF_BUFSIZE)
+#define PF_BUFSIZE	16384
+#endif
+
+#define ADDRLEN	(sizeof(((struct sockaddr_un *)0)->sun_path) + 8)
+
+
+struct pf_listener {
+  int fd;  /* -1 once closed */
+  pid_t owner;  /* the process that bound it: the only one to unlink */
+  dev_t dev;  /* the socket file of a Unix listener, to unlink it */
+  ino_t ino;  /* only while it is still ours */
+  char addr[ADDRLEN];  /* as addresses() tells it */
+};
+
+
+/* "127.0.0.1:80", "[::1]:80" or "unix:/path" of a bound socket */
+static void fmtaddr (const struct sockaddr *sa, char *out, size_t size) {
+  char host[INET6_ADDRSTRLEN];
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+    snprintf(out, size, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+  }
+  else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    snprintf(out, size, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+  }
+  else if (sa->sa_family == AF_UNIX)
+    snprintf(out, size, "unix:%s", ((const struct sockaddr_un *)sa)->sun_path);
+  else
+    snprintf(out, size, "?");
+}
+
+
+/* {======================================================
+** Listeners
+** ======================================================= */
+
+pf_listener *pf_checklistener (lua_State *L, int idx) {
+  return (pf_listener *)luaL_checkudata(L, idx, PF_LISTENER);
+}
+
+
+int pf_listener_fd (const pf_listener *l) {
+  return l->fd;
+}
+
+
+/* close; the process that bound a Unix socket also removes its file,
+** unless somebody has put another file in its place since */
+void pf_listener_close (pf_listener *l) {
+  struct stat st;
+  if (l->fd < 0) return;
+  close(l->fd);
+  l->fd = -1;
+  if (l->ino != 0 && l->owner == getpid()
+      && stat(l->addr + 5, &st) == 0
+      && st.st_dev == l->dev && st.st_ino == l->ino)
+    unlink(l->addr + 5);
+}
+
+
+/*
+** Split "host:port", "[v6]:port", "*:port", a bare port (all IPv4
+** addresses) into host and port; NULL host for the wildcard. Raises on
+** a malformed address: that is a program's mistake, not the system's.
+*/
+static void splithost (lua_State *L, const char *a, char *host, size_t hs,
+                       const char **port) {
+  const char *colon = strrchr(a, ':');
+  size_t hl;
+  if (colon == NULL) {  /* a bare port */
+    host[0] = '\0';
+    *port = a;
+    return;
+  }
+  hl = (size_t)(colon - a);
+  if (a[0] == '[') {
+    if (hl < 2 || a[hl - 1] != ']')
+      luaL_error(L, "bad address '%s' (missing ']')", a);
+    a++; hl -= 2;
+  }
+  else if (memchr(a, ':', hl) != NULL)
+    luaL_error(L, "bad address '%s' (IPv6 addresses go in brackets)", a);
+  if (hl >= hs)
+    luaL_error(L, "bad address '%s' (host too long)", a);
+  memcpy(host, a, hl);
+  host[hl] = '\0';
+  if (strcmp(host, "*") == 0) host[0] = '\0';
+  *port = colon + 1;
+}
+
+
+static void checkport (lua_State *L, const char *a, const char *port) {
+  char *end;
+  unsigned long p = strtoul(port, &end, 10);
+  if (port[0] == '\0' || *end != '\0' || p > 65535 || port[0] == '-'
+      || port[0] == '+' || port[0] == ' ')
+    luaL_error(L, "bad address '%s' (bad port '%s')", a, port);
+}
+
+
+/* socket, options, bind, listen; -1 with errno set on failure, and
+** "what" naming the call that failed */
+static int bindlisten (const struct sockaddr *sa, socklen_t len, int backlog,
+                       const char **what) {
+  int one = 1;
+  int en;
+  int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  *what = "socket";
+  if (fd < 0) return -1;
+  if (sa->sa_family != AF_UNIX) {
+    *what = "setsockopt";
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0)
+      goto fail;
+    if (sa->sa_family == AF_INET6
+        && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
+      goto fail;
+  }
+  *what = "bind";
+  if (bind(fd, sa, len) != 0) goto fail;
+  *what = "listen";
+  if (listen(fd, backlog) != 0) goto fail;
+  return fd;
+fail:
+  en = errno;
+  close(fd);
+  errno = en;
+  return -1;
+}
+
+
+/* a Unix socket file left by a dead server goes; a live one is in use */
+static int clearstale (const char *path) {
+  struct sockaddr_un sun;
+  struct stat st;
+  int fd, r, en;
+  if (lstat(path, &st) != 0) return 0;  /* nothing there */
+  if (!S_ISSOCK(st.st_mode)) {
+    errno = EADDRINUSE;
+    return -1;
+  }
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, strlen(path));
+  r = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
+  en = errno;
+  close(fd);
+  if (r == 0) {
+    errno = EADDRINUSE;
+    return -1;
+  }
+  if (en == ECONNREFUSED) return unlink(path);
+  return 0;  /* let bind say what is wrong */
+}
+
+
+static pf_listener *newlistener (lua_State *L) {
+  pf_listener *l = (pf_listener *)lua_newuserdatauv(L, sizeof(*l), 0);
+  memset(l, 0, sizeof(*l));
+  l->fd = -1;
+  luaL_setmetatable(L, PF_LISTENER);
+  return l;
+}
+
+
+static int listenunix (lua_State *L, pf_listener *l, const char *path,
+                       int backlog) {
+  struct sockaddr_un sun;
+  struct stat st;
+  const char *what = "bind";
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof(sun.sun_path))
+    return luaL_error(L, "bad address 'unix:%s' (path empty or too long)", path);
+  memset(&sun, 0, sizeof(sun));
+  sun.sun_family = AF_UNIX;
+  memcpy(sun.sun_path, path, n);
+  if (clearstale(path) != 0
+      || (l->fd = bindlisten((struct sockaddr *)&sun, sizeof(sun), backlog,
+                             &what)) < 0)
+    return pf_fail(L, what);
+  l->owner = getpid();
+  if (stat(path, &st) == 0) {
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+  }
+  snprintf(l->addr, sizeof(l->addr), "unix:%s", path);
+  return 1;
+}
+
+
+static int listeninet (lua_State *L, pf_listener *l, const char *a,
+                       int backlog) {
+  char host[256];
+  const char *port, *what = "bind";
+  struct addrinfo hints, *res;
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  int r;
+  splithost(L, a, host, sizeof(host), &port);
+  checkport(L, a, port);
+  memset(&hints, 0, sizeof(hints));
+  hints.ai_family = host[0] ? AF_UNSPEC : AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
+  if (r != 0) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "getaddrinfo: %s", gai_strerror(r));
+    return 2;
+  }
+  l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, &what);
+  freeaddrinfo(res);
+  if (l->fd < 0 || getsockname(l->fd, (struct sockaddr *)&ss, &sl) != 0)
+    return pf_fail(L, what);
+  fmtaddr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
+  return 1;
+}
+
+
+/*
+** core.listen(address [, backlog]) -> listener | nil, "what: err", errno
+** address: "host:port", "[v6]:port", "*:port", port, or "unix:/path".
+** A malformed address raises.
+*/
+static int l_listen (lua_State *L) {
+  const char *a = lua_type(L, 1) == LUA_TNUMBER
+                  ? lua_tostring(L, 1) : luaL_checkstring(L, 1);
+  int backlog = (int)luaL_optinteger(L, 2, 1024);
+  pf_listener *l = newlistener(L);  /* closed until bound: __gc is safe */
+  int n = strncmp(a, "unix:", 5) == 0 ? listenunix(L, l, a + 5, backlog)
+                                      : listeninet(L, l, a, backlog);
+  if (n > 1) return n;  /* the fail triple */
+  lua_settop(L, 3);  /* the listener */
+  return 1;
+}
+
+
+static pf_listener *checkopen (lua_State *L) {
+  pf_listener *l = pf_checklistener(L, 1);
+  luaL_argcheck(L, l->fd >= 0, 1, "listener is closed");
+  return l;
+}
+
+
+static int li_getfd (lua_State *L) {
+  lua_pushinteger(L, pf_checklistener(L, 1)->fd);
+  return 1;
+}
+
+
+static int li_address (lua_State *L) {
+  lua_pushstring(L, checkopen(L)->addr);
+  return 1;
+}
+
+
+static int li_close (lua_State *L) {
+  pf_listener_close(pf_checklistener(L, 1));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+static int li_tostring (lua_State *L) {
+  pf_listener *l = pf_checklistener(L, 1);
+  if (l->fd < 0) lua_pushliteral(L, "prefork.listener (closed)");
+  else lua_pushfstring(L, "prefork.listener (%s)", l->addr);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Connections
+** ======================================================= */
+
+/*
+** Wait until fd is ready for events (POLLIN or POLLOUT) or the monotonic
+** deadline passes (< 0: no deadline). 1 when ready, 0 on timeout.
+*/
+int pf_waitfd (int fd, int events, double deadline) {
+  struct pollfd p;
+  p.fd = fd;
+  p.events = (short)events;
+  for (;;) {
+    int ms = -1, r;
+    if (deadline >= 0) {
+      double left = deadline - pf_now();
+      if (left <= 0) return 0;
+      ms = (int)(left * 1000.0) + 1;
+    }
+    r = poll(&p, 1, ms);
+    if (r > 0) return 1;
+    if (r < 0 && errno != EINTR) return 1;  /* let the call say why */
+  }
+}
+
+
+/* a new connection object, closed until its owner sets fd */
+pf_conn *pf_newconn (lua_State *L) {
+  pf_conn *c = (pf_conn *)lua_newuserdatauv(L, sizeof(*c), 0);
+  memset(c, 0, sizeof(*c));
+  c->fd = -1;
+  c->timeout = -1;
+  luaL_setmetatable(L, PF_CONN);
+  return c;
+}
+
+
+static pf_conn *checkconn (lua_State *L) {
+  pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
+  if (c->fd < 0)
+    luaL_error(L, "attempt to use a closed connection");
+  return c;
+}
+
+
+static double deadline (const pf_conn *c) {
+  return c->timeout < 0 ? -1 : pf_now() + c->timeout;
+}
+
+
+/*
+** Read more into the buffer: 1 when bytes came, 0 at end of stream,
+** -1 with errno (ETIMEDOUT when the deadline passed) on failure.
+*/
+static int fill (pf_conn *c, double dl) {
+  if (c->r == c->w) c->r = c->w = 0;
+  if (c->w == c->cap) {
+    if (c->r > 0) {  /* slide the unread bytes down */
+      memmove(c->buf, c->buf + c->r, c->w - c->r);
+      c->w -= c->r;
+      c->r = 0;
+    }
+    else {  /* full of unread bytes: grow */
+      size_t ncap = c->cap ? 2 * c->cap : PF_BUFSIZE;
+      char *nb = (char *)realloc(c->buf, ncap);
+      if (nb == NULL) return -1;
+      c->buf = nb;
+      c->cap = ncap;
+    }
+  }
+  for (;;) {
+    ssize_t n = recv(c->fd, c->buf + c->w, c->cap - c->w, 0);
+    if (n > 0) {
+      c->w += (size_t)n;
+      return 1;
+    }
+    if (n == 0) return 0;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
+    if (!pf_waitfd(c->fd, POLLIN, dl)) {
+      errno = ETIMEDOUT;
+      return -1;
+    }
+  }
+}
+
+
+/* take n buffered bytes as a string [-0, +1, m] */
+static void take (lua_State *L, pf_conn *c, size_t n, size_t skip) {
+  lua_pushlstring(L, c->buf + c->r, n);
+  c->r += n + skip;
+}
+
+
+/* a line; 1 pushed, 0 at end of stream with nothing read, -1 error */
+static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
+  size_t scanned = 0;
+  for (;;) {
+    const char *start = c->buf + c->r;
+    const char *nl = (const char *)memchr(start + scanned, '\n',
+                                          c->w - c->r - scanned);
+    int st;
+    if (nl != NULL) {
+      size_t len = (size_t)(nl - start) + 1;
+      take(L, c, chop ? len - 1 : len, chop ? 1 : 0);
+      return 1;
+    }
+    scanned = c->w - c->r;
+    st = fill(c, dl);
+    if (st < 0) return -1;
+    if (st == 0) {  /* a last line without its newline */
+      if (c->w == c->r) return 0;
+      take(L, c, c->w - c->r, 0);
+      return 1;
+    }
+  }
+}
+
+
+/* up to n bytes: fewer only at end of stream */
+static int readn (lua_State *L, pf_conn *c, size_t n, double dl) {
+  int st = 1;
+  while (c->w - c->r < n || (n == 0 && c->w == c->r)) {
+    st = fill(c, dl);
+    if (st <= 0) break;
+  }
+  if (st < 0) return -1;
+  if (c->w == c->r && (n > 0 || st == 0)) return 0;
+  take(L, c, c->w - c->r < n ? c->w - c->r : n, 0);
+  return 1;
+}
+
+
+/* everything up to end of stream */
+static int readall (lua_State *L, pf_conn *c, double dl) {
+  int st;
+  while ((st = fill(c, dl)) > 0) {}
+  if (st < 0) return -1;
+  take(L, c, c->w - c->r, 0);
+  return 1;
+}
+
+
+static int readone (lua_State *L, pf_conn *c, int arg, double dl) {
+  const char *f;
+  if (lua_type(L, arg) == LUA_TNUMBER) {
+    lua_Integer n = luaL_checkinteger(L, arg);
+    luaL_argcheck(L, n >= 0, arg, "negative size");
+    return readn(L, c, (size_t)n, dl);
+  }
+  f = luaL_checkstring(L, arg);
+  if (*f == '*') f++;  /* Lua 5.1's "*l" */
+  switch (*f) {
+    case 'l': return readline(L, c, 1, dl);
+    case 'L': return readline(L, c, 0, dl);
+    case 'a': return readall(L, c, dl);
+    default: return luaL_argerror(L, arg, "invalid format");
+  }
+}
+
+
+/*
+** conn:read(...) with io.read's formats "l", "L", "a" and sizes. A
+** result that cannot be read is nil, followed by "closed" at end of
+** stream, "timeout", or the fail message; unread bytes stay buffered.
+*/
+static int c_read (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  double dl = deadline(c);
+  int nargs = lua_gettop(L) - 1;
+  int i, st = 1;
+  if (nargs == 0) {
+    lua_pushliteral(L, "l");
+    nargs = 1;
+  }
+  luaL_checkstack(L, nargs + 3, "too many arguments");
+  for (i = 2; i <= nargs + 1 && st > 0; i++)
+    st = readone(L, c, i, dl);
+  if (st > 0) return nargs;
+  /* i - 3 results were read before the one that failed */
+  if (st < 0 && errno != ETIMEDOUT)
+    return (i - 3) + pf_fail(L, "read");
+  luaL_pushfail(L);
+  if (st == 0) lua_pushliteral(L, "closed");
+  else lua_pushliteral(L, "timeout");
+  return (i - 3) + 2;
+}
+
+
+static int sendall (pf_conn *c, const char *s, size_t n, double dl) {
+  while (n > 0) {
+    ssize_t k = send(c->fd, s, n, MSG_NOSIGNAL);
+    if (k >= 0) {
+      s += k;
+      n -= (size_t)k;
+    }
+    else if (errno == EINTR)
+      continue;
+    else if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return -1;
+    else if (!pf_waitfd(c->fd, POLLOUT, dl)) {
+      errno = ETIMEDOUT;
+      return -1;
+    }
+  }
+  return 0;
+}
+
+
+/* conn:write(...) -> true | nil, "timeout" | nil, "write: err", errno */
+static int c_write (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  int n = lua_gettop(L), i;
+  size_t len;
+  const char *s;
+  if (n == 2)
+    s = luaL_checklstring(L, 2, &len);
+  else {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (i = 2; i <= n; i++) {
+      luaL_checklstring(L, i, &len);
+      lua_pushvalue(L, i);
+      luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+    s = lua_tolstring(L, -1, &len);
+  }
+  if (sendall(c, s, len, deadline(c)) != 0) {
+    if (errno != ETIMEDOUT) return pf_fail(L, "write");
+    luaL_pushfail(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* conn:settimeout(seconds | nil): for each later read or write call */
+static int c_settimeout (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  lua_Number t = luaL_optnumber(L, 2, -1);
+  c->timeout = t < 0 ? -1 : t;
+  lua_settop(L, 1);
+  return 1;
+}
+
+
+static int c_getfd (lua_State *L) {
+  pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
+  lua_pushinteger(L, c->fd);
+  return 1;
+}
+
+
+/* conn:peer() -> host, port | path (Unix socket) */
+static int c_peer (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  char host[INET6_ADDRSTRLEN];
+  memset(&ss, 0, sizeof(ss));
+  if (getpeername(c->fd, (struct sockaddr *)&ss, &sl) != 0)
+    return pf_fail(L, "getpeername");
+  if (ss.ss_family == AF_UNIX) {
+    lua_pushstring(L, ((struct sockaddr_un *)&ss)->sun_path);
+    return 1;
+  }
+  if (ss.ss_family == AF_INET6) {
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+    lua_pushstring(L, host);
+    lua_pushinteger(L, ntohs(in6->sin6_port));
+  }
+  else {
+    struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+    lua_pushstring(L, host);
+    lua_pushinteger(L, ntohs(in->sin_port));
+  }
+  return 2;
+}
+
+
+/* close, __close and __gc: closing twice is fine */
+static int c_close (lua_State *L) {
+  pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
+  if (c->fd >= 0) {
+    close(c->fd);
+    c->fd = -1;
+    if (c->counted) pf_worker_closed();
+  }
+  free(c->buf);
+  c->buf = NULL;
+  c->cap = c->r = c->w = 0;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+static int c_tostring (lua_State *L) {
+  pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
+  if (c->fd < 0) lua_pushliteral(L, "prefork.conn (closed)");
+  else lua_pushfstring(L, "prefork.conn (fd %d)", c->fd);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+static void createmeta (lua_State *L, const char *name, const luaL_Reg *meth,
+                        const luaL_Reg *metameth) {
+  luaL_newmetatable(L, name);
+  luaL_setfuncs(L, metameth, 0);
+  lua_newtable(L);
+  luaL_setfuncs(L, meth, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+
+void pf_open_sock (lua_State *L) {
+  static const luaL_Reg limeth[] = {
+    {"getfd", li_getfd}, {"address", li_address}, {"close", li_close},
+    {NULL, NULL}
+  };
+  static const luaL_Reg limetameth[] = {
+    {"__gc", li_close}, {"__close", li_close}, {"__tostring", li_tostring},
+    {NULL, NULL}
+  };
+  static const luaL_Reg cmeth[] = {
+    {"read", c_read}, {"write", c_write}, {"close", c_close},
+    {"settimeout", c_settimeout}, {"getfd", c_getfd}, {"peer", c_peer},
+    {NULL, NULL}
+  };
+  static const luaL_Reg cmetameth[] = {
+    {"__gc", c_close}, {"__close", c_close}, {"__tostring", c_tostring},
+    {NULL, NULL}
+  };
+  static const luaL_Reg funcs[] = {
+    {"listen", l_listen},
+    {NULL, NULL}
+  };
+  createmeta(L, PF_LISTENER, limeth, limetameth);
+  createmeta(L, PF_CONN, cmeth, cmetameth);
+  luaL_setfuncs(L, funcs, 0);
+}

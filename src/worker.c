@@ -1,0 +1,185 @@
+/*
+** worker.c: the worker side of a master: the stop flag that TERM sets,
+** accept over the inherited listeners, readiness, and the counters the
+** master reads from the shared scoreboard.
+*/
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+
+#include "prefork.h"
+
+
+/* One process is at most one worker: its state is the process's. */
+static struct {
+  volatile sig_atomic_t stopping;  /* TERM or INT came */
+  int inworker;  /* this process is a master's worker */
+  int wake[2];  /* self-pipe: the stop handler writes, accept polls */
+  int ctl;  /* readiness pipe to the master; -1 once told */
+  pf_score *score;  /* our slot of the master's scoreboard */
+  pf_listener **ls;  /* the inherited listeners */
+  int nls;
+  int next;  /* listener to try first: none is starved */
+  struct pollfd *pfd;  /* the listeners and wake[0] */
+} self = {0, 0, {-1, -1}, -1, NULL, NULL, 0, 0, NULL};
+
+
+/* a counter in shared memory: one writer (us), read by the master */
+#define bump(p, d)  __atomic_store_n(&(p), __atomic_load_n(&(p), \
+                      __ATOMIC_RELAXED) + (d), __ATOMIC_RELAXED)
+
+
+static void onstop (int sig) {
+  int en = errno;
+  (void)sig;
+  self.stopping = 1;
+  if (self.wake[1] >= 0)
+    (void)!write(self.wake[1], "", 1);
+  errno = en;
+}
+
+
+/*
+** In a new worker, with signals still blocked: TERM and INT set the stop
+** flag (a worker busy outside accept finishes its work), the worker gets
+** TERM when the master dies, and accept watches the listeners.
+*/
+void pf_worker_setup (pf_listener **ls, int nls, int ctl, pf_score *score) {
+  struct sigaction sa;
+  pid_t master = getppid();
+  int i;
+  self.inworker = 1;
+  self.ls = ls;
+  self.nls = nls;
+  self.ctl = ctl;
+  self.score = score;
+  self.pfd = (struct pollfd *)calloc((size_t)nls + 1, sizeof(struct pollfd));
+  if (self.pfd == NULL || pipe2(self.wake, O_CLOEXEC | O_NONBLOCK) != 0)
+    pf_exit(111);
+  for (i = 0; i < nls; i++) {
+    self.pfd[i].fd = pf_listener_fd(ls[i]);
+    self.pfd[i].events = POLLIN;
+  }
+  self.pfd[nls].fd = self.wake[0];
+  self.pfd[nls].events = POLLIN;
+  sa.sa_handler = onstop;
+  sa.sa_flags = SA_RESTART;  /* the work in hand goes on */
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (getppid() != master)  /* it died before prctl */
+    self.stopping = 1;
+}
+
+
+void pf_worker_closed (void) {
+  if (self.score != NULL)
+    bump(self.score->inflight, -1);
+}
+
+
+/* the first accept tells the master that this worker is ready */
+static void ready (void) {
+  if (self.ctl >= 0) {
+    (void)!write(self.ctl, "r", 1);
+    close(self.ctl);
+    self.ctl = -1;
+  }
+}
+
+
+static void stoplistening (void) {
+  int i;
+  for (i = 0; i < self.nls; i++)
+    pf_listener_close(self.ls[i]);
+  self.nls = 0;
+}
+
+
+/* accept(2) failures that concern one connection only (accept(2): on
+** Linux pending network errors surface here and mean "try again") */
+static int transient (int en) {
+  switch (en) {
+    case EAGAIN: case EINTR: case ECONNABORTED: case EPROTO:
+    case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
+    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH:
+#if EWOULDBLOCK != EAGAIN
+    case EWOULDBLOCK:
+#endif
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+
+/* one round over the listeners: 1 with c->fd set, 0 none ready, -1 */
+static int tryaccept (pf_conn *c) {
+  int k;
+  for (k = 0; k < self.nls; k++) {
+    int i = (self.next + k) % self.nls;
+    int fd = accept4(pf_listener_fd(self.ls[i]), NULL, NULL,
+                     SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      self.next = i + 1;
+      c->fd = fd;
+      c->counted = 1;
+      bump(self.score->accepted, 1);
+      bump(self.score->inflight, 1);
+      return 1;
+    }
+    if (!transient(errno)) return -1;
+  }
+  return 0;
+}
+
+
+/*
+** worker:accept() -> conn | nil, "stopping" | nil, "accept: err", errno
+** Blocks until a connection comes on any listener or a stop begins; at
+** the stop the worker's listeners are closed.
+*/
+static int l_accept (lua_State *L) {
+  pf_conn *c;
+  if (!self.inworker)
+    return luaL_error(L, "accept: not in a worker process");
+  ready();
+  c = pf_newconn(L);
+  while (!self.stopping) {
+    char drain[64];
+    int st = tryaccept(c);
+    if (st > 0) return 1;
+    if (st < 0) return pf_fail(L, "accept");
+    if (poll(self.pfd, (nfds_t)self.nls + 1, -1) < 0 && errno != EINTR)
+      return pf_fail(L, "poll");
+    while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
+  }
+  stoplistening();
+  luaL_pushfail(L);
+  lua_pushliteral(L, "stopping");
+  return 2;
+}
+
+
+/* worker:stopping() -> true once a graceful stop began */
+static int l_stopping (lua_State *L) {
+  lua_pushboolean(L, self.stopping);
+  return 1;
+}
+
+
+void pf_open_worker (lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"accept", l_accept},
+    {"stopping", l_stopping},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+}
