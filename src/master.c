@@ -290,6 +290,10 @@ static void exited (master *m, worker *w, int status) {
   char how[32];
   pid_t pid = w->pid;
   double delay = -1;
+  if (w->state == W_STARTING && w->ctl >= 0) {  /* said ready, then died? */
+    char c;  /* the writer is gone: this read cannot block */
+    if (read(w->ctl, &c, 1) == 1) w->state = W_RUNNING;
+  }
   closectl(w);
   ev_timer_stop(EV_DEFAULT, &w->timer);
   if (w->slot >= 0) m->used[w->slot] = 0;

@@ -161,6 +161,25 @@ static int l_kill (lua_State *L) {
 }
 
 
+/* prefork.getpid() -> this process's pid */
+static int l_getpid (lua_State *L) {
+  lua_pushinteger(L, getpid());
+  return 1;
+}
+
+
+/* prefork.subreaper([on]) -> true: orphaned descendants become our
+** children (PR_SET_CHILD_SUBREAPER), for masters and supervisors that
+** must reap what their workers leave behind */
+static int l_subreaper (lua_State *L) {
+  int on = lua_isnone(L, 1) || lua_toboolean(L, 1);
+  if (prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) != 0)
+    return pf_fail(L, "prctl");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
 /* prefork.signame(n) -> "TERM" */
 static int l_signame (lua_State *L) {
   const char *name = pf_signame((int)luaL_checkinteger(L, 1));
@@ -356,6 +375,8 @@ void pf_open_proc (lua_State *L) {
     {"wait", l_wait},
     {"kill", l_kill},
     {"signame", l_signame},
+    {"getpid", l_getpid},
+    {"subreaper", l_subreaper},
     {"settitle", l_settitle},
     {NULL, NULL}
   };

@@ -289,6 +289,30 @@ static int li_close (lua_State *L) {
 }
 
 
+/* listener:accept([timeout]) -> conn | nil, "timeout" | fail triple;
+** for programs that accept outside a master's worker */
+static int li_accept (lua_State *L) {
+  pf_listener *l = checkopen(L);
+  lua_Number t = luaL_optnumber(L, 2, -1);
+  double dl = t < 0 ? -1 : pf_now() + t;
+  pf_conn *c = pf_newconn(L);
+  for (;;) {
+    int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0) {
+      c->fd = fd;
+      return 1;
+    }
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return pf_fail(L, "accept");
+    if (!pf_waitfd(l->fd, POLLIN, dl)) {
+      luaL_pushfail(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+  }
+}
+
+
 static int li_tostring (lua_State *L) {
   pf_listener *l = pf_checklistener(L, 1);
   if (l->fd < 0) lua_pushliteral(L, "prefork.listener (closed)");
@@ -600,6 +624,19 @@ static int c_close (lua_State *L) {
 }
 
 
+/* prefork.socketpair() -> two connected connection objects */
+static int l_socketpair (lua_State *L) {
+  int sv[2];
+  pf_conn *a = pf_newconn(L);
+  pf_conn *b = pf_newconn(L);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv))
+    return pf_fail(L, "socketpair");
+  a->fd = sv[0];
+  b->fd = sv[1];
+  return 2;
+}
+
+
 static int c_tostring (lua_State *L) {
   pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
   if (c->fd < 0) lua_pushliteral(L, "prefork.conn (closed)");
@@ -624,6 +661,7 @@ static void createmeta (lua_State *L, const char *name, const luaL_Reg *meth,
 void pf_open_sock (lua_State *L) {
   static const luaL_Reg limeth[] = {
     {"getfd", li_getfd}, {"address", li_address}, {"close", li_close},
+    {"accept", li_accept},
     {NULL, NULL}
   };
   static const luaL_Reg limetameth[] = {
@@ -641,6 +679,7 @@ void pf_open_sock (lua_State *L) {
   };
   static const luaL_Reg funcs[] = {
     {"listen", l_listen},
+    {"socketpair", l_socketpair},
     {NULL, NULL}
   };
   createmeta(L, PF_LISTENER, limeth, limetameth);

@@ -11,9 +11,12 @@ local prefork = {
   wait = core.wait,
   kill = core.kill,
   signame = core.signame,
+  getpid = core.getpid,
+  subreaper = core.subreaper,
   settitle = core.settitle,
   ncpu = core.ncpu,
   listen = core.listen,
+  socketpair = core.socketpair,
 }
 
 

@@ -1,0 +1,265 @@
+-- Helpers for the specs: real processes, real sockets on loopback, every
+-- wait bounded, every process started here killed by its PID at the end.
+
+local socket = require "socket"
+local prefork = require "prefork"
+
+local H = {}
+
+-- orphans of the processes we start (workers of a killed master) become
+-- our children, and we reap them: nothing is left for init
+assert(prefork.subreaper(true))
+
+H.lua = os.getenv("SPEC_LUA") or os.getenv("LUA") or "lua5.4"
+
+function H.now () return socket.gettime() end
+function H.sleep (s) socket.sleep(s) end
+
+
+--- Call fn until it returns a true value; raise after timeout seconds.
+function H.wait_until (fn, timeout, what)
+  local deadline = H.now() + (timeout or 5)
+  repeat
+    local v = fn()
+    if v then return v end
+    H.sleep(0.01)
+  until H.now() > deadline
+  error("timed out waiting for " .. (what or "a condition"), 2)
+end
+
+
+function H.readfile (path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+
+function H.writefile (path, s)
+  local f = assert(io.open(path, "wb"))
+  f:write(s)
+  f:close()
+end
+
+
+local tmpfiles = {}
+
+function H.tmpname ()
+  local name = os.tmpname()
+  tmpfiles[#tmpfiles + 1] = name
+  return name
+end
+
+
+function H.sh (cmd)
+  local p = io.popen(cmd, "r")
+  local s = p:read("a")
+  p:close()
+  return s
+end
+
+
+-- {======================================================
+-- Processes
+-- =======================================================
+
+--- State letter of a process ("R", "S", "Z", ...) or nil when gone.
+function H.pstate (pid)
+  local s = H.readfile("/proc/" .. pid .. "/stat")
+  return s and s:match("%) (%a)")
+end
+
+
+--- The children of pid: a list of {pid, state}.
+function H.children (pid)
+  local out = {}
+  for line in H.sh("ps -o pid=,stat= --ppid " .. pid):gmatch("[^\n]+") do
+    local p, st = line:match("(%d+)%s+(%S+)")
+    if p then out[#out + 1] = {pid = tonumber(p), state = st:sub(1, 1)} end
+  end
+  return out
+end
+
+
+function H.childpids (pid)
+  local out = {}
+  for _, c in ipairs(H.children(pid)) do
+    if c.state ~= "Z" then out[#out + 1] = c.pid end
+  end
+  table.sort(out)
+  return out
+end
+
+
+function H.zombies (pid)
+  local n = 0
+  for _, c in ipairs(H.children(pid)) do
+    if c.state == "Z" then n = n + 1 end
+  end
+  return n
+end
+
+
+function H.fdcount (pid)
+  local n = 0
+  for _ in H.sh("ls /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%d+") do
+    n = n + 1
+  end
+  return n
+end
+
+
+function H.cmdline (pid)
+  local s = H.readfile("/proc/" .. pid .. "/cmdline") or ""
+  return (s:gsub("%z+$", ""):gsub("%z", " "))
+end
+
+
+function H.kill (pid, sig)
+  os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", pid))
+end
+
+
+local Proc = {}
+Proc.__index = Proc
+local live = {}
+
+
+--- Start a shell command with stdout and stderr to files. This process is
+-- its parent (it reaps it in :wait or :stop).
+function H.spawn (cmd)
+  local p = setmetatable({outf = H.tmpname(), errf = H.tmpname()}, Proc)
+  local script = H.tmpname()
+  H.writefile(script, ("echo $$\nexec %s >%s 2>%s </dev/null\n"):format(
+              cmd, p.outf, p.errf))
+  p.h = io.popen("exec sh " .. script, "r")
+  p.pid = tonumber(p.h:read("l"))
+  live[p] = true
+  return p
+end
+
+function Proc:out () return H.readfile(self.outf) or "" end
+function Proc:err () return H.readfile(self.errf) or "" end
+
+--- Wait (bounded) for a line of output matching pattern; its captures.
+function Proc:expect (pattern, timeout, where)
+  local caps
+  H.wait_until(function ()
+    caps = table.pack((where == "err" and self:err() or self:out()):match(pattern))
+    if caps[1] == nil and self:exited() then
+      error(("process exited before %q appeared; stderr:\n%s"):format(
+            pattern, self:err()), 0)
+    end
+    return caps[1] ~= nil
+  end, timeout or 10, ("%q in the %s"):format(pattern, where or "output"))
+  return table.unpack(caps, 1, caps.n)
+end
+
+function Proc:exited ()
+  local st = H.pstate(self.pid)
+  return st == nil or st == "Z"
+end
+
+--- Wait (bounded) for the exit: "exit"|"signal", code.
+function Proc:wait (timeout)
+  H.wait_until(function () return self:exited() end, timeout or 10,
+               "process " .. self.pid .. " to exit")
+  local _, how, code = self.h:close()
+  live[self] = nil
+  self.how, self.code = how, code
+  return how, code
+end
+
+function Proc:kill (sig) H.kill(self.pid, sig) end
+
+--- Reap (bounded) a process that became ours as an orphan.
+function H.reap (pid, timeout)
+  local deadline = H.now() + (timeout or 5)
+  repeat
+    local got, how = prefork.wait(pid, "nohang")
+    if got or how ~= "running" then return got end
+    H.sleep(0.01)
+  until H.now() > deadline
+  error("process " .. pid .. " did not exit", 2)
+end
+
+
+--- Kill the process and its children by PID, and reap them all.
+function Proc:stop ()
+  if not live[self] then return end
+  local kids = H.childpids(self.pid)
+  self:kill("KILL")
+  self:wait(10)
+  for _, k in ipairs(kids) do
+    H.kill(k, "KILL")
+    H.reap(k)
+  end
+end
+
+
+--- Run Lua code as a master in its own process. The code gets `prefork`
+-- and `announce(master)`, which prints "ADDR <first address>"; this
+-- returns once that line appeared, with p.addr and p.port set.
+function H.master (code, opts)
+  opts = opts or {}
+  local script = H.tmpname() .. ".lua"
+  tmpfiles[#tmpfiles + 1] = script
+  H.writefile(script, [[
+prefork = require "prefork"
+function announce (m)
+  io.stdout:write("ADDR ", m:addresses()[1] or "-", "\n")
+  io.stdout:flush()
+end
+]] .. code)
+  local p = H.spawn(H.lua .. " " .. script .. " " .. (opts.args or ""))
+  if opts.wait ~= false then
+    p.addr = p:expect("ADDR (%S+)\n", opts.timeout)
+    p.port = tonumber(p.addr:match(":(%d+)$"))
+  end
+  return p
+end
+
+
+--- Kill everything this file started that is still there; remove files.
+function H.cleanup ()
+  for p in pairs(live) do p:stop() end
+  for _, f in ipairs(tmpfiles) do os.remove(f) end
+  tmpfiles = {}
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Clients
+-- =======================================================
+
+--- Connect to 127.0.0.1:port, send data, read until the server closes.
+function H.request (port, data, timeout, host)
+  local c = socket.tcp()
+  c:settimeout(timeout or 5)
+  local ok, err = c:connect(host or "127.0.0.1", port)
+  if not ok then return nil, err end
+  if data then c:send(data) end
+  local all, rerr, partial = c:receive("*a")
+  c:close()
+  if not all then return nil, rerr, partial end
+  return all
+end
+
+
+--- Like request, waiting (bounded) until a server answers.
+function H.request_ok (port, data, timeout)
+  local r
+  H.wait_until(function ()
+    r = H.request(port, data, 2)
+    return r
+  end, timeout or 5, "an answer on port " .. port)
+  return r
+end
+
+-- }======================================================
+
+return H
