@@ -14,6 +14,8 @@ BINDIR = $(PREFIX)/bin
 CC = cc
 CFLAGS = -O2 -g
 LIBFLAG = -shared
+EV_CFLAGS =
+EV_LDFLAGS =
 EV_LIBS = -lev
 WARN = -Wall -Wextra -Wpedantic -Werror -Wcast-qual -Wshadow \
        -Wwrite-strings -Wmissing-prototypes -Wstrict-prototypes \
@@ -21,7 +23,7 @@ WARN = -Wall -Wextra -Wpedantic -Werror -Wcast-qual -Wshadow \
        -Wpointer-arith -Wmissing-declarations -Wredundant-decls \
        -Wnested-externs
 ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
-             -I$(LUA_INCDIR) $(CFLAGS)
+             -I$(LUA_INCDIR) $(EV_CFLAGS) $(CFLAGS)
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c
@@ -51,7 +53,7 @@ $(BUILD)/obj/%.o: src/%.c src/prefork.h
 
 $(CORE): $(OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LIBS) $(LDFLAGS)
+	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
 
 # installs only what is missing; apt needs root (or sudo)
 deps:

@@ -75,9 +75,11 @@ end
 --- The children of pid: a list of {pid, state}.
 function H.children (pid)
   local out = {}
-  for line in H.sh("ps -o pid=,stat= --ppid " .. pid):gmatch("[^\n]+") do
-    local p, st = line:match("(%d+)%s+(%S+)")
-    if p then out[#out + 1] = {pid = tonumber(p), state = st:sub(1, 1)} end
+  for line in H.sh("exec ps -o pid=,stat=,comm= --ppid " .. pid):gmatch("[^\n]+") do
+    local p, st, comm = line:match("(%d+)%s+(%S+)%s+(%S+)")
+    if p and comm ~= "ps" then  -- not the ps asking
+      out[#out + 1] = {pid = tonumber(p), state = st:sub(1, 1)}
+    end
   end
   return out
 end

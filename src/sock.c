@@ -257,9 +257,7 @@ static int l_listen (lua_State *L) {
   pf_listener *l = newlistener(L);  /* closed until bound: __gc is safe */
   int n = strncmp(a, "unix:", 5) == 0 ? listenunix(L, l, a + 5, backlog)
                                       : listeninet(L, l, a, backlog);
-  if (n > 1) return n;  /* the fail triple */
-  lua_settop(L, 3);  /* the listener */
-  return 1;
+  return n;  /* the listener on top, or the fail triple */
 }
 
 

@@ -246,7 +246,7 @@ function Master:update ()
   local ok, config, contexts = xpcall(update, debug.traceback, self)
   if not ok then return nil, config end
   if config == nil then
-    return nil, "update returned nil" .. (contexts and (": " .. tostring(contexts)) or "")
+    return nil, contexts ~= nil and tostring(contexts) or "update returned nil"
   end
   if contexts == nil then
     self.fromupdate = false
