@@ -40,7 +40,7 @@ SPEC_TIMEOUT = 180
 DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
              gcc make pkg-config
 DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
-            psmisc strace
+            psmisc strace wrk
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run test asan valgrind install clean rock-check

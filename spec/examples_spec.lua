@@ -1,0 +1,89 @@
+-- Every example runs from the checkout and does what its header says.
+
+local lu = require "luaunit"
+local H = require "helpers"
+local socket = require "socket"
+
+--- Start an example with args; wait for its address line.
+local function example (name, args, pattern)
+  local p = H.spawn(H.lua .. " examples/" .. name .. " " .. (args or ""))
+  p.port = tonumber(p:expect(pattern or "127%.0%.0%.1:(%d+)"))
+  return p
+end
+
+TestExamples = {}
+
+function TestExamples:tearDown () H.cleanup() end
+
+function TestExamples:test_echo ()
+  local p = example("echo.lua", "0")
+  local kids = H.wait_until(function ()
+    local k = H.childpids(p.pid)
+    return #k == 8 and k
+  end, 5, "8 workers")
+  local reply = H.request_ok(p.port, "me\nhi there\n")
+  local pid, msg = reply:match("^Hello me, this is PID (%d+)\n(.*)$")
+  lu.assertEquals(msg, "hi there\n")
+  local found = false
+  for _, k in ipairs(kids) do found = found or k == tonumber(pid) end
+  lu.assertTrue(found)
+  p:kill("TERM")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+end
+
+function TestExamples:test_http_with_curl_and_wrk ()
+  local p = H.spawn("env WORKERS=2 " .. H.lua .. " examples/http.lua 0")
+  p.port = tonumber(p:expect("http://127%.0%.0%.1:(%d+)/"))
+  local url = "http://127.0.0.1:" .. p.port .. "/some/path"
+  local page = H.sh("curl -s -i -H 'X-Test: <yes>' " .. url)
+  lu.assertStrContains(page, "HTTP/1.1 200 OK\r\n")
+  lu.assertStrContains(page, "Connection: close\r\n")
+  lu.assertStrContains(page, "<tr><td>X-Test</td><td>&lt;yes&gt;</td></tr>")
+  lu.assertStrMatches(page, ".*<tr><td>PID</td><td>%d+</td></tr>.*")
+  lu.assertStrMatches(page, ".*<tr><td>time</td><td>%a+ %a+ %d+ [%d:]+ %d+ GMT</td></tr>.*")
+  local bad = H.request(p.port, "NONSENSE\r\n\r\n")
+  lu.assertStrContains(bad, "HTTP/1.1 400 Bad Request\r\n")
+  bad = H.request(p.port, "GET / HTTP/1.1\r\nno colon here\r\n\r\n")
+  lu.assertStrContains(bad, "400 Bad Request")
+  local post = H.sh("curl -s -d 'a=1' " .. url)
+  lu.assertStrContains(post, "<td>Content-Length</td><td>3</td>")
+  local w = H.sh("wrk -t1 -c4 -d1s " .. url .. " 2>&1")
+  lu.assertStrMatches(w, ".*Requests/sec:%s+[%d.]+.*")
+  lu.assertNotStrContains(w, "Non-2xx")
+  lu.assertNotStrContains(w, "Socket errors")
+  p:kill("TERM")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+end
+
+function TestExamples:test_relaunch_replaces_the_changed_worker_on_hup ()
+  local conf = H.tmpname()
+  H.writefile(conf, 'workers = 2\ngreeting = "Hello"\n')
+  local p = example("relaunch.lua", "0 " .. conf)
+  local function greetings ()
+    local t = {}
+    for _ = 1, 40 do
+      local r = H.request(p.port, nil, 2) or ""
+      local g, id, pid = r:match("^(%a+) from worker (%d+) %(pid (%d+)%)")
+      if id then t[tonumber(id)] = {g, tonumber(pid)} end
+    end
+    return t
+  end
+  local before = H.wait_until(function ()
+    local t = greetings()
+    return t[1] and t[2] and t
+  end, 5, "both workers")
+  lu.assertEquals(before[1][1], "Hello")
+  H.writefile(conf, 'workers = 2\ngreeting = "Hello"\ngreetings = {[2] = "Bonjour"}\n')
+  p:kill("HUP")
+  p:expect("reloaded")
+  local after = H.wait_until(function ()
+    local t = greetings()
+    return t[1] and t[2] and t[2][1] == "Bonjour" and t
+  end, 5, "the new worker 2")
+  lu.assertEquals(after[1], before[1])  -- untouched
+  lu.assertNotEquals(after[2][2], before[2][2])
+  p:kill("TERM")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+end
+
+os.exit(lu.LuaUnit.run())
