@@ -78,16 +78,15 @@ test: deps all
 asan: deps
 	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	  LDFLAGS="-fsanitize=address,undefined" all
-	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=99 \
+	ASAN_OPTIONS=detect_leaks=1:exitcode=99 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=99 \
-	LSAN_OPTIONS=suppressions=$(CURDIR)/spec/lsan.supp \
+	SPEC_LUA="env LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) $(LUA)" \
 	$(MAKE) --no-print-directory BUILD=build-asan SPEC_TIMEOUT=300 test-only
 
+# memcheck over the suite; valgrind follows the Lua processes only
 valgrind: deps all
-	$(TEST_ENV) SPEC_TIMEOUT=600 \
-	SPEC_WRAP="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=no" \
-	sh spec/run.sh
+	SPEC_LUA="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --errors-for-leak-kinds=definite $(LUA)" \
+	$(MAKE) --no-print-directory SPEC_TIMEOUT=900 test-only
 
 test-only:
 	$(TEST_ENV) SPEC_TIMEOUT=$(SPEC_TIMEOUT) sh spec/run.sh

@@ -53,8 +53,12 @@ function H.tmpname ()
 end
 
 
+-- Tools (curl, ps, wrk) run without the sanitizer runtime that `make asan`
+-- preloads into Lua; H.lua (SPEC_LUA) puts it back for Lua processes.
+local UNPRELOAD = "unset LD_PRELOAD; "
+
 function H.sh (cmd)
-  local p = io.popen(cmd, "r")
+  local p = io.popen(UNPRELOAD .. cmd, "r")
   local s = p:read("a")
   p:close()
   return s
@@ -120,7 +124,7 @@ end
 
 
 function H.kill (pid, sig)
-  os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", pid))
+  prefork.kill(pid, sig or "TERM")  -- it may be gone already
 end
 
 
@@ -134,8 +138,8 @@ local live = {}
 function H.spawn (cmd)
   local p = setmetatable({outf = H.tmpname(), errf = H.tmpname()}, Proc)
   local script = H.tmpname()
-  H.writefile(script, ("echo $$\nexec %s >%s 2>%s </dev/null\n"):format(
-              cmd, p.outf, p.errf))
+  H.writefile(script, ("%secho $$\nexec %s >%s 2>%s </dev/null\n"):format(
+              UNPRELOAD, cmd, p.outf, p.errf))
   p.h = io.popen("exec sh " .. script, "r")
   p.pid = tonumber(p.h:read("l"))
   live[p] = true

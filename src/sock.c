@@ -410,7 +410,8 @@ static int fill (pf_conn *c, double dl) {
 
 /* take n buffered bytes as a string [-0, +1, m] */
 static void take (lua_State *L, pf_conn *c, size_t n, size_t skip) {
-  lua_pushlstring(L, c->buf + c->r, n);
+  if (n == 0) lua_pushliteral(L, "");  /* buf may still be NULL */
+  else lua_pushlstring(L, c->buf + c->r, n);
   c->r += n + skip;
 }
 
@@ -419,12 +420,13 @@ static void take (lua_State *L, pf_conn *c, size_t n, size_t skip) {
 static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
   size_t scanned = 0;
   for (;;) {
-    const char *start = c->buf + c->r;
-    const char *nl = (const char *)memchr(start + scanned, '\n',
-                                          c->w - c->r - scanned);
+    const char *nl = NULL;  /* buf is NULL until the first fill */
     int st;
+    if (c->w - c->r > scanned)
+      nl = (const char *)memchr(c->buf + c->r + scanned, '\n',
+                                c->w - c->r - scanned);
     if (nl != NULL) {
-      size_t len = (size_t)(nl - start) + 1;
+      size_t len = (size_t)(nl - (c->buf + c->r)) + 1;
       take(L, c, chop ? len - 1 : len, chop ? 1 : 0);
       return 1;
     }
