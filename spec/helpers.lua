@@ -117,6 +117,16 @@ function H.fdcount (pid)
 end
 
 
+--- What the fds of pid point to: a set of "pipe:[123]", "/dev/null", ...
+function H.fdtargets (pid)
+  local t = {}
+  for target in H.sh("ls -l /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%-> ([^\n]+)") do
+    t[target] = true
+  end
+  return t
+end
+
+
 function H.cmdline (pid)
   local s = H.readfile("/proc/" .. pid .. "/cmdline") or ""
   return (s:gsub("%z+$", ""):gsub("%z", " "))
@@ -219,7 +229,8 @@ function announce (m)
   io.stdout:flush()
 end
 ]] .. code)
-  local p = H.spawn(H.lua .. " " .. script .. " " .. (opts.args or ""))
+  local p = H.spawn((opts.prefix or "") .. H.lua .. " " .. script .. " "
+                    .. (opts.args or ""))
   if opts.wait ~= false then
     p.addr = p:expect("ADDR (%S+)\n", opts.timeout)
     p.port = tonumber(p.addr:match(":(%d+)$"))

@@ -1,0 +1,189 @@
+-- More of the master's life: fork failures, idleness, what a worker
+-- inherits, the stop flag, INT twice, restarts on the same port, logging.
+
+local lu = require "luaunit"
+local H = require "helpers"
+local socket = require "socket"
+
+local SERVE = [[
+local function serve (w) for c in w:connections() do c:close() end end
+]]
+
+local function nworkers (p, n)
+  return H.wait_until(function ()
+    local k = H.childpids(p.pid)
+    return #k == n and k
+  end, 5, n .. " workers")
+end
+
+TestLifecycle = {}
+
+function TestLifecycle:tearDown () H.cleanup() end
+
+
+function TestLifecycle:test_fork_failure_is_retried_with_backoff_never_fatal ()
+  -- a real EAGAIN from fork: an unprivileged user at its process limit
+  local p = H.master(SERVE .. [[
+prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
+              fork = serve}]], {wait = false, prefix =
+    "setpriv --reuid=nobody --regid=nogroup --clear-groups prlimit --nproc=2 "})
+  p:expect("fork failed: Resource temporarily unavailable; retry in 0.1s", 10, "err")
+  p:expect("fork failed: Resource temporarily unavailable; retry in 0.2s", 10, "err")
+  lu.assertFalse(p:exited())  -- the master lives
+  lu.assertEquals(#H.childpids(p.pid), 1)
+end
+
+
+function TestLifecycle:test_an_idle_master_never_wakes ()
+  local p = H.master(SERVE .. [[
+prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
+              fork = serve}]])
+  nworkers(p, 2)
+  H.sleep(1.2)  -- past the workers' readiness timers
+  local function switches ()
+    local s = H.readfile("/proc/" .. p.pid .. "/status")
+    return tonumber(s:match("voluntary_ctxt_switches:%s*(%d+)"))
+  end
+  local before = switches()
+  H.sleep(2)
+  lu.assertEquals(switches(), before)
+end
+
+
+function TestLifecycle:test_a_worker_inherits_no_master_only_fd ()
+  local p = H.master([[
+prefork.start{workers = 3, listen = {"127.0.0.1:0", "[::1]:0"},
+  on_start = announce,
+  fork = function (w)
+    for c in w:connections() do c:read("a") c:close() end
+  end}
+]])
+  local kids = nworkers(p, 3)
+  local held = {}
+  for i = 1, 3 do  -- every worker past its first accept, holding one
+    held[i] = socket.tcp()
+    held[i]:settimeout(5)
+    assert(held[i]:connect("127.0.0.1", p.port))
+  end
+  H.sleep(0.3)
+  -- what the master opened itself: not inherited from here, not a listener
+  local mine, master = H.fdtargets(require("prefork").getpid()), H.fdtargets(p.pid)
+  local own = {}
+  for t in pairs(master) do
+    if not mine[t] and (t:match("^pipe:") or t:match("^anon_inode:")) then
+      own[#own + 1] = t
+    end
+  end
+  lu.assertTrue(master["anon_inode:[eventpoll]"], table.concat(own, " "))
+  for _, k in ipairs(kids) do
+    local theirs = H.fdtargets(k)
+    for _, t in ipairs(own) do
+      lu.assertNil(theirs[t], "worker " .. k .. " has the master's " .. t)
+    end
+  end
+  for i = 1, 3 do held[i]:close() end
+end
+
+
+function TestLifecycle:test_a_busy_worker_sees_stopping_and_finishes ()
+  local p = H.master([[
+local socket = require "socket"
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    local c = w:accept()
+    while not w:stopping() do socket.sleep(0.01) end
+    c:write("saw the stop\n")
+    c:close()
+    print("ACCEPT AFTER STOP", w:accept())
+  end}
+]])
+  local c = socket.tcp()
+  c:settimeout(5)
+  assert(c:connect("127.0.0.1", p.port))
+  H.sleep(0.2)
+  p:kill("TERM")
+  lu.assertEquals(c:receive("*l"), "saw the stop")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+  lu.assertStrContains(p:out(), "ACCEPT AFTER STOP\tnil\tstopping")
+end
+
+
+function TestLifecycle:test_int_twice_stops_at_once ()
+  local p = H.master([[
+local socket = require "socket"
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    for c in w:connections() do socket.sleep(30) end
+  end}
+]])
+  local c = socket.tcp()
+  c:settimeout(5)
+  assert(c:connect("127.0.0.1", p.port))
+  H.sleep(0.2)
+  p:kill("INT")
+  H.sleep(0.2)
+  lu.assertFalse(p:exited())  -- graceful: the worker is busy
+  p:kill("INT")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+  lu.assertStrContains(p:err(), "immediate stop")
+  c:close()
+end
+
+
+function TestLifecycle:test_a_restart_binds_the_same_port_at_once ()
+  local code = SERVE .. [[
+prefork.start{workers = 2, listen = "127.0.0.1:" .. arg[1], on_start = announce,
+              fork = function (w)
+                for c in w:connections() do c:write("x") c:close() end
+              end}]]
+  local p = H.master(code, {args = "0"})
+  for _ = 1, 20 do H.request_ok(p.port) end  -- server-side closes: TIME_WAIT
+  p:kill("TERM")
+  p:wait(5)
+  local again = H.master(code, {args = tostring(p.port)})
+  lu.assertEquals(again.port, p.port)
+  lu.assertEquals(H.request_ok(p.port), "x")
+end
+
+
+function TestLifecycle:test_backlog_reaches_listen ()
+  local p = H.master(SERVE .. [[
+prefork.start{workers = 1, listen = "127.0.0.1:0", backlog = 77,
+              on_start = announce, fork = serve}]])
+  local ss = H.sh("ss -ltnH 'sport = :" .. p.port .. "'")
+  lu.assertStrMatches(ss, "LISTEN%s+%d+%s+77%s.*")
+end
+
+
+function TestLifecycle:test_log_option_replaces_the_sink ()
+  local p = H.master(SERVE .. [[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  log = function (level, msg) io.stdout:write("LOG ", level, " ", msg, "\n")
+                              io.stdout:flush() end,
+  fork = serve}]])
+  p:expect("LOG info worker 1 %(pid %d+%) started")
+  p:kill("TERM")
+  p:wait(5)
+  lu.assertStrContains(p:out(), "LOG info stopped")
+  lu.assertNotStrContains(p:err(), "prefork[")
+end
+
+
+function TestLifecycle:test_a_ready_worker_that_exits_is_replaced_at_once ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    local c = w:accept()  -- one connection, then the worker ends (exit 0)
+    c:write(prefork.getpid(), "\n")
+    c:close()
+  end}
+]])
+  local pids = {}
+  for i = 1, 5 do pids[i] = H.request_ok(p.port) end
+  for i = 2, 5 do lu.assertNotEquals(pids[i], pids[i - 1]) end
+  lu.assertStrContains(p:err(), "exited: exit 0; respawn in 0s")
+  lu.assertNotStrContains(p:err(), "before it was ready")
+end
+
+
+os.exit(lu.LuaUnit.run())
