@@ -85,7 +85,7 @@ asan: deps
 
 # memcheck over the suite; valgrind follows the Lua processes only
 valgrind: deps all
-	SPEC_LUA="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --errors-for-leak-kinds=definite $(LUA)" \
+	SPEC_LUA="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite $(LUA)" \
 	$(MAKE) --no-print-directory SPEC_TIMEOUT=900 test-only
 
 test-only:

@@ -11,6 +11,7 @@ local H = {}
 assert(prefork.subreaper(true))
 
 H.lua = os.getenv("SPEC_LUA") or os.getenv("LUA") or "lua5.4"
+H.valgrind = H.lua:match("valgrind") ~= nil  -- it catches every signal itself
 
 function H.now () return socket.gettime() end
 function H.sleep (s) socket.sleep(s) end

@@ -186,4 +186,25 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
 end
 
 
+function TestLifecycle:test_wait_finds_children_the_loop_reaped ()
+  local p = H.master([[
+local child
+prefork.start{workers = 1, listen = "127.0.0.1:0",
+  on_start = function (m)
+    child = prefork.fork(function () os.exit(5) end)
+    announce(m)
+  end,
+  on_worker_exit = function (m)  -- long after the loop reaped the child
+    local pid, how, code = prefork.wait(child)
+    print("WAIT", pid == child, how, code, select(2, prefork.wait(child)))
+    io.stdout:flush()
+    m:stop()
+  end,
+  fork = function (w) require("socket").sleep(0.5) end}
+]])
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+  lu.assertStrContains(p:out(), "WAIT\ttrue\texit\t5\twait: No child processes\t10")
+end
+
+
 os.exit(lu.LuaUnit.run())
