@@ -33,7 +33,7 @@ LUASRC = src/prefork/init.lua
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
-           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)"
+           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)" SPEC_FILES="$(SPEC_FILES)"
 SPEC_TIMEOUT = 180
 
 # Debian packages: to build, to test, to measure
@@ -41,9 +41,12 @@ DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
              gcc make pkg-config
 DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
             psmisc strace wrk
+DEPS_BENCH = wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
+             libhttp-message-perl chiark-utils-bin chiark-scripts \
+             libio-fdpass-perl gnuplot-nox
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
-.PHONY: all deps run test asan valgrind install clean rock-check
+.PHONY: all deps run test test-only asan valgrind fuzz bench chaos install clean
 
 all: $(CORE)
 
@@ -91,6 +94,18 @@ valgrind: deps all
 test-only:
 	$(TEST_ENV) SPEC_TIMEOUT=$(SPEC_TIMEOUT) sh spec/run.sh
 
+# side by side with nginx, Node cluster, unicorn, gunicorn, POE: writes
+# bench/results.md and bench/results.png (BENCH_ARGS=--quick: one round)
+BENCH_ARGS =
+bench: deps all
+	@$(MAKE) --no-print-directory deps DEPS="$(DEPS_BENCH)"
+	$(TEST_ENV) $(LUA) bench/bench.lua $(BENCH_ARGS)
+
+# kill -9, HUP and TERM under load, CHAOS_SECONDS each
+CHAOS_SECONDS = 30
+chaos: deps all
+	$(TEST_ENV) $(LUA) bench/chaos.lua $(CHAOS_SECONDS)
+
 install: all
 	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
 	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
@@ -98,3 +113,28 @@ install: all
 
 clean:
 	rm -rf build build-asan
+
+# libFuzzer targets (clang; Debian's libclang-rt) for every parser of
+# outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
+FUZZ_TARGETS = http_request conn_read
+FUZZ_SECONDS = 60
+FUZZ_CC = clang
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+
+fuzz: deps
+	@mkdir -p $(BUILD)/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	  $(FUZZ_CC) -std=c11 -D_GNU_SOURCE -I$(LUA_INCDIR) $(FUZZ_FLAGS) \
+	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(SRCS) -llua$(LUA_VERSION) -lev || exit 1; \
+	done
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(BUILD)/fuzz/corpus-$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  if ! $(BUILD)/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	      -rss_limit_mb=2048 -max_len=65536 -artifact_prefix=$(BUILD)/fuzz/$$t- \
+	      $(BUILD)/fuzz/corpus-$$t fuzz/corpus/$$t >$(BUILD)/fuzz/$$t.log 2>&1; then \
+	    tail -n 40 $(BUILD)/fuzz/$$t.log; \
+	    echo "fuzz $$t: a crash; the input is in $(BUILD)/fuzz/"; exit 1; \
+	  fi; \
+	  grep -E "^Done" $(BUILD)/fuzz/$$t.log; \
+	done; echo "fuzz: no crash"

@@ -6,37 +6,13 @@
 -- A malformed request gets 400. Try: curl -i http://127.0.0.1:8080/
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
-package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path
+package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. here
+               .. "examples/?.lua;" .. package.path
 package.cpath = here .. "build/?.so;" .. package.cpath
 
 local prefork = require "prefork"
 
-local MAXHEADERS = 100
-
---- Read one request: {method, target, version, names = {...}, headers =
--- {lowercase name = value}} or nil, reason.
-local function read_request (conn)
-  local line, err = conn:read("l")
-  if not line then return nil, err end
-  local method, target, version =
-    line:match("^(%u+) (%S+) HTTP/(1%.[01])\r?$")
-  if not method then return nil, "bad request line" end
-  local req = {method = method, target = target, version = version,
-               names = {}, headers = {}}
-  for _ = 1, MAXHEADERS do
-    local h = conn:read("l")
-    if not h then return nil, "closed" end
-    h = h:gsub("\r$", "")
-    if h == "" then return req end
-    local name, value = h:match("^([!#$%%&'*+%-.^_`|~%w]+):[ \t]*(.-)[ \t]*$")
-    if not name then return nil, "bad header line" end
-    req.names[#req.names + 1] = name
-    local key = name:lower()
-    req.headers[key] = req.headers[key] and (req.headers[key] .. ", " .. value)
-                       or value
-  end
-  return nil, "too many headers"
-end
+local read_request = require "http_request"
 
 
 local function escape (s)

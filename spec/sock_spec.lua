@@ -220,6 +220,19 @@ function TestConn:test_close_gc_and_tostring ()
   client:close()
 end
 
+function TestConn:test_maxline_bounds_a_line ()
+  local a, b = prefork.socketpair()
+  lu.assertIs(b:setmaxline(8), b)
+  a:write("short\n0123456789abcdef\n")
+  lu.assertEquals(b:read(), "short")
+  lu.assertEquals({b:read("l")}, {nil, "too long"})
+  lu.assertEquals(b:read(4), "0123")  -- nothing was lost
+  b:setmaxline(nil)
+  lu.assertEquals(b:read("L"), "456789abcdef\n")
+  lu.assertErrorMsgContains("negative size", b.setmaxline, b, -1)
+  a:close() b:close()
+end
+
 function TestConn:test_bad_formats_raise ()
   local conn, client = pair()
   lu.assertErrorMsgContains("invalid format", conn.read, conn, "x")

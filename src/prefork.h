@@ -81,6 +81,7 @@ typedef struct pf_conn {
   int fd;  /* -1 once closed */
   int counted;  /* a worker's accepted connection: in its inflight count */
   double timeout;  /* seconds for each read or write call; < 0: none */
+  size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
   char *buf;  /* read buffer; unread bytes are buf[r..w) */
   size_t cap, r, w;
 } pf_conn;

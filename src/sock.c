@@ -427,10 +427,18 @@ static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
                                 c->w - c->r - scanned);
     if (nl != NULL) {
       size_t len = (size_t)(nl - (c->buf + c->r)) + 1;
+      if (c->maxline > 0 && len - 1 > c->maxline) {
+        errno = EMSGSIZE;  /* the bytes stay buffered */
+        return -1;
+      }
       take(L, c, chop ? len - 1 : len, chop ? 1 : 0);
       return 1;
     }
     scanned = c->w - c->r;
+    if (c->maxline > 0 && scanned > c->maxline) {
+      errno = EMSGSIZE;  /* the bytes stay buffered */
+      return -1;
+    }
     st = fill(c, dl);
     if (st < 0) return -1;
     if (st == 0) {  /* a last line without its newline */
@@ -503,10 +511,11 @@ static int c_read (lua_State *L) {
     st = readone(L, c, i, dl);
   if (st > 0) return nargs;
   /* i - 3 results were read before the one that failed */
-  if (st < 0 && errno != ETIMEDOUT)
+  if (st < 0 && errno != ETIMEDOUT && errno != EMSGSIZE)
     return (i - 3) + pf_fail(L, "read");
   luaL_pushfail(L);
   if (st == 0) lua_pushliteral(L, "closed");
+  else if (errno == EMSGSIZE) lua_pushliteral(L, "too long");
   else lua_pushliteral(L, "timeout");
   return (i - 3) + 2;
 }
@@ -567,6 +576,18 @@ static int c_settimeout (lua_State *L) {
   pf_conn *c = checkconn(L);
   lua_Number t = luaL_optnumber(L, 2, -1);
   c->timeout = t < 0 ? -1 : t;
+  lua_settop(L, 1);
+  return 1;
+}
+
+
+/* conn:setmaxline(bytes | nil): the longest line "l" and "L" read; a
+** longer one gives nil, "too long" (nil: no limit, the default) */
+static int c_setmaxline (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  lua_Integer n = luaL_optinteger(L, 2, 0);
+  luaL_argcheck(L, n >= 0, 2, "negative size");
+  c->maxline = (size_t)n;
   lua_settop(L, 1);
   return 1;
 }
@@ -670,7 +691,8 @@ void pf_open_sock (lua_State *L) {
   };
   static const luaL_Reg cmeth[] = {
     {"read", c_read}, {"write", c_write}, {"close", c_close},
-    {"settimeout", c_settimeout}, {"getfd", c_getfd}, {"peer", c_peer},
+    {"settimeout", c_settimeout}, {"setmaxline", c_setmaxline},
+    {"getfd", c_getfd}, {"peer", c_peer},
     {NULL, NULL}
   };
   static const luaL_Reg cmetameth[] = {

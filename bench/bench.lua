@@ -1,0 +1,440 @@
+#!/usr/bin/env lua5.4
+-- bench/bench.lua [--quick] [CASE ...]: every case side by side with its
+-- peers, in one run, alternating, repeated; medians and ratios. Writes
+-- bench/results.md and bench/results.png. Run it with `make bench`.
+--
+-- A case is {name, title, unit, better = "higher"|"lower", run = fn(B)}
+-- where run returns {[peer] = {samples...}}; cases register with
+-- B.case{...}. Later cases (interp, pool) plug in the same way.
+
+package.path = "spec/?.lua;" .. package.path
+local H = require "helpers"
+local prefork = require "prefork"
+
+local B = {cases = {}, results = {}}
+local quick = false
+local wanted = {}
+for _, a in ipairs(arg) do
+  if a == "--quick" then quick = true else wanted[a] = true end
+end
+
+B.rounds = quick and 1 or 3
+B.seconds = quick and 1 or 3
+
+function B.case (c) B.cases[#B.cases + 1] = c end
+
+function B.say (...)
+  io.stdout:write(os.date("%H:%M:%S "), table.concat({...}, " "), "\n")
+  io.stdout:flush()
+end
+
+
+-- {======================================================
+-- Helpers
+-- =======================================================
+
+function B.median (t)
+  local s = {}
+  for i, v in ipairs(t) do s[i] = v end
+  table.sort(s)
+  local n = #s
+  if n == 0 then return nil end
+  if n % 2 == 1 then return s[(n + 1) // 2] end
+  return (s[n // 2] + s[n // 2 + 1]) / 2
+end
+
+function B.freeport ()
+  local l = assert(prefork.listen("127.0.0.1:0"))
+  local port = tonumber(l:address():match(":(%d+)$"))
+  l:close()
+  return port
+end
+
+local GET = "GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+
+--- Start a server command line; return it once it answers on port.
+function B.server (name, cmd, port)
+  local p = H.spawn(cmd)
+  p.name, p.port = name, port
+  local ok = pcall(H.request_ok, port, GET, 30)
+  if not ok then
+    p:stop()
+    error(("%s did not come up on port %d: %s"):format(name, port, p:err()))
+  end
+  return p
+end
+
+function B.stop (p)
+  p:kill("TERM")
+  local ok = pcall(p.wait, p, 5)
+  if not ok then p:stop() end
+end
+
+--- wrk against a URL: req/s, errors (socket errors and non-2xx)
+function B.wrk (port, seconds, close)
+  local out = H.sh(("wrk -t2 -c50 -d%ds %s http://127.0.0.1:%d/ 2>&1"):format(
+    seconds, close and "-H 'Connection: close'" or "", port))
+  local rps = tonumber(out:match("Requests/sec:%s*([%d.]+)")) or 0
+  local errs = 0
+  for n in (out:match("Socket errors:([^\n]*)") or ""):gmatch("%d+") do
+    errs = errs + tonumber(n)
+  end
+  errs = errs + tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)") or 0)
+  return rps, errs, out
+end
+
+local root = H.sh("pwd"):gsub("\n", "")
+local tmp = H.tmpname() .. ".d"
+H.sh("mkdir -p " .. tmp)
+
+-- the peers of the HTTP cases: name -> command line for (port, workers)
+B.http_peers = {
+  {"lua-prefork", function (port, n)
+    return ("env QUIET=1 %s bench/hello.lua %d %d"):format(H.lua, port, n)
+  end},
+  {"nginx", function (port, n)
+    local prefix = tmp .. "/nginx-" .. port
+    H.sh("mkdir -p " .. prefix)
+    local conf = H.readfile("bench/peers/nginx.conf"):gsub("@PORT@", port)
+      :gsub("@PREFIX@", prefix):gsub("worker_processes 2", "worker_processes " .. n)
+    H.writefile(prefix .. "/nginx.conf", conf)
+    return ("nginx -p %s -c %s/nginx.conf"):format(prefix, prefix)
+  end},
+  {"node cluster", function (port, n)
+    return ("node bench/peers/node_cluster.js %d %d"):format(port, n)
+  end},
+  {"unicorn", function (port, n)
+    return ("env WORKERS=%d unicorn -E none -c bench/peers/unicorn.rb -l 127.0.0.1:%d "
+            .. "bench/peers/hello.ru"):format(n, port)
+  end},
+  {"gunicorn", function (port, n)
+    return ("gunicorn -w %d -k sync -b 127.0.0.1:%d --chdir bench/peers "
+            .. "hello_wsgi:app"):format(n, port)
+  end},
+  {"POE prefork", function (port, n)
+    return ("perl bench/peers/poe_prefork.pl %d %d"):format(port, n)
+  end},
+}
+
+--- Start every HTTP peer with n workers; {name -> proc}
+function B.start_http (n, only)
+  local servers = {}
+  for _, peer in ipairs(B.http_peers) do
+    local name, cmd = peer[1], peer[2]
+    if not only or only[name] then
+      local port = B.freeport()
+      local ok, p = pcall(B.server, name, cmd(port, n), port)
+      if ok then servers[#servers + 1] = p
+      else B.say("  skipped " .. name .. ": " .. tostring(p):sub(1, 200)) end
+    end
+  end
+  return servers
+end
+
+function B.stop_all (servers)
+  for _, p in ipairs(servers) do B.stop(p) end
+end
+
+--- The worker pids of a master (its children; node's and nginx's too)
+function B.workers (p) return H.childpids(p.pid) end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Cases
+-- =======================================================
+
+local function http_case (name, title, close)
+  B.case{name = name, title = title, unit = "req/s", better = "higher",
+    target = close and {peer = "nginx", ratio = 1.0} or {peer = "nginx", ratio = 0.6},
+    run = function ()
+      local servers = B.start_http(2)
+      local samples, errors = {}, {}
+      for r = 1, B.rounds do
+        for _, p in ipairs(servers) do
+          local rps, errs = B.wrk(p.port, B.seconds, close)
+          samples[p.name] = samples[p.name] or {}
+          table.insert(samples[p.name], rps)
+          errors[p.name] = (errors[p.name] or 0) + errs
+          B.say(("  round %d %-13s %9.0f req/s  %d errors"):format(r, p.name, rps, errs))
+        end
+      end
+      B.stop_all(servers)
+      return samples, errors
+    end}
+end
+
+http_case("http_keepalive", "HTTP hello, 2 workers, wrk -t2 -c50, keep-alive", false)
+http_case("http_close", "HTTP hello, 2 workers, wrk -t2 -c50, Connection: close", true)
+
+
+B.case{name = "respawn", title = "respawn: SIGKILL of the only worker until its replacement answers",
+  unit = "ms", better = "lower", target = {max = 5},
+  run = function ()
+    local only = {["lua-prefork"] = true, nginx = true, ["node cluster"] = true,
+                  unicorn = true, gunicorn = true}
+    local servers = B.start_http(1, only)
+    local samples = {}
+    H.sleep(1.2)
+    for k = 1, quick and 2 or 7 do
+      for _, p in ipairs(servers) do
+        local w = B.workers(p)
+        if #w == 1 then
+          local t0 = H.now()
+          H.kill(w[1], "KILL")
+          local ok = H.request(p.port, GET, 10)
+          local ms = (H.now() - t0) * 1000
+          if ok then
+            samples[p.name] = samples[p.name] or {}
+            table.insert(samples[p.name], ms)
+          end
+        end
+      end
+      B.say(("  kill %d done"):format(k))
+      H.sleep(1.2)  -- past the first second: no backoff applies
+    end
+    B.stop_all(servers)
+    return samples
+  end}
+
+
+B.case{name = "startup64", title = "start-up of 64 workers: launch until 64 workers exist and one answers",
+  unit = "ms", better = "lower",
+  run = function ()
+    local samples = {}
+    local only = {["lua-prefork"] = true, nginx = true, unicorn = true,
+                  gunicorn = true, ["node cluster"] = true}
+    for r = 1, quick and 1 or 3 do
+      for _, peer in ipairs(B.http_peers) do
+        local name = peer[1]
+        if only[name] then
+          local port = B.freeport()
+          local t0 = H.now()
+          local p = H.spawn(peer[2](port, 64))
+          local ok = pcall(H.wait_until, function ()
+            return #H.childpids(p.pid) >= 64 and H.request(port, GET, 1)
+          end, 60)
+          if ok then
+            samples[name] = samples[name] or {}
+            table.insert(samples[name], (H.now() - t0) * 1000)
+          end
+          B.stop(p)
+          B.say(("  round %d %-13s %s"):format(r, name,
+                ok and ("%.0f ms"):format(samples[name][#samples[name]]) or "failed"))
+        end
+      end
+    end
+    return samples
+  end}
+
+
+B.case{name = "idle", title = "idle master: context switches over 10 s with 2 idle workers",
+  unit = "wake-ups", better = "lower", target = {max = 0},
+  run = function ()
+    local only = {["lua-prefork"] = true, nginx = true, unicorn = true,
+                  gunicorn = true, ["node cluster"] = true}
+    local servers = B.start_http(2, only)
+    H.sleep(2)
+    local function switches (pid)
+      local s = H.readfile("/proc/" .. pid .. "/status") or ""
+      return (tonumber(s:match("\nvoluntary_ctxt_switches:%s*(%d+)")) or 0)
+        + (tonumber(s:match("nonvoluntary_ctxt_switches:%s*(%d+)")) or 0)
+    end
+    local before = {}
+    for _, p in ipairs(servers) do before[p.name] = switches(p.pid) end
+    H.sleep(quick and 3 or 10)
+    local samples = {}
+    for _, p in ipairs(servers) do
+      samples[p.name] = {switches(p.pid) - before[p.name]}
+    end
+    B.stop_all(servers)
+    return samples
+  end}
+
+
+B.case{name = "memory", title = "private memory per worker (MB) after 500 requests, 50 MB Lua heap preloaded",
+  unit = "MB", better = "lower",
+  run = function ()
+    local samples = {}
+    for _, variant in ipairs{
+        {"lua-prefork, 50 MB preloaded", 50, 0},
+        {"lua-prefork, 50 MB preloaded, full GC in each worker", 50, 1},
+        {"lua-prefork, nothing preloaded", 0, 0}} do
+      local port = B.freeport()
+      local p = B.server(variant[1], ("env QUIET=1 PRELOAD_MB=%d FULLGC=%d %s bench/hello.lua %d 2")
+                         :format(variant[2], variant[3], H.lua, port), port)
+      for _ = 1, 500 do H.request(port, GET, 5) end
+      local mb = {}
+      for _, w in ipairs(B.workers(p)) do
+        local s = H.readfile("/proc/" .. w .. "/smaps_rollup") or ""
+        local kb = (tonumber(s:match("Private_Dirty:%s*(%d+)")) or 0)
+          + (tonumber(s:match("Private_Clean:%s*(%d+)")) or 0)
+        mb[#mb + 1] = kb / 1024
+      end
+      local s = H.readfile("/proc/" .. p.pid .. "/smaps_rollup") or ""
+      B.say(("  %s: master Rss %.1f MB, workers %s MB"):format(variant[1],
+            (tonumber(s:match("Rss:%s*(%d+)")) or 0) / 1024,
+            table.concat((function () local t = {} for i, v in ipairs(mb) do
+              t[i] = ("%.1f"):format(v) end return t end)(), ", ")))
+      samples[variant[1]] = mb
+      B.stop(p)
+    end
+    return samples
+  end}
+
+-- }======================================================
+
+
+-- {======================================================
+-- Report
+-- =======================================================
+
+local function version (cmd)
+  return (H.sh(cmd .. " 2>&1"):match("[^\n]*") or "?")
+end
+
+local function machine ()
+  local cpu = (H.readfile("/proc/cpuinfo") or ""):match("model name%s*:%s*([^\n]+)") or "?"
+  return {
+    ("%s, %s cores, %s"):format(cpu, prefork.ncpu(), version("uname -sr")),
+    "lua-prefork " .. prefork._VERSION .. ", " .. version(H.lua .. " -v"),
+    table.concat({version("nginx -v"), "node " .. version("node -v"),
+                  version("unicorn -v"), version("gunicorn --version"),
+                  "POE " .. version("perl -MPOE -e 'print $POE::VERSION'"),
+                  version("wrk -v")}, "; "),
+  }
+end
+
+local function fmt (v)
+  if v == nil then return "-" end
+  if v >= 100 then return ("%.0f"):format(v) end
+  if v >= 10 then return ("%.1f"):format(v) end
+  return ("%.2f"):format(v)
+end
+
+local function report (done)
+  local md = {"# lua-prefork benchmarks", "",
+              "Written by `make bench` (bench/bench.lua) on " .. os.date("!%Y-%m-%d %H:%M UTC")
+              .. (quick and " (quick run: 1 round, short runs)" or "") .. ".", ""}
+  for _, l in ipairs(machine()) do md[#md + 1] = "- " .. l end
+  md[#md + 1] = ""
+  md[#md + 1] = "Each figure is the median of the samples; every peer ran in the same"
+  md[#md + 1] = "run, alternating. The ratio column compares with the best peer that is"
+  md[#md + 1] = "not lua-prefork (> 1 is better for lua-prefork where higher is better)."
+  for _, r in ipairs(done) do
+    local c = r.case
+    md[#md + 1] = ""
+    md[#md + 1] = "## " .. c.title
+    md[#md + 1] = ""
+    md[#md + 1] = ("| peer | median %s | samples | errors | ratio |"):format(c.unit)
+    md[#md + 1] = "|---|---|---|---|---|"
+    local best
+    for name, s in pairs(r.samples) do
+      local m = B.median(s)
+      if not name:match("^lua%-prefork") and m then
+        if not best or (c.better == "higher" and m > best) or (c.better == "lower" and m < best) then
+          best = m
+        end
+      end
+    end
+    local names = {}
+    for name in pairs(r.samples) do names[#names + 1] = name end
+    table.sort(names, function (a, b)
+      local ma, mb = B.median(r.samples[a]) or 0, B.median(r.samples[b]) or 0
+      if c.better == "higher" then return ma > mb end
+      return ma < mb
+    end)
+    for _, name in ipairs(names) do
+      local s, m = r.samples[name], B.median(r.samples[name])
+      local ratio = "-"
+      if best and m and best ~= 0 and name:match("^lua%-prefork") then
+        ratio = c.better == "higher" and ("%.2f ×"):format(m / best)
+                or (m ~= 0 and ("%.2f ×"):format(best / m) or "∞ ×")
+      end
+      local ss = {}
+      for i, v in ipairs(s) do ss[i] = fmt(v) end
+      md[#md + 1] = ("| %s | %s | %s | %s | %s |"):format(name, fmt(m),
+        table.concat(ss, " "), r.errors and tostring(r.errors[name] or 0) or "-", ratio)
+    end
+    local t = c.target
+    if t then
+      local ours = B.median(r.samples["lua-prefork"] or {})
+      local line
+      if t.peer and ours and r.samples[t.peer] then
+        local theirs = B.median(r.samples[t.peer])
+        local ratio = ours / theirs
+        line = ("Target: lua-prefork ≥ %.1f × %s. Measured: %.2f × → %s."):format(
+          t.ratio, t.peer, ratio, ratio >= t.ratio and "met" or "**not met**")
+      elseif t.max and ours then
+        line = ("Target: ≤ %s %s. Measured: %s → %s."):format(fmt(t.max), c.unit, fmt(ours),
+          ours <= t.max and "met" or "**not met**")
+      end
+      if line then md[#md + 1] = "" md[#md + 1] = line end
+    end
+  end
+  H.writefile("bench/results.md", table.concat(md, "\n") .. "\n")
+end
+
+
+local function chart (done)
+  local data = {}
+  local rows = {}
+  local ka, cl
+  for _, r in ipairs(done) do
+    if r.case.name == "http_keepalive" then ka = r.samples end
+    if r.case.name == "http_close" then cl = r.samples end
+  end
+  if not ka and not cl then return end
+  for _, peer in ipairs(B.http_peers) do
+    local name = peer[1]
+    rows[#rows + 1] = ('"%s" %.0f %.0f'):format(name,
+      B.median((ka or {})[name] or {}) or 0, B.median((cl or {})[name] or {}) or 0)
+  end
+  local dat = tmp .. "/http.dat"
+  H.writefile(dat, table.concat(rows, "\n") .. "\n")
+  data[#data + 1] = dat
+  local gp = tmp .. "/chart.gp"
+  H.writefile(gp, ([[
+set terminal pngcairo size 900,500 font ",10"
+set output "bench/results.png"
+set title "HTTP hello, 2 workers, wrk -t2 -c50 (median req/s)"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.8 border -1
+set ylabel "requests per second"
+set yrange [0:*]
+set grid ytics
+set key top right
+plot "%s" using 2:xtic(1) title "keep-alive", "" using 3 title "Connection: close"
+]]):format(dat))
+  H.sh("gnuplot " .. gp)
+end
+
+-- }======================================================
+
+
+local done = {}
+local t0 = H.now()
+local ok, err = pcall(function ()
+  for _, c in ipairs(B.cases) do
+    if next(wanted) == nil or wanted[c.name] then
+      B.say("case " .. c.name .. ": " .. c.title)
+      local samples, errors = c.run(B)
+      done[#done + 1] = {case = c, samples = samples, errors = errors}
+      report(done)
+    end
+  end
+end)
+H.cleanup()
+if ok then
+  chart(done)
+  report(done)
+end
+H.sh("rm -rf " .. tmp)
+if not ok then
+  B.say("bench failed: " .. tostring(err))
+  os.exit(1)
+end
+B.say(("done in %.0f s: bench/results.md, bench/results.png"):format(H.now() - t0))
+io.stdout:write(H.readfile("bench/results.md"))

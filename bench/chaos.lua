@@ -1,0 +1,176 @@
+#!/usr/bin/env lua5.4
+-- bench/chaos.lua [SECONDS]: reliability under load, bounded in time.
+-- One line per scenario with its figures and PASS or FAIL; the exit code
+-- is the number of failed scenarios. `make chaos` runs it for 30 s a
+-- scenario; CI runs a short form.
+
+package.path = "spec/?.lua;" .. package.path
+local H = require "helpers"
+local prefork = require "prefork"
+local socket = require "socket"
+
+local SECONDS = tonumber(arg[1] or 30)
+local GET = "GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+local failed = 0
+
+local function freeport ()
+  local l = assert(prefork.listen("127.0.0.1:0"))
+  local port = tonumber(l:address():match(":(%d+)$"))
+  l:close()
+  return port
+end
+
+local function server (workers, delay)
+  local port = freeport()
+  local p = H.spawn(("%s bench/hello.lua %d %d %s"):format(H.lua, port, workers,
+                                                           delay or 0))
+  p.port = port
+  p:expect("listening", 10)
+  H.wait_until(function () return #H.childpids(p.pid) == workers end, 10)
+  return p
+end
+
+local function wrk (port, seconds)
+  local h = io.popen(("unset LD_PRELOAD; wrk -t2 -c50 -d%ds -H 'Connection: close' "
+                      .. "http://127.0.0.1:%d/ 2>&1"):format(seconds, port))
+  return h
+end
+
+local function wrkresult (h)
+  local out = h:read("a")
+  h:close()
+  local n = tonumber(out:match("(%d+) requests in")) or 0
+  local errs = 0
+  for e in (out:match("Socket errors:([^\n]*)") or ""):gmatch("%d+") do
+    errs = errs + tonumber(e)
+  end
+  errs = errs + tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)") or 0)
+  return n, errs
+end
+
+local function verdict (name, ok, figures)
+  if not ok then failed = failed + 1 end
+  io.stdout:write(("%-4s %-34s %s\n"):format(ok and "PASS" or "FAIL", name, figures))
+  io.stdout:flush()
+end
+
+
+-- 1. SIGKILL a random worker every 200 ms under load
+local function kills ()
+  local p = server(4)
+  H.request_ok(p.port, GET)
+  local fds = H.fdcount(p.pid)
+  local load = wrk(p.port, SECONDS + 1)
+  H.sleep(0.5)
+  local n, deadline = 0, H.now() + SECONDS
+  while H.now() < deadline do
+    local ws = H.childpids(p.pid)
+    if #ws > 0 then
+      H.kill(ws[math.random(#ws)], "KILL")
+      n = n + 1
+    end
+    H.sleep(0.2)
+  end
+  local requests, errors = wrkresult(load)
+  local restored = pcall(H.wait_until, function ()
+    return #H.childpids(p.pid) == 4
+  end, 15)
+  local alive = not p:exited()
+  local zombies = H.zombies(p.pid)
+  local fdsafter = H.fdcount(p.pid)
+  verdict("kill -9 a worker every 200 ms", alive and restored and errors <= n
+          and zombies == 0 and fdsafter == fds,
+    ("%d kills, %d requests, %d failed (at most %d), set %s, %d zombies, "
+     .. "master fds %d -> %d"):format(n, requests, errors, n,
+     restored and "restored" or "NOT restored", zombies, fds, fdsafter))
+  p:kill("TERM")
+  p:wait(10)
+end
+
+
+-- 2. SIGHUP every second under load: every worker is replaced each time
+local function reloads ()
+  local p = server(4)
+  H.request_ok(p.port, GET)
+  local load = wrk(p.port, SECONDS + 1)
+  H.sleep(0.5)
+  local n, deadline = 0, H.now() + SECONDS
+  while H.now() < deadline do
+    p:kill("HUP")
+    n = n + 1
+    H.sleep(1)
+  end
+  local requests, errors = wrkresult(load)
+  local _, replaced = p:err():gsub("stopped: exit 0", "")
+  verdict("SIGHUP every second", errors == 0 and not p:exited() and requests > 0,
+    ("%d reloads, %d workers replaced, %d requests, %d failed"):format(
+     n, replaced, requests, errors))
+  p:kill("TERM")
+  p:wait(10)
+end
+
+
+-- 3. SIGTERM under load: what a worker accepted completes. The server
+-- sends "H" at once after reading a request, then the rest 50 ms later:
+-- a client that got "H" was accepted, and must get the whole answer.
+local function client (port, until_t, out)
+  local got, complete, cut, refused = 0, 0, 0, 0
+  while socket.gettime() < until_t do
+    local c = socket.tcp()
+    c:settimeout(5)
+    if c:connect("127.0.0.1", port) then
+      c:send(GET)
+      local all, _, partial = c:receive("*a")
+      local data = all or partial or ""
+      if data:sub(1, 1) == "H" then
+        got = got + 1
+        if data:find("Hello, World!", 1, true) then complete = complete + 1
+        else cut = cut + 1 end
+      end
+    else
+      refused = refused + 1
+      socket.sleep(0.01)
+    end
+    c:close()
+  end
+  H.writefile(out, ("%d %d %d %d"):format(got, complete, cut, refused))
+end
+
+local function term ()
+  local p = server(4, 0.05)
+  H.request_ok(p.port, GET)
+  local t_end = H.now() + math.min(SECONDS, 10) + 2
+  local kids, outs = {}, {}
+  for i = 1, 8 do
+    outs[i] = H.tmpname()
+    kids[i] = prefork.fork(client, p.port, t_end, outs[i])
+  end
+  H.sleep(math.min(SECONDS, 10))
+  p:kill("TERM")
+  local how, code = p:wait(40)
+  local got, complete, cut, refused = 0, 0, 0, 0
+  for i = 1, 8 do
+    prefork.wait(kids[i])
+    local a, b, c, d = (H.readfile(outs[i]) or ""):match("(%d+) (%d+) (%d+) (%d+)")
+    got, complete = got + (a or 0), complete + (b or 0)
+    cut, refused = cut + (c or 0), refused + (d or 0)
+  end
+  verdict("SIGTERM under load", cut == 0 and complete > 0 and how == "exit"
+          and code == 0,
+    ("%d accepted, %d completed, %d cut off, master %s %s"):format(
+     got, complete, cut, how, code))
+end
+
+
+local ok, err = pcall(function ()
+  kills()
+  reloads()
+  term()
+end)
+H.cleanup()
+if not ok then
+  io.stdout:write("FAIL chaos run: ", tostring(err), "\n")
+  failed = failed + 1
+end
+io.stdout:write(("chaos: %d passed, %d failed\n"):format(3 - math.min(failed, 3), failed))
+os.exit(failed == 0 and 0 or 1)

@@ -1,0 +1,3 @@
+# bench: unicorn with WORKERS workers (default 2)
+worker_processes Integer(ENV['WORKERS'] || 2)
+preload_app true
