@@ -115,4 +115,8 @@ PF_API void pf_open_worker (lua_State *L);
 /* master.c */
 PF_API void pf_open_master (lua_State *L);
 
+/* fdpass.c */
+PF_API int pf_tofd (lua_State *L, int idx);
+PF_API void pf_open_fdpass (lua_State *L);
+
 #endif

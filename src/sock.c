@@ -4,6 +4,7 @@
 */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <stdio.h>
@@ -658,6 +659,33 @@ static int l_socketpair (lua_State *L) {
 }
 
 
+/* prefork.conn(fd) -> a connection object that owns fd (a stream
+** socket, from recvfds say); the fd is made non-blocking */
+static int l_conn (lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  pf_conn *c;
+  int fl;
+  luaL_argcheck(L, fd >= 0 && fd <= 0x7fffffff, 1, "not an fd");
+  c = pf_newconn(L);
+  fl = fcntl((int)fd, F_GETFL);
+  if (fl < 0 || fcntl((int)fd, F_SETFL, fl | O_NONBLOCK) != 0)
+    return pf_fail(L, "fcntl");
+  c->fd = (int)fd;
+  return 1;
+}
+
+
+/* prefork.close(fd) -> true | fail: for a raw fd (from recvfds) */
+static int l_close (lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, fd >= 0 && fd <= 0x7fffffff, 1, "not an fd");
+  if (close((int)fd) != 0 && errno != EINTR)
+    return pf_fail(L, "close");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
 static int c_tostring (lua_State *L) {
   pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
   if (c->fd < 0) lua_pushliteral(L, "prefork.conn (closed)");
@@ -702,6 +730,8 @@ void pf_open_sock (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"listen", l_listen},
     {"socketpair", l_socketpair},
+    {"conn", l_conn},
+    {"close", l_close},
     {NULL, NULL}
   };
   createmeta(L, PF_LISTENER, limeth, limetameth);

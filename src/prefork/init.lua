@@ -17,6 +17,11 @@ local prefork = {
   ncpu = core.ncpu,
   listen = core.listen,
   socketpair = core.socketpair,
+  conn = core.conn,
+  close = core.close,
+  sendfds = core.sendfds,
+  recvfds = core.recvfds,
+  peercred = core.peercred,
 }
 
 

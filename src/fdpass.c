@@ -1,0 +1,347 @@
+/*
+** fdpass.c: SCM_RIGHTS over Unix sockets, and peer credentials.
+**
+** On a stream socket bytes have no boundaries, so each message is framed:
+** a 4-byte big-endian length, then the data; the fds ride on the first
+** byte of the frame. recvfds reads one whole frame and returns its data
+** with the fds that came with it.
+*/
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "prefork.h"
+#include "lualib.h"
+
+
+/* most data in one message: a longer frame is refused as corrupt */
+#if !defined(PF_MAXFDMSG)
+#define PF_MAXFDMSG	(16 * 1024 * 1024)
+#endif
+
+#define MAXFDS	253  /* SCM_MAX_FD: the kernel's limit per message */
+#define HEADER	4
+
+
+/*
+** The fd of the value at idx: an integer, a connection or listener, a
+** LuaSocket object (its getfd method), a Lua file handle. Raises for
+** anything else, or for a closed one.
+*/
+int pf_tofd (lua_State *L, int idx) {
+  int fd = -1;
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, idx, "not an fd");
+    return (int)n;
+  }
+  else if (luaL_testudata(L, idx, PF_CONN))
+    fd = ((pf_conn *)lua_touserdata(L, idx))->fd;
+  else if (luaL_testudata(L, idx, PF_LISTENER))
+    fd = pf_listener_fd((pf_listener *)lua_touserdata(L, idx));
+  else if (luaL_testudata(L, idx, LUA_FILEHANDLE)) {
+    luaL_Stream *s = (luaL_Stream *)lua_touserdata(L, idx);
+    fd = s->closef != NULL ? fileno(s->f) : -1;
+  }
+  else if (luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
+    lua_pop(L, 1);  /* LuaSocket: obj:getfd() */
+    if (lua_getfield(L, idx, "getfd") != LUA_TFUNCTION)
+      return luaL_argerror(L, idx, "not an fd (no getfd method)");
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+    fd = (int)luaL_optinteger(L, -1, -1);
+    lua_pop(L, 1);
+  }
+  else
+    return luaL_typeerror(L, idx, "fd, connection, socket or file");
+  luaL_argcheck(L, fd >= 0, idx, "closed");
+  return fd;
+}
+
+
+/* the socket argument, and its connection object if it is one */
+static int checksock (lua_State *L, pf_conn **c) {
+  *c = (pf_conn *)luaL_testudata(L, 1, PF_CONN);
+  if (*c != NULL)
+    luaL_argcheck(L, (*c)->r == (*c)->w, 1,
+                  "connection has buffered data (read with conn:read)");
+  return pf_tofd(L, 1);
+}
+
+
+static double deadline (pf_conn *c) {
+  return c == NULL || c->timeout < 0 ? -1 : pf_now() + c->timeout;
+}
+
+
+/* prefork.sendfds(sock, data, fds) -> true | nil, "timeout" | fail */
+static int l_sendfds (lua_State *L) {
+  pf_conn *c;
+  int sock = checksock(L, &c);
+  size_t len, sent = 0;
+  const char *data = luaL_checklstring(L, 2, &len);
+  int n, i, fds[MAXFDS];
+  unsigned char head[HEADER];
+  union {  /* aligned control buffer */
+    char buf[CMSG_SPACE(sizeof(int) * MAXFDS)];
+    struct cmsghdr align;
+  } ctl;
+  struct iovec iov[2];
+  struct msghdr msg;
+  double dl = deadline(c);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  n = (int)luaL_len(L, 3);
+  luaL_argcheck(L, n <= MAXFDS, 3, "more than 253 fds");
+  luaL_argcheck(L, len <= PF_MAXFDMSG, 2, "data too long");
+  for (i = 0; i < n; i++) {
+    lua_geti(L, 3, i + 1);
+    fds[i] = pf_tofd(L, -1);
+    lua_pop(L, 1);
+  }
+  head[0] = (unsigned char)(len >> 24); head[1] = (unsigned char)(len >> 16);
+  head[2] = (unsigned char)(len >> 8); head[3] = (unsigned char)len;
+  memset(&msg, 0, sizeof(msg));
+  iov[0].iov_base = head; iov[0].iov_len = HEADER;
+  iov[1].iov_base = (void *)(size_t)data; iov[1].iov_len = len;
+  msg.msg_iov = iov;
+  msg.msg_iovlen = 2;
+  if (n > 0) {
+    struct cmsghdr *cm;
+    memset(&ctl, 0, sizeof(ctl));
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+    cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)n);
+  }
+  while (sent < HEADER + len) {
+    ssize_t k = sendmsg(sock, &msg, MSG_NOSIGNAL);
+    if (k > 0) {
+      size_t left = (size_t)k;
+      sent += left;
+      msg.msg_control = NULL;  /* the fds went with the first byte */
+      msg.msg_controllen = 0;
+      while (msg.msg_iovlen > 0 && left >= msg.msg_iov[0].iov_len) {
+        left -= msg.msg_iov[0].iov_len;
+        msg.msg_iov++;
+        msg.msg_iovlen--;
+      }
+      if (msg.msg_iovlen > 0) {
+        msg.msg_iov[0].iov_base = (char *)msg.msg_iov[0].iov_base + left;
+        msg.msg_iov[0].iov_len -= left;
+      }
+    }
+    else if (k < 0 && errno == EINTR)
+      continue;
+    else if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!pf_waitfd(sock, POLLOUT, dl)) {
+        luaL_pushfail(L);
+        lua_pushliteral(L, "timeout");
+        return 2;
+      }
+    }
+    else
+      return pf_fail(L, "sendmsg");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* close the n fds of a control message */
+static void closefds (const int *fds, int n) {
+  int i;
+  for (i = 0; i < n; i++) close(fds[i]);
+}
+
+
+/* the fds in msg's control data into fds[]; their number */
+static int takefds (struct msghdr *msg, int *fds, int max) {
+  struct cmsghdr *cm;
+  int n = 0;
+  for (cm = CMSG_FIRSTHDR(msg); cm != NULL; cm = CMSG_NXTHDR(msg, cm)) {
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+      int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+      int room = max - n;
+      if (k > room) {  /* cannot be: the buffer holds max. Close them. */
+        int extra[MAXFDS];
+        memcpy(extra, CMSG_DATA(cm), sizeof(int) * (size_t)k);
+        closefds(extra, k);
+        continue;
+      }
+      memcpy(fds + n, CMSG_DATA(cm), sizeof(int) * (size_t)k);
+      n += k;
+    }
+  }
+  return n;
+}
+
+
+/*
+** Receive exactly len bytes into buf, and the fds that come with them.
+** 1 done (*trunc set when more fds came than maxfds, or the kernel cut
+** the control data), 0 end of stream, -1 errno (ETIMEDOUT).
+*/
+static int recvall (int sock, char *buf, size_t len, int *fds, int *nfds,
+                    int maxfds, int *trunc, double dl) {
+  size_t got = 0;
+  union {
+    char buf[CMSG_SPACE(sizeof(int) * MAXFDS)];
+    struct cmsghdr align;
+  } ctl;
+  while (got < len) {
+    struct msghdr msg;
+    struct iovec iov;
+    ssize_t k;
+    memset(&msg, 0, sizeof(msg));
+    iov.iov_base = buf + got;
+    iov.iov_len = len - got;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = ctl.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)(maxfds > 0 ? maxfds : 1));
+    k = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (k > 0) {
+      *nfds += takefds(&msg, fds + *nfds, MAXFDS - *nfds);
+      if ((msg.msg_flags & MSG_CTRUNC) || *nfds > maxfds)
+        *trunc = 1;  /* read on: the next frame must start in place */
+      got += (size_t)k;
+    }
+    else if (k == 0)
+      return 0;
+    else if (errno == EINTR)
+      continue;
+    else if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return -1;
+    else if (!pf_waitfd(sock, POLLIN, dl)) {
+      errno = ETIMEDOUT;
+      return -1;
+    }
+  }
+  return 1;
+}
+
+
+/* received fds not yet handed to Lua: a box whose __gc closes them, so
+** that not even a memory error between two steps can leak one */
+typedef struct fdbox {
+  int n;
+  int fds[MAXFDS];
+} fdbox;
+
+#define FDBOX	"prefork.fdbox"
+
+static int box_gc (lua_State *L) {
+  fdbox *box = (fdbox *)luaL_checkudata(L, 1, FDBOX);
+  closefds(box->fds, box->n);
+  box->n = 0;
+  return 0;
+}
+
+
+/* a failed recvfds: what came is closed; nil, reason */
+static int recvfail (lua_State *L, int st, fdbox *box) {
+  int en = errno;
+  closefds(box->fds, box->n);
+  box->n = 0;
+  errno = en;
+  luaL_pushfail(L);
+  if (st == 0 || (st < 0 && errno == ECONNRESET))
+    lua_pushliteral(L, "closed");
+  else if (errno == ETIMEDOUT)
+    lua_pushliteral(L, "timeout");
+  else if (errno == EMSGSIZE)
+    lua_pushliteral(L, "truncated");
+  else if (errno == EPROTO)
+    lua_pushliteral(L, "corrupt message");
+  else {
+    lua_pop(L, 1);
+    return pf_fail(L, "recvmsg");
+  }
+  return 2;
+}
+
+
+/*
+** prefork.recvfds(sock [, maxfds]) -> data, fds | nil, "closed" |
+** nil, "truncated" | nil, "timeout" | nil, "corrupt message" | fail.
+** Every fd received is close-on-exec; on any failure those that came are
+** closed: none leaks.
+*/
+static int l_recvfds (lua_State *L) {
+  pf_conn *c;
+  int sock = checksock(L, &c);
+  lua_Integer maxfds = luaL_optinteger(L, 2, 16);
+  unsigned char head[HEADER];
+  size_t len;
+  double dl = deadline(c);
+  luaL_Buffer b;
+  fdbox *box;
+  char *p;
+  int st, i, trunc = 0;
+  luaL_argcheck(L, maxfds >= 0 && maxfds <= MAXFDS, 2, "from 0 to 253");
+  box = (fdbox *)lua_newuserdatauv(L, sizeof(fdbox), 0);
+  box->n = 0;
+  luaL_setmetatable(L, FDBOX);
+  st = recvall(sock, (char *)head, HEADER, box->fds, &box->n, (int)maxfds,
+               &trunc, dl);
+  if (st <= 0) return recvfail(L, st, box);
+  len = ((size_t)head[0] << 24) | ((size_t)head[1] << 16)
+        | ((size_t)head[2] << 8) | (size_t)head[3];
+  if (len > PF_MAXFDMSG) {
+    errno = EPROTO;
+    return recvfail(L, -1, box);
+  }
+  p = luaL_buffinitsize(L, &b, len);
+  st = recvall(sock, p, len, box->fds, &box->n, (int)maxfds, &trunc, dl);
+  if (st <= 0 && len > 0) return recvfail(L, st, box);
+  if (trunc) {
+    errno = EMSGSIZE;
+    return recvfail(L, -1, box);
+  }
+  luaL_pushresultsize(&b, len);
+  lua_createtable(L, box->n, 0);
+  for (i = 0; i < box->n; i++) {
+    lua_pushinteger(L, box->fds[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  box->n = 0;  /* handed over */
+  return 2;
+}
+
+
+/* prefork.peercred(sock) -> pid, uid, gid */
+static int l_peercred (lua_State *L) {
+  struct ucred cr;
+  socklen_t len = sizeof(cr);
+  if (getsockopt(pf_tofd(L, 1), SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0)
+    return pf_fail(L, "getsockopt");
+  lua_pushinteger(L, cr.pid);
+  lua_pushinteger(L, cr.uid);
+  lua_pushinteger(L, cr.gid);
+  return 3;
+}
+
+
+void pf_open_fdpass (lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"sendfds", l_sendfds},
+    {"recvfds", l_recvfds},
+    {"peercred", l_peercred},
+    {NULL, NULL}
+  };
+  luaL_newmetatable(L, FDBOX);
+  lua_pushcfunction(L, box_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+}
