@@ -207,4 +207,33 @@ prefork.start{workers = 1, listen = "127.0.0.1:0",
 end
 
 
+function TestLifecycle:test_wait_in_a_hook_does_not_steal_a_worker ()
+  local p = H.master([[
+local socket = require "socket"
+local done = false
+prefork.start{workers = 1, listen = "127.0.0.1:0", graceful_timeout = 2,
+  fork = function (w) for c in w:connections() do c:close() end end,
+  on_start = function (m)
+    local helper = prefork.fork(function () socket.sleep(0.3) end)
+    local victim = m:workers()[1].pid
+    prefork.kill(victim, "KILL")  -- dies while the hook waits
+    local pid, how, code = prefork.wait()  -- any child: not the worker
+    print("WAITED", pid == helper, how, code)
+    announce(m)
+  end,
+  on_worker_exit = function (m, info)
+    print("EXIT", info.how, info.code, info.respawn_in ~= nil)
+    io.stdout:flush()
+    if not done then done = true; m:stop() end
+  end}
+print("RETURNED")
+]])
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+  local out = p:out()
+  lu.assertStrContains(out, "WAITED\ttrue\texit\t0")
+  lu.assertStrContains(out, "EXIT\tsignal\t9\ttrue")
+  lu.assertStrContains(out, "RETURNED")
+end
+
+
 os.exit(lu.LuaUnit.run())

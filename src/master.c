@@ -66,6 +66,8 @@ typedef struct worker {
   int ctl;  /* read end of its readiness pipe, -1 none */
   double started;
   struct worker *replaces;  /* retire that one when this one is ready */
+  int stolen;  /* reaped by prefork.wait in a hook: status is its exit */
+  int status;
   char name[40];  /* its id, for the log */
   ev_timer timer;  /* spawn (PENDING), ready (STARTING), kill (STOPPING) */
   ev_io ready;  /* readiness pipe */
@@ -86,6 +88,7 @@ struct master {
   ev_signal sig[NSIGS];
   struct sigaction saved[NSIGS];  /* what the signals did before run */
   ev_child reaper;  /* every child of the process */
+  ev_timer later;  /* handles the exits that prefork.wait took */
 };
 
 
@@ -337,6 +340,37 @@ static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
 }
 
 
+/* prefork.wait (in a hook) reaped pid: if a worker's, its exit is
+** handled on the next loop iteration, out of the hook's way */
+static int stolen (void *ud, pid_t pid, int status) {
+  master *m = (master *)ud;
+  worker *w;
+  for (w = m->list; w != NULL; w = w->next) {
+    if (w->pid == pid && w->state != W_PENDING && !w->stolen) {
+      w->stolen = 1;
+      w->status = status;
+      ev_timer_start(EV_DEFAULT, &m->later);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+
+static void onlater (struct ev_loop *loop, ev_timer *t, int revents) {
+  master *m = (master *)t->data;
+  worker *w;
+  (void)loop; (void)revents;
+  do {  /* exited() may change the list: look again after each */
+    for (w = m->list; w != NULL && !w->stolen; w = w->next) {}
+    if (w != NULL) {
+      w->stolen = 0;
+      exited(m, w, w->status);
+    }
+  } while (w != NULL);
+}
+
+
 static void stop (master *m, int how) {
   worker *w, *next;
   int n = 0;
@@ -388,6 +422,7 @@ static void forget (void *ud) {
   for (i = 0; i < NSIGS; i++)
     ev_signal_stop(EV_DEFAULT, &m->sig[i]);
   ev_child_stop(EV_DEFAULT, &m->reaper);
+  pf_onreap(NULL, NULL);
   for (w = m->list; w != NULL; w = w->next) {
     if (w->ctl >= 0) close(w->ctl);
     w->ctl = -1;
@@ -660,11 +695,16 @@ static void startsignals (master *m) {
   ev_child_init(&m->reaper, onchild, 0, 0);
   m->reaper.data = m;
   ev_child_start(EV_DEFAULT, &m->reaper);
+  ev_timer_init(&m->later, onlater, 0, 0);
+  m->later.data = m;
+  pf_onreap(stolen, m);
 }
 
 
 static void stopsignals (master *m) {
   int i;
+  pf_onreap(NULL, NULL);
+  ev_timer_stop(EV_DEFAULT, &m->later);
   ev_child_stop(EV_DEFAULT, &m->reaper);
   for (i = 0; i < NSIGS; i++) {
     ev_signal_stop(EV_DEFAULT, &m->sig[i]);

@@ -81,6 +81,16 @@ static struct {
 static unsigned nextreaped = 0;
 
 
+/* a running master's claim on the statuses of its workers */
+static int (*reaphook) (void *ud, pid_t pid, int status) = NULL;
+static void *reapud = NULL;
+
+void pf_onreap (int (*hook) (void *, pid_t, int), void *ud) {
+  reaphook = hook;
+  reapud = ud;
+}
+
+
 void pf_reaped (pid_t pid, int status) {
   reaped[nextreaped % NREAPED].pid = pid;
   reaped[nextreaped % NREAPED].status = status;
@@ -144,6 +154,10 @@ static int l_wait (lua_State *L) {
       lua_pushliteral(L, "running");
       return 2;
     }
+    /* a worker's status belongs to its master (which learns it now);
+    ** a wait for any child goes on for one that is not a worker */
+    if (reaphook != NULL && reaphook(reapud, got, status) && pid <= 0)
+      got = 0;
   }
   lua_pushinteger(L, got);
   return 1 + pf_pushstatus(L, status);
