@@ -64,10 +64,16 @@ function B.server (name, cmd, port)
   return p
 end
 
+--- Stop a server: TERM, then KILL for it and for any worker left
 function B.stop (p)
+  local kids = H.childpids(p.pid)
   p:kill("TERM")
   local ok = pcall(p.wait, p, 5)
   if not ok then p:stop() end
+  for _, k in ipairs(kids) do
+    if H.pstate(k) and H.pstate(k) ~= "Z" then H.kill(k, "KILL") end
+    pcall(H.reap, k, 2)
+  end
 end
 
 --- wrk against a URL: req/s, errors (socket errors and non-2xx)

@@ -217,7 +217,10 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", graceful_timeout = 2,
     local helper = prefork.fork(function () socket.sleep(0.3) end)
     local victim = m:workers()[1].pid
     prefork.kill(victim, "KILL")  -- dies while the hook waits
-    local pid, how, code = prefork.wait()  -- any child: not the worker
+    -- any child: the worker's exit goes to the master, and the wait does
+    -- not block for the others (workers may outlive the hook)
+    print("ANY", prefork.wait())
+    local pid, how, code = prefork.wait(helper)
     print("WAITED", pid == helper, how, code)
     announce(m)
   end,
@@ -230,6 +233,7 @@ print("RETURNED")
 ]])
   lu.assertEquals({p:wait(10)}, {"exit", 0})
   local out = p:out()
+  lu.assertStrContains(out, "ANY\tnil\trunning\n")
   lu.assertStrContains(out, "WAITED\ttrue\texit\t0")
   lu.assertStrContains(out, "EXIT\tsignal\t9\ttrue")
   lu.assertStrContains(out, "RETURNED")

@@ -94,6 +94,9 @@ struct master {
 
 static void spawn (master *m, worker *w);
 
+/* the master running in this process: there is one default loop */
+static master *runningmaster = NULL;
+
 
 /* {======================================================
 ** Calls into Lua
@@ -152,15 +155,22 @@ static void freeworker (master *m, worker *w) {
 }
 
 
+/* w's timer in delay seconds from now: libev's cached time may be as old
+** as the Lua hook that ran before, so it is brought up to date first */
+static void arm (worker *w, double delay) {
+  struct ev_loop *loop = EV_DEFAULT;
+  ev_now_update(loop);
+  ev_timer_stop(loop, &w->timer);
+  ev_timer_set(&w->timer, delay, 0);
+  ev_timer_start(loop, &w->timer);
+}
+
+
 /* the next spawn of w in delay seconds */
 static void schedule (master *m, worker *w, double delay) {
   w->state = W_PENDING;
   w->pid = 0;
-  if (m->running) {
-    ev_timer_stop(EV_DEFAULT, &w->timer);
-    ev_timer_set(&w->timer, delay, 0);
-    ev_timer_start(EV_DEFAULT, &w->timer);
-  }
+  if (m->running) arm(w, delay);
 }
 
 
@@ -181,11 +191,7 @@ static void retire (master *m, worker *w, int sig) {
   }
   if (sig == SIGTERM && w->state == W_STOPPING) return;
   kill(w->pid, sig);
-  if (w->state != W_STOPPING && m->running) {
-    ev_timer_stop(EV_DEFAULT, &w->timer);
-    ev_timer_set(&w->timer, m->graceful, 0);
-    ev_timer_start(EV_DEFAULT, &w->timer);
-  }
+  if (w->state != W_STOPPING && m->running) arm(w, m->graceful);
   w->state = W_STOPPING;
 }
 
@@ -303,23 +309,23 @@ static void exited (master *m, worker *w, int status) {
   w->slot = -1;
   w->exits++;
   fmtstatus(status, how, sizeof(how));
+  w->hold = 1;  /* the log sink and the hook are Lua: they may retire w */
   if (w->respawn && !m->stopping) {
-    if (w->state == W_RUNNING) w->fails = 0;
-    else w->fails++;
-    delay = w->fails > 0 ? backoff(w) : 0;
-    pf_log(m->L, w->fails > 0 ? "warn" : "info",
-           "worker %s (pid %ld) exited: %s%s; respawn in %.3gs", w->name,
-           (long)pid, how, w->fails > 0 ? " before it was ready" : "", delay);
+    int early = w->state != W_RUNNING;
+    w->fails = early ? w->fails + 1 : 0;
+    delay = early ? backoff(w) : 0;
     schedule(m, w, delay);
+    pf_log(m->L, early ? "warn" : "info",
+           "worker %s (pid %ld) exited: %s%s; respawn in %.3gs", w->name,
+           (long)pid, how, early ? " before it was ready" : "", delay);
   }
   else {
-    pf_log(m->L, "info", "worker %s (pid %ld) stopped: %s", w->name,
-           (long)pid, how);
     w->state = W_PENDING;
     w->pid = 0;
+    pf_log(m->L, "info", "worker %s (pid %ld) stopped: %s", w->name,
+           (long)pid, how);
   }
-  w->hold = 1;
-  tellexit(m, w, pid, status, delay);
+  tellexit(m, w, pid, status, w->respawn && !m->stopping ? delay : -1);
   w->hold = 0;
   if (!w->respawn || m->stopping) freeworker(m, w);
 }
@@ -371,6 +377,23 @@ static void onlater (struct ev_loop *loop, ev_timer *t, int revents) {
 }
 
 
+/* the master's copies of the listeners: closed at a stop's start (the
+** workers close theirs as they stop; a Unix socket's file goes now) */
+static void closelisteners (master *m) {
+  lua_State *L = m->L;
+  int i, n;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  lua_getfield(L, -1, "listeners");
+  n = (int)luaL_len(L, -1);
+  for (i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, i);
+    pf_listener_close(pf_checklistener(L, -1));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+}
+
+
 static void stop (master *m, int how) {
   worker *w, *next;
   int n = 0;
@@ -382,6 +405,7 @@ static void stop (master *m, int how) {
            m->graceful);
   else
     pf_log(m->L, "info", "immediate stop: %d workers get KILL", n);
+  closelisteners(m);
   for (w = m->list; w != NULL; w = next) {
     next = w->next;
     retire(m, w, how == 1 ? SIGTERM : SIGKILL);
@@ -419,10 +443,14 @@ static void forget (void *ud) {
   master *m = (master *)ud;
   worker *w;
   int i;
-  for (i = 0; i < NSIGS; i++)
+  for (i = 0; i < NSIGS; i++) {
     ev_signal_stop(EV_DEFAULT, &m->sig[i]);
+    if (m->saved[i].sa_handler == SIG_IGN)  /* nohup: stays ignored */
+      sigaction(msigs[i], &m->saved[i], NULL);
+  }
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_onreap(NULL, NULL);
+  runningmaster = NULL;
   for (w = m->list; w != NULL; w = w->next) {
     if (w->ctl >= 0) close(w->ctl);
     w->ctl = -1;
@@ -431,41 +459,70 @@ static void forget (void *ud) {
 }
 
 
-/* the new worker: its own reset, then opts.child(context); never returns */
-static void child (master *m, worker *w, int ctl, int slot) {
-  lua_State *L = m->L;
+/* what a new worker needs to know, for childmain */
+typedef struct childargs {
+  master *m;
+  worker *w;
+  int ctl, slot;
+} childargs;
+
+
+/* the body of a new worker, run protected: the worker side set up over
+** the listeners, the title, then opts.child(context) */
+static int childmain (lua_State *L) {
+  childargs *a = (childargs *)lua_touserdata(L, 1);
+  master *m = a->m;
   pf_listener **ls;
   int i, n;
+  m->L = L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
   lua_getfield(L, -1, "listeners");
   n = (int)luaL_len(L, -1);
-  ls = (pf_listener **)malloc(sizeof(pf_listener *) * ((size_t)n + 1));
-  if (ls == NULL) pf_exit(111);
+  ls = (pf_listener **)lua_newuserdatauv(L, sizeof(pf_listener *)
+                                            * ((size_t)n + 1), 0);
+  lua_setfield(L, LUA_REGISTRYINDEX, "prefork.worker.listeners");
   for (i = 0; i < n; i++) {
     lua_rawgeti(L, -1, i + 1);
     ls[i] = pf_checklistener(L, -1);
     lua_pop(L, 1);
   }
-  pf_worker_setup(ls, n, ctl, &m->score[slot]);
+  pf_worker_setup(ls, n, a->ctl, &m->score[a->slot], m->pid);
   if (lua_getfield(L, -2, "title") == LUA_TSTRING) {
     char title[256];
     snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
-             w->name);
+             a->w->name);
     pf_settitle(title);
   }
   lua_pop(L, 3);
-  if (!pushcb(m, "child")) pf_exit(111);
-  pushctx(m, w);
-  pf_child_run(L, 1);
+  if (!pushcb(m, "child"))
+    return luaL_error(L, "no worker body");
+  pushctx(m, a->w);
+  lua_call(L, 1, 0);
+  return 0;
 }
 
 
+/* the new worker: its body, then exit; it never returns */
+static void child (master *m, worker *w, int ctl, int slot) {
+  childargs a;
+  a.m = m; a.w = w; a.ctl = ctl; a.slot = slot;
+  lua_pushcfunction(m->L, childmain);
+  lua_pushlightuserdata(m->L, &a);
+  pf_child_run(m->L, 1);
+}
+
+
+/* the spawn failed: retry with backoff. The log sink is Lua, which may
+** retire w: it is held meanwhile, and freed after if it was. */
 static void forkfailed (master *m, worker *w, const char *what) {
   int en = errno;
   w->fails++;
+  schedule(m, w, backoff(w));
+  w->hold = 1;
   pf_log(m->L, "error", "worker %s: %s failed: %s; retry in %.3gs",
          w->name, what, strerror(en), backoff(w));
-  schedule(m, w, backoff(w));
+  w->hold = 0;
+  if (!w->respawn || m->stopping) freeworker(m, w);
 }
 
 
@@ -493,6 +550,9 @@ static void spawn (master *m, worker *w) {
     forkfailed(m, w, "pipe");
     return;
   }
+  /* never block on it: a process the worker forked may hold the write
+  ** end after the worker is gone */
+  fcntl(fds[0], F_SETFL, O_NONBLOCK);
   pid = pf_fork();
   if (pid == 0) {
     close(fds[0]);
@@ -512,9 +572,7 @@ static void spawn (master *m, worker *w) {
   w->ctl = fds[0];
   ev_io_set(&w->ready, fds[0], EV_READ);
   ev_io_start(loop, &w->ready);
-  ev_timer_stop(loop, &w->timer);
-  ev_timer_set(&w->timer, READYAFTER, 0);
-  ev_timer_start(loop, &w->timer);
+  arm(w, READYAFTER);
   pf_log(m->L, "info", "worker %s (pid %ld) started", w->name, (long)pid);
 }
 
@@ -526,7 +584,10 @@ static void spawn (master *m, worker *w) {
 ** ======================================================= */
 
 static master *checkmaster (lua_State *L) {
-  return (master *)luaL_checkudata(L, 1, PF_MASTER);
+  master *m = (master *)luaL_checkudata(L, 1, PF_MASTER);
+  if (m->pid != getpid())  /* a copy in a worker: its pids are not ours */
+    luaL_error(L, "a master can only be used in its own process");
+  return m;
 }
 
 
@@ -721,10 +782,13 @@ static int m_run (lua_State *L) {
   master *m = checkmaster(L);
   worker *w;
   luaL_argcheck(L, !m->running, 1, "master is running already");
+  if (runningmaster != NULL)
+    return luaL_error(L, "another master runs in this process");
   if (pf_loop() == NULL)
     return luaL_error(L, "libev: cannot make the default loop");
   m->L = L;
   m->running = 1;
+  runningmaster = m;
   startsignals(m);
   pf_onfork(forget, m);
   while ((w = unspawned(m)) != NULL)  /* a hook may change the list */
@@ -734,6 +798,7 @@ static int m_run (lua_State *L) {
   if (!m->stopping || m->list != NULL)
     ev_run(EV_DEFAULT, 0);
   m->running = 0;
+  runningmaster = NULL;
   pf_onfork(NULL, NULL);
   stopsignals(m);
   pf_loop_close();

@@ -108,7 +108,7 @@ typedef struct pf_score {
 } pf_score;
 
 PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl,
-                             pf_score *score);
+                             pf_score *score, pid_t master);
 PF_API void pf_worker_closed (void);
 PF_API void pf_open_worker (lua_State *L);
 /* }====================================================== */

@@ -154,10 +154,13 @@ static int l_wait (lua_State *L) {
       lua_pushliteral(L, "running");
       return 2;
     }
-    /* a worker's status belongs to its master (which learns it now);
-    ** a wait for any child goes on for one that is not a worker */
-    if (reaphook != NULL && reaphook(reapud, got, status) && pid <= 0)
+    /* a worker's status belongs to its master (which learns it now); a
+    ** wait for any child goes on for one that is not a worker, without
+    ** blocking: the workers may all outlive the hook that waits */
+    if (reaphook != NULL && reaphook(reapud, got, status) && pid <= 0) {
       got = 0;
+      nohang = 1;
+    }
   }
   lua_pushinteger(L, got);
   return 1 + pf_pushstatus(L, status);

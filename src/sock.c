@@ -166,7 +166,8 @@ static int clearstale (const char *path) {
     errno = EADDRINUSE;
     return -1;
   }
-  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  /* non-blocking: a live server with a full backlog says EAGAIN */
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return -1;
   memset(&sun, 0, sizeof(sun));
   sun.sun_family = AF_UNIX;
@@ -174,7 +175,7 @@ static int clearstale (const char *path) {
   r = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
   en = errno;
   close(fd);
-  if (r == 0) {
+  if (r == 0 || en == EAGAIN || en == EINPROGRESS) {
     errno = EADDRINUSE;
     return -1;
   }
@@ -339,7 +340,7 @@ int pf_waitfd (int fd, int events, double deadline) {
     if (deadline >= 0) {
       double left = deadline - pf_now();
       if (left <= 0) return 0;
-      ms = (int)(left * 1000.0) + 1;
+      ms = left < 86400.0 ? (int)(left * 1000.0) + 1 : 86400000;  /* a day */
     }
     r = poll(&p, 1, ms);
     if (r > 0) return 1;

@@ -50,9 +50,22 @@ static void onstop (int sig) {
 ** flag (a worker busy outside accept finishes its work), the worker gets
 ** TERM when the master dies, and accept watches the listeners.
 */
-void pf_worker_setup (pf_listener **ls, int nls, int ctl, pf_score *score) {
+/* in a process a worker forks: it is no worker, and holds none of its
+** pipes (a held readiness pipe would tell the master nothing) */
+static void forget (void *ud) {
+  (void)ud;
+  if (self.ctl >= 0) close(self.ctl);
+  close(self.wake[0]);
+  close(self.wake[1]);
+  self.ctl = self.wake[0] = self.wake[1] = -1;
+  self.inworker = 0;
+  self.score = NULL;
+}
+
+
+void pf_worker_setup (pf_listener **ls, int nls, int ctl, pf_score *score,
+                      pid_t master) {
   struct sigaction sa;
-  pid_t master = getppid();
   int i;
   self.inworker = 1;
   self.ls = ls;
@@ -76,6 +89,7 @@ void pf_worker_setup (pf_listener **ls, int nls, int ctl, pf_score *score) {
   prctl(PR_SET_PDEATHSIG, SIGTERM);
   if (getppid() != master)  /* it died before prctl */
     self.stopping = 1;
+  pf_onfork(forget, NULL);
 }
 
 

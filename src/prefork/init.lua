@@ -183,9 +183,7 @@ function Master:workers ()
 end
 
 function Master:addresses ()
-  local out = {}
-  for i, l in ipairs(self.listeners) do out[i] = l:address() end
-  return out
+  return table.move(self.addrs, 1, #self.addrs, 1, {})
 end
 
 function Master:stop (graceful)
@@ -346,15 +344,10 @@ function prefork.start (opts)
   local listeners = bindall(opts.listen or {}, opts.backlog)
   local self = setmetatable({
     opts = opts, listeners = listeners, running = {}, contexts = {},
-    count = opts.workers or core.ncpu(),
+    count = opts.workers or core.ncpu(), addrs = {},
   }, Master)
+  for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
   local function closeall () for _, l in ipairs(listeners) do l:close() end end
-  local config, contexts = self:update()
-  if config == nil then
-    closeall()
-    error("prefork.start: update failed: " .. tostring(contexts), 2)
-  end
-  if opts.log then core.setlog(opts.log) end
   self.core = core.master{
     listeners = listeners,
     graceful_timeout = opts.graceful_timeout,
@@ -367,6 +360,12 @@ function prefork.start (opts)
     on_signal = function (name) onsignal(self, name) end,
     on_start = opts.on_start and function () opts.on_start(self) end,
   }
+  local config, contexts = self:update()  -- the master object works in it
+  if config == nil then
+    closeall()
+    error("prefork.start: update failed: " .. tostring(contexts), 2)
+  end
+  if opts.log then core.setlog(opts.log) end
   self:apply(config, contexts)
   if opts.title then core.settitle(opts.title .. " master") end
   local ok, err = pcall(self.core.run, self.core)
