@@ -7,8 +7,9 @@
 -- where run returns {[peer] = {samples...}}; cases register with
 -- B.case{...}. Later cases (interp, pool) plug in the same way.
 
-package.path = "spec/?.lua;" .. package.path
+package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local H = require "helpers"
+local lib = require "lib"
 local prefork = require "prefork"
 
 local B = {cases = {}, results = {}}
@@ -43,14 +44,8 @@ function B.median (t)
   return (s[n // 2] + s[n // 2 + 1]) / 2
 end
 
-function B.freeport ()
-  local l = assert(prefork.listen("127.0.0.1:0"))
-  local port = tonumber(l:address():match(":(%d+)$"))
-  l:close()
-  return port
-end
-
-local GET = "GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+B.freeport = lib.freeport
+local GET = lib.GET
 
 --- Start a server command line; return it once it answers on port.
 function B.server (name, cmd, port)
@@ -80,12 +75,7 @@ end
 function B.wrk (port, seconds, close)
   local out = H.sh(("wrk -t2 -c50 -d%ds %s http://127.0.0.1:%d/ 2>&1"):format(
     seconds, close and "-H 'Connection: close'" or "", port))
-  local rps = tonumber(out:match("Requests/sec:%s*([%d.]+)")) or 0
-  local errs = 0
-  for n in (out:match("Socket errors:([^\n]*)") or ""):gmatch("%d+") do
-    errs = errs + tonumber(n)
-  end
-  errs = errs + tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)") or 0)
+  local _, rps, errs = lib.wrkstats(out)
   return rps, errs, out
 end
 
@@ -151,8 +141,8 @@ function B.workers (p) return H.childpids(p.pid) end
 -- Cases
 -- =======================================================
 
-local function http_case (name, title, close)
-  B.case{name = name, title = title, unit = "req/s", better = "higher",
+local function http_case (name, title, close, note)
+  B.case{name = name, title = title, unit = "req/s", better = "higher", note = note,
     target = close and {peer = "nginx", ratio = 1.0} or {peer = "nginx", ratio = 0.6},
     run = function ()
       local servers = B.start_http(2)
@@ -171,12 +161,17 @@ local function http_case (name, title, close)
     end}
 end
 
-http_case("http_keepalive", "HTTP hello, 2 workers, wrk -t2 -c50, keep-alive", false)
+http_case("http_keepalive", "HTTP hello, 2 workers, wrk -t2 -c50, keep-alive", false,
+  "lua-prefork's hello (bench/hello.lua) is a blocking worker of this version: "
+  .. "one connection at a time, closed after each answer, so wrk reconnects; "
+  .. "keep-alive on an event loop in the worker (worker:serve) is the next step.")
 http_case("http_close", "HTTP hello, 2 workers, wrk -t2 -c50, Connection: close", true)
 
 
 B.case{name = "respawn", title = "respawn: SIGKILL of the only worker until its replacement answers (errors: requests lost)",
   unit = "ms", better = "lower", target = {max = 5},
+  note = "Node cluster's primary accepts and hands each connection to a worker: "
+    .. "the request that arrives as its worker dies is lost (no answer in 2 s).",
   run = function ()
     local only = {["lua-prefork"] = true, nginx = true, ["node cluster"] = true,
                   unicorn = true, gunicorn = true}
@@ -189,7 +184,7 @@ B.case{name = "respawn", title = "respawn: SIGKILL of the only worker until its 
         if #w == 1 then
           local t0 = H.now()
           H.kill(w[1], "KILL")
-          local ok = H.request(p.port, GET, 10)
+          local ok = H.request(p.port, GET, 2)  -- a lost request: 2 s, not more
           local ms = (H.now() - t0) * 1000
           samples[p.name] = samples[p.name] or {}
           if ok then table.insert(samples[p.name], ms)
@@ -260,6 +255,9 @@ B.case{name = "idle", title = "idle master: context switches over 10 s with 2 id
 
 B.case{name = "memory", title = "private memory per worker (MB) after 500 requests, 50 MB Lua heap preloaded",
   unit = "MB", better = "lower",
+  note = "Private_Dirty + Private_Clean from /proc/PID/smaps_rollup. The preloaded "
+    .. "heap stays shared until the worker's garbage collector walks it: a full "
+    .. "collection writes to every object's header and copies every page.",
   run = function ()
     local samples = {}
     for _, variant in ipairs{
@@ -378,6 +376,7 @@ local function report (done)
       end
       if line then md[#md + 1] = "" md[#md + 1] = line end
     end
+    if c.note then md[#md + 1] = "" md[#md + 1] = c.note end
   end
   H.writefile("bench/results.md", table.concat(md, "\n") .. "\n")
 end

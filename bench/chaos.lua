@@ -4,21 +4,16 @@
 -- is the number of failed scenarios. `make chaos` runs it for 30 s a
 -- scenario; CI runs a short form.
 
-package.path = "spec/?.lua;" .. package.path
+package.path = "spec/?.lua;bench/?.lua;" .. package.path
 local H = require "helpers"
+local lib = require "lib"
 local prefork = require "prefork"
 local socket = require "socket"
 
 local SECONDS = tonumber(arg[1] or 30)
-local GET = "GET / HTTP/1.0\r\nHost: x\r\n\r\n"
+local GET = lib.GET
+local freeport = lib.freeport
 local failed = 0
-
-local function freeport ()
-  local l = assert(prefork.listen("127.0.0.1:0"))
-  local port = tonumber(l:address():match(":(%d+)$"))
-  l:close()
-  return port
-end
 
 local function server (workers, delay)
   local port = freeport()
@@ -39,12 +34,7 @@ end
 local function wrkresult (h)
   local out = h:read("a")
   h:close()
-  local n = tonumber(out:match("(%d+) requests in")) or 0
-  local errs = 0
-  for e in (out:match("Socket errors:([^\n]*)") or ""):gmatch("%d+") do
-    errs = errs + tonumber(e)
-  end
-  errs = errs + tonumber(out:match("Non%-2xx or 3xx responses:%s*(%d+)") or 0)
+  local n, _, errs = lib.wrkstats(out)
   return n, errs
 end
 

@@ -9,39 +9,30 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
 
-#include "lua.h"
-#include "lauxlib.h"
-#include "lualib.h"
+#define HARNESS \
+  "local core = require 'prefork.core'\n" \
+  "return function (fd, maxfds)\n" \
+  "  local b = core.conn(fd)\n" \
+  "  for _ = 1, 1000 do\n" \
+  "    local data, fds = core.recvfds(b, maxfds)\n" \
+  "    if not data then\n" \
+  "      assert(fds == 'closed' or fds == 'truncated' or fds == 'corrupt message', fds)\n" \
+  "      if fds ~= 'truncated' then break end\n" \
+  "    else\n" \
+  "      assert(#fds <= maxfds)\n" \
+  "      for _, f in ipairs(fds) do assert(core.close(f)) end\n" \
+  "    end\n" \
+  "  end\n" \
+  "  b:close()\n" \
+  "end\n"
 
-int luaopen_prefork_core (lua_State *L);
-int LLVMFuzzerInitialize (int *argc, char ***argv);
-int LLVMFuzzerTestOneInput (const unsigned char *data, size_t size);
+#include "fuzz.h"
 
-static lua_State *L;
-static int devnull;
-
-static const char harness[] =
-  "local core = require 'prefork.core'\n"
-  "return function (fd, maxfds)\n"
-  "  local b = core.conn(fd)\n"
-  "  for _ = 1, 1000 do\n"
-  "    local data, fds = core.recvfds(b, maxfds)\n"
-  "    if not data then\n"
-  "      assert(fds == 'closed' or fds == 'truncated' or fds == 'corrupt message', fds)\n"
-  "      if fds ~= 'truncated' then break end\n"
-  "    else\n"
-  "      assert(#fds <= maxfds)\n"
-  "      for _, f in ipairs(fds) do assert(core.close(f)) end\n"
-  "    end\n"
-  "  end\n"
-  "  b:close()\n"
-  "end\n";
+static int devnull = -1;
 
 
 static int openfds (void) {
@@ -52,22 +43,6 @@ static int openfds (void) {
   while ((e = readdir(d)) != NULL) n++;
   closedir(d);
   return n;
-}
-
-
-int LLVMFuzzerInitialize (int *argc, char ***argv) {
-  (void)argc; (void)argv;
-  devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  L = luaL_newstate();
-  luaL_openlibs(L);
-  luaL_requiref(L, "prefork.core", luaopen_prefork_core, 0);
-  lua_pop(L, 1);
-  if (luaL_dostring(L, harness) != LUA_OK) {
-    fprintf(stderr, "harness: %s\n", lua_tostring(L, -1));
-    exit(2);
-  }
-  lua_setfield(L, LUA_REGISTRYINDEX, "fuzz");
-  return 0;
 }
 
 
@@ -101,6 +76,7 @@ int LLVMFuzzerTestOneInput (const unsigned char *data, size_t size) {
   int sv[2], before, writes = 0;
   size_t pos = 1;
   if (size < 1 || size > 4096) return 0;
+  if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
   before = openfds();
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) abort();
   while (pos < size && writes++ < 64) {  /* 64 writes fit the buffer */
@@ -112,14 +88,10 @@ int LLVMFuzzerTestOneInput (const unsigned char *data, size_t size) {
     pos += n;
   }
   close(sv[0]);
-  lua_getfield(L, LUA_REGISTRYINDEX, "fuzz");
+  fuzz_push();
   lua_pushinteger(L, sv[1]);
   lua_pushinteger(L, data[0] % 5);
-  if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-    fprintf(stderr, "recvfds: %s\n", lua_tostring(L, -1));
-    abort();
-  }
-  lua_gc(L, LUA_GCCOLLECT, 0);
+  fuzz_call(2, "recvfds");
   if (openfds() != before) {
     fprintf(stderr, "recvfds leaked %d fds\n", openfds() - before);
     abort();

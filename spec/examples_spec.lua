@@ -17,10 +17,7 @@ function TestExamples:tearDown () H.cleanup() end
 
 function TestExamples:test_echo ()
   local p = example("echo.lua", "0")
-  local kids = H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == 8 and k
-  end, 5, "8 workers")
+  local kids = H.nworkers(p, 8)
   local reply = H.request_ok(p.port, "me\nhi there\n")
   local pid, msg = reply:match("^Hello me, this is PID (%d+)\n(.*)$")
   lu.assertEquals(msg, "hi there\n")

@@ -100,6 +100,15 @@ function H.childpids (pid)
 end
 
 
+--- Wait (bounded) until the master p has exactly n live workers; their pids.
+function H.nworkers (p, n, timeout)
+  return H.wait_until(function ()
+    local k = H.childpids(p.pid)
+    return #k == n and k
+  end, timeout or 5, n .. " workers")
+end
+
+
 function H.zombies (pid)
   local n = 0
   for _, c in ipairs(H.children(pid)) do

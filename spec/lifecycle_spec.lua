@@ -9,13 +9,6 @@ local SERVE = [[
 local function serve (w) for c in w:connections() do c:close() end end
 ]]
 
-local function nworkers (p, n)
-  return H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == n and k
-  end, 5, n .. " workers")
-end
-
 TestLifecycle = {}
 
 function TestLifecycle:tearDown () H.cleanup() end
@@ -38,7 +31,7 @@ function TestLifecycle:test_an_idle_master_never_wakes ()
   local p = H.master(SERVE .. [[
 prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
               fork = serve}]])
-  nworkers(p, 2)
+  H.nworkers(p, 2)
   H.sleep(1.2)  -- past the workers' readiness timers
   local function switches ()
     local s = H.readfile("/proc/" .. p.pid .. "/status")
@@ -58,7 +51,7 @@ prefork.start{workers = 3, listen = {"127.0.0.1:0", "[::1]:0"},
     for c in w:connections() do c:read("a") c:close() end
   end}
 ]])
-  local kids = nworkers(p, 3)
+  local kids = H.nworkers(p, 3)
   local held = {}
   for i = 1, 3 do  -- every worker past its first accept, holding one
     held[i] = socket.tcp()

@@ -53,10 +53,7 @@ function TestMaster:test_n_distinct_workers_serve ()
   local p = H.master(IDPID .. [[
 prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
               fork = idpid}]])
-  local pids = H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == 3 and k
-  end, 5, "3 workers")
+  local pids = H.nworkers(p, 3)
   -- every worker takes one of 3 held connections, once all are in accept
   local seen = H.wait_until(function ()
     local s = ask_all(p.port, 3)
@@ -70,10 +67,7 @@ function TestMaster:test_kill9_worker_is_replaced_within_a_second ()
   local p = H.master(IDPID .. [[
 prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
               fork = idpid}]])
-  local before = H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == 2 and k
-  end, 5, "2 workers")
+  local before = H.nworkers(p, 2)
   H.sleep(1.1)  -- past the first second: no backoff applies
   local t0 = H.now()
   H.kill(before[1], "KILL")
@@ -350,10 +344,7 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", title = "pftitle",
   on_start = announce,
   fork = function (w) for c in w:connections() do c:close() end end}
 ]])
-  local kids = H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == 2 and k
-  end, 5)
+  local kids = H.nworkers(p, 2)
   lu.assertEquals(H.cmdline(p.pid), "pftitle master")
   local titles = {H.cmdline(kids[1]), H.cmdline(kids[2])}
   table.sort(titles)
@@ -439,10 +430,7 @@ function TestMaster:test_worker_gets_term_when_the_master_dies ()
 prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
   fork = function (w) for c in w:connections() do c:close() end end}
 ]])
-  local kids = H.wait_until(function ()
-    local k = H.childpids(p.pid)
-    return #k == 2 and k
-  end, 5)
+  local kids = H.nworkers(p, 2)
   p:kill("KILL")
   p:wait(5)
   H.wait_until(function ()
