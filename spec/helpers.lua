@@ -120,8 +120,8 @@ end
 
 function H.fdcount (pid)
   local n = 0
-  for _ in H.sh("ls /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%d+") do
-    n = n + 1
+  for fd in H.sh("ls /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%d+") do
+    if tonumber(fd) < 1000 then n = n + 1 end  -- valgrind keeps its own above
   end
   return n
 end

@@ -344,6 +344,9 @@ static void titleinit (void) {
   char *envend;
   int i;
   if (titlebase != NULL || !procstat(f) || f[1] <= f[0]) return;
+  /* the kernel's argv must be this program's (under valgrind it is the
+  ** tool's): glibc's program_invocation_name is argv[0] */
+  if ((char *)f[0] != program_invocation_name) return;
   titlebase = (char *)f[0];
   argend = (char *)f[1];
   envend = argend;
