@@ -271,6 +271,20 @@ static int recvfail (lua_State *L, int st, fdbox *box) {
 }
 
 
+static int l_recvfds (lua_State *L);
+
+/* recvfds again once the socket is readable (or the time is up) */
+static int recvfds_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  if (pf_wakereason(L) == PF_TIMEOUT) {
+    luaL_pushfail(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  return l_recvfds(L);
+}
+
+
 /*
 ** prefork.recvfds(sock [, maxfds]) -> data, fds | nil, "closed" |
 ** nil, "truncated" | nil, "timeout" | nil, "corrupt message" | fail.
@@ -289,6 +303,18 @@ static int l_recvfds (lua_State *L) {
   char *p;
   int st, i, trunc = 0;
   luaL_argcheck(L, maxfds >= 0 && maxfds <= MAXFDS, 2, "from 0 to 253");
+  lua_settop(L, 2);
+  {  /* nothing there yet: wait for it (a serve coroutine yields) */
+    struct pollfd pf;
+    pf.fd = sock;
+    pf.events = POLLIN;
+    if (poll(&pf, 1, 0) == 0
+        && pf_waitk(L, sock, POLLIN, dl, 0, 0, recvfds_k) == PF_TIMEOUT) {
+      luaL_pushfail(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+  }
   box = (fdbox *)lua_newuserdatauv(L, sizeof(fdbox), 0);
   box->n = 0;
   luaL_setmetatable(L, FDBOX);

@@ -84,6 +84,8 @@ typedef struct pf_conn {
   int counted;  /* a worker's accepted connection: in its inflight count */
   double timeout;  /* seconds for each read or write call; < 0: none */
   size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
+  double dl;  /* deadline of the call under way (monotonic); < 0: none */
+  int wrote;  /* an answer went out and no byte came since: idle */
   char *buf;  /* read buffer; unread bytes are buf[r..w) */
   size_t cap, r, w;
 } pf_conn;
@@ -110,7 +112,29 @@ typedef struct pf_score {
 PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl,
                              pf_score *score, pid_t master);
 PF_API void pf_worker_closed (void);
+PF_API void pf_worker_ready (void);
+PF_API int pf_worker_accept (pf_conn *c);
+PF_API void pf_worker_stoplistening (void);
+PF_API int pf_worker_stopping (void);
+struct pollfd;
+PF_API const struct pollfd *pf_worker_fds (int *n);
 PF_API void pf_open_worker (lua_State *L);
+/* }====================================================== */
+
+
+/* {======================================================
+** serve.c: the event loop inside a worker
+** ======================================================= */
+
+/* how a wait ended */
+#define PF_READY	1
+#define PF_TIMEOUT	0
+#define PF_STOPPING	(-1)
+
+PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
+                     int idle, lua_KContext ctx, lua_KFunction k);
+PF_API int pf_wakereason (lua_State *L);
+PF_API void pf_open_serve (lua_State *L);
 /* }====================================================== */
 
 

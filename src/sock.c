@@ -373,11 +373,14 @@ static double deadline (const pf_conn *c) {
 }
 
 
+#define AGAIN	(-2)  /* would block: wait for the fd, then try again */
+
+
 /*
 ** Read more into the buffer: 1 when bytes came, 0 at end of stream,
-** -1 with errno (ETIMEDOUT when the deadline passed) on failure.
+** AGAIN when none are there yet, -1 with errno on failure.
 */
-static int fill (pf_conn *c, double dl) {
+static int fill (pf_conn *c) {
   if (c->r == c->w) c->r = c->w = 0;
   if (c->w == c->cap) {
     if (c->r > 0) {  /* slide the unread bytes down */
@@ -397,15 +400,12 @@ static int fill (pf_conn *c, double dl) {
     ssize_t n = recv(c->fd, c->buf + c->w, c->cap - c->w, 0);
     if (n > 0) {
       c->w += (size_t)n;
+      c->wrote = 0;  /* a request is under way: not idle */
       return 1;
     }
     if (n == 0) return 0;
     if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return -1;
-    if (!pf_waitfd(c->fd, POLLIN, dl)) {
-      errno = ETIMEDOUT;
-      return -1;
-    }
+    return errno == EAGAIN || errno == EWOULDBLOCK ? AGAIN : -1;
   }
 }
 
@@ -418,8 +418,12 @@ static void take (lua_State *L, pf_conn *c, size_t n, size_t skip) {
 }
 
 
-/* a line; 1 pushed, 0 at end of stream with nothing read, -1 error */
-static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
+/*
+** The formats: each pushes its result and returns 1, or returns 0 at end
+** of stream with nothing to give, AGAIN, or -1 with errno. What came
+** stays buffered across AGAIN: the call is simply made again.
+*/
+static int readline (lua_State *L, pf_conn *c, int chop) {
   size_t scanned = 0;
   for (;;) {
     const char *nl = NULL;  /* buf is NULL until the first fill */
@@ -441,8 +445,8 @@ static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
       errno = EMSGSIZE;  /* the bytes stay buffered */
       return -1;
     }
-    st = fill(c, dl);
-    if (st < 0) return -1;
+    st = fill(c);
+    if (st < 0) return st;
     if (st == 0) {  /* a last line without its newline */
       if (c->w == c->r) return 0;
       take(L, c, c->w - c->r, 0);
@@ -453,13 +457,13 @@ static int readline (lua_State *L, pf_conn *c, int chop, double dl) {
 
 
 /* up to n bytes: fewer only at end of stream */
-static int readn (lua_State *L, pf_conn *c, size_t n, double dl) {
+static int readn (lua_State *L, pf_conn *c, size_t n) {
   int st = 1;
   while (c->w - c->r < n || (n == 0 && c->w == c->r)) {
-    st = fill(c, dl);
+    st = fill(c);
     if (st <= 0) break;
   }
-  if (st < 0) return -1;
+  if (st < 0) return st;
   if (c->w == c->r && (n > 0 || st == 0)) return 0;
   take(L, c, c->w - c->r < n ? c->w - c->r : n, 0);
   return 1;
@@ -467,109 +471,160 @@ static int readn (lua_State *L, pf_conn *c, size_t n, double dl) {
 
 
 /* everything up to end of stream */
-static int readall (lua_State *L, pf_conn *c, double dl) {
+static int readall (lua_State *L, pf_conn *c) {
   int st;
-  while ((st = fill(c, dl)) > 0) {}
-  if (st < 0) return -1;
+  while ((st = fill(c)) > 0) {}
+  if (st < 0) return st;
   take(L, c, c->w - c->r, 0);
   return 1;
 }
 
 
-static int readone (lua_State *L, pf_conn *c, int arg, double dl) {
+static int readone (lua_State *L, pf_conn *c, int arg) {
   const char *f;
   if (lua_type(L, arg) == LUA_TNUMBER) {
     lua_Integer n = luaL_checkinteger(L, arg);
     luaL_argcheck(L, n >= 0, arg, "negative size");
-    return readn(L, c, (size_t)n, dl);
+    return readn(L, c, (size_t)n);
   }
   f = luaL_checkstring(L, arg);
   if (*f == '*') f++;  /* Lua 5.1's "*l" */
   switch (*f) {
-    case 'l': return readline(L, c, 1, dl);
-    case 'L': return readline(L, c, 0, dl);
-    case 'a': return readall(L, c, dl);
+    case 'l': return readline(L, c, 1);
+    case 'L': return readline(L, c, 0);
+    case 'a': return readall(L, c);
     default: return luaL_argerror(L, arg, "invalid format");
   }
+}
+
+
+/* the results of a read that stopped at format i: i - 2 came, then nil
+** and why */
+static int readfailed (lua_State *L, int i, int st, const char *why) {
+  if (why == NULL) {
+    if (st == 0) why = "closed";
+    else if (errno == EMSGSIZE) why = "too long";
+    else return (i - 2) + pf_fail(L, "read");
+  }
+  luaL_pushfail(L);
+  lua_pushstring(L, why);
+  return (i - 2) + 2;
+}
+
+
+static int readloop (lua_State *L, pf_conn *c, int i, int nargs);
+
+/* a read resumed after its wait in a serve coroutine; ctx: i, nargs */
+static int read_k (lua_State *L, int status, lua_KContext ctx) {
+  pf_conn *c = (pf_conn *)lua_touserdata(L, 1);
+  int i = (int)(ctx >> 16), why = pf_wakereason(L);
+  (void)status;
+  if (why == PF_TIMEOUT) return readfailed(L, i, -1, "timeout");
+  if (why == PF_STOPPING) return readfailed(L, i, -1, "stopping");
+  return readloop(L, c, i, (int)(ctx & 0xffff));
+}
+
+
+/* read the formats from argument i on; wait (or yield) when the data is
+** not there yet */
+static int readloop (lua_State *L, pf_conn *c, int i, int nargs) {
+  while (i <= nargs + 1) {
+    int st = readone(L, c, i);
+    if (st == AGAIN) {
+      int w = pf_waitk(L, c->fd, POLLIN, c->dl, c->wrote && c->r == c->w,
+                       ((lua_KContext)i << 16) | nargs, read_k);
+      if (w == PF_TIMEOUT) return readfailed(L, i, -1, "timeout");
+      if (w == PF_STOPPING) return readfailed(L, i, -1, "stopping");
+    }
+    else if (st <= 0)
+      return readfailed(L, i, st, NULL);
+    else
+      i++;
+  }
+  return nargs;
 }
 
 
 /*
 ** conn:read(...) with io.read's formats "l", "L", "a" and sizes. A
 ** result that cannot be read is nil, followed by "closed" at end of
-** stream, "timeout", or the fail message; unread bytes stay buffered.
+** stream, "timeout", "too long" (setmaxline), "stopping" (an idle
+** connection of a worker that stops), or the fail message; unread bytes
+** stay buffered. In a serve coroutine it yields while it waits.
 */
 static int c_read (lua_State *L) {
   pf_conn *c = checkconn(L);
-  double dl = deadline(c);
   int nargs = lua_gettop(L) - 1;
-  int i, st = 1;
   if (nargs == 0) {
     lua_pushliteral(L, "l");
     nargs = 1;
   }
+  luaL_argcheck(L, nargs < 0xffff, 0xffff, "too many formats");
   luaL_checkstack(L, nargs + 3, "too many arguments");
-  for (i = 2; i <= nargs + 1 && st > 0; i++)
-    st = readone(L, c, i, dl);
-  if (st > 0) return nargs;
-  /* i - 3 results were read before the one that failed */
-  if (st < 0 && errno != ETIMEDOUT && errno != EMSGSIZE)
-    return (i - 3) + pf_fail(L, "read");
-  luaL_pushfail(L);
-  if (st == 0) lua_pushliteral(L, "closed");
-  else if (errno == EMSGSIZE) lua_pushliteral(L, "too long");
-  else lua_pushliteral(L, "timeout");
-  return (i - 3) + 2;
+  c->dl = deadline(c);
+  return readloop(L, c, 2, nargs);
 }
 
 
-static int sendall (pf_conn *c, const char *s, size_t n, double dl) {
-  while (n > 0) {
-    ssize_t k = send(c->fd, s, n, MSG_NOSIGNAL);
-    if (k >= 0) {
-      s += k;
-      n -= (size_t)k;
-    }
-    else if (errno == EINTR)
-      continue;
-    else if (errno != EAGAIN && errno != EWOULDBLOCK)
-      return -1;
-    else if (!pf_waitfd(c->fd, POLLOUT, dl)) {
-      errno = ETIMEDOUT;
-      return -1;
-    }
-  }
-  return 0;
-}
+static int writeloop (lua_State *L, pf_conn *c, size_t off);
 
-
-/* conn:write(...) -> true | nil, "timeout" | nil, "write: err", errno */
-static int c_write (lua_State *L) {
-  pf_conn *c = checkconn(L);
-  int n = lua_gettop(L), i;
-  size_t len;
-  const char *s;
-  if (n == 2)
-    s = luaL_checklstring(L, 2, &len);
-  else {
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    for (i = 2; i <= n; i++) {
-      luaL_checklstring(L, i, &len);
-      lua_pushvalue(L, i);
-      luaL_addvalue(&b);
-    }
-    luaL_pushresult(&b);
-    s = lua_tolstring(L, -1, &len);
-  }
-  if (sendall(c, s, len, deadline(c)) != 0) {
-    if (errno != ETIMEDOUT) return pf_fail(L, "write");
+static int write_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  if (pf_wakereason(L) != PF_READY) {
     luaL_pushfail(L);
     lua_pushliteral(L, "timeout");
     return 2;
   }
+  return writeloop(L, (pf_conn *)lua_touserdata(L, 1), (size_t)ctx);
+}
+
+
+/* send the string on top of the stack from byte off on */
+static int writeloop (lua_State *L, pf_conn *c, size_t off) {
+  size_t len;
+  const char *s = lua_tolstring(L, -1, &len);
+  while (off < len) {
+    ssize_t k = send(c->fd, s + off, len - off, MSG_NOSIGNAL);
+    if (k >= 0)
+      off += (size_t)k;
+    else if (errno == EINTR)
+      continue;
+    else if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return pf_fail(L, "write");
+    else if (pf_waitk(L, c->fd, POLLOUT, c->dl, 0, (lua_KContext)off,
+                      write_k) != PF_READY) {
+      luaL_pushfail(L);
+      lua_pushliteral(L, "timeout");
+      return 2;
+    }
+  }
+  c->wrote = 1;  /* an answer went out: reading next waits for a request */
   lua_pushboolean(L, 1);
   return 1;
+}
+
+
+/* conn:write(...) -> true | nil, "timeout" | nil, "write: err", errno;
+** in a serve coroutine it yields while the socket is full */
+static int c_write (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  int n = lua_gettop(L), i;
+  if (n == 2) {
+    luaL_checkstring(L, 2);
+    lua_pushvalue(L, 2);
+  }
+  else {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (i = 2; i <= n; i++) {
+      luaL_checkstring(L, i);
+      lua_pushvalue(L, i);
+      luaL_addvalue(&b);
+    }
+    luaL_pushresult(&b);
+  }
+  c->dl = deadline(c);
+  return writeloop(L, c, 0);
 }
 
 

@@ -100,7 +100,7 @@ void pf_worker_closed (void) {
 
 
 /* the first accept tells the master that this worker is ready */
-static void ready (void) {
+void pf_worker_ready (void) {
   if (self.ctl >= 0) {
     (void)!write(self.ctl, "r", 1);
     close(self.ctl);
@@ -109,7 +109,7 @@ static void ready (void) {
 }
 
 
-static void stoplistening (void) {
+void pf_worker_stoplistening (void) {
   int i;
   for (i = 0; i < self.nls; i++)
     pf_listener_close(self.ls[i]);
@@ -135,7 +135,7 @@ static int transient (int en) {
 
 
 /* one round over the listeners: 1 with c->fd set, 0 none ready, -1 */
-static int tryaccept (pf_conn *c) {
+int pf_worker_accept (pf_conn *c) {
   int k;
   for (k = 0; k < self.nls; k++) {
     int i = (self.next + k) % self.nls;
@@ -164,21 +164,37 @@ static int l_accept (lua_State *L) {
   pf_conn *c;
   if (!self.inworker)
     return luaL_error(L, "accept: not in a worker process");
-  ready();
+  pf_worker_ready();
   c = pf_newconn(L);
   while (!self.stopping) {
     char drain[64];
-    int st = tryaccept(c);
+    int st = pf_worker_accept(c);
     if (st > 0) return 1;
     if (st < 0) return pf_fail(L, "accept");
     if (poll(self.pfd, (nfds_t)self.nls + 1, -1) < 0 && errno != EINTR)
       return pf_fail(L, "poll");
     while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
   }
-  stoplistening();
+  pf_worker_stoplistening();
   luaL_pushfail(L);
   lua_pushliteral(L, "stopping");
   return 2;
+}
+
+
+/* the listeners' fds (n of them) then the stop pipe's read end; NULL
+** outside a worker */
+const struct pollfd *pf_worker_fds (int *n) {
+  *n = self.nls;
+  return self.inworker ? self.pfd : NULL;
+}
+
+
+/* 1 once a stop began; empties the stop pipe */
+int pf_worker_stopping (void) {
+  char drain[64];
+  while (self.wake[0] >= 0 && read(self.wake[0], drain, sizeof(drain)) > 0) {}
+  return self.stopping != 0;
 }
 
 

@@ -18,6 +18,8 @@ local prefork = {
   listen = core.listen,
   socketpair = core.socketpair,
   conn = core.conn,
+  sleep = core.sleep,
+  wait_fd = core.wait_fd,
   close = core.close,
   sendfds = core.sendfds,
   recvfds = core.recvfds,
@@ -147,8 +149,9 @@ end
 -- =======================================================
 
 local Worker = {
-  accept = core.accept,  -- both ignore their self
+  accept = core.accept,  -- these ignore their self
   stopping = core.stopping,
+  serve = core.serve,
 }
 Worker.__index = Worker
 

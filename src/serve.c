@@ -1,0 +1,394 @@
+/*
+** serve.c: the event loop inside a worker. worker:serve(handler) runs
+** handler(conn) in a coroutine per connection on a libev loop of the
+** worker's own; conn:read, conn:write, prefork.sleep and prefork.wait_fd
+** yield there instead of blocking, and the loop resumes each coroutine
+** when its fd is ready or its time is up.
+**
+** Accepting: each worker watches the listeners through an epoll set of
+** its own, made with EPOLLEXCLUSIVE, so that a connection wakes one
+** worker, not all (no thundering herd); libev watches that set's fd.
+**
+** Stopping: when TERM comes, the worker stops accepting and closes its
+** listeners; connections that are idle (an answer went out, nothing came
+** since) see read return nil, "stopping"; the others finish their
+** request. The worker's serve returns when no coroutine is left (the
+** master sends KILL after graceful_timeout).
+*/
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/epoll.h>
+
+#include <ev.h>
+
+#include "prefork.h"
+
+
+/* connections accepted at most per wake-up, so one busy listener does
+** not starve the coroutines already running */
+#define ACCEPTBATCH	64
+
+
+typedef struct task {
+  struct task *next, *prev;
+  lua_State *co;
+  int coref;  /* registry refs: the coroutine, its connection */
+  int connref;
+  int reason;  /* how its last wait ended: PF_READY, ... */
+  int idle;  /* waiting to read on an idle connection */
+  ev_io io;
+  ev_timer timer;
+} task;
+
+
+static struct {
+  struct ev_loop *loop;
+  lua_State *L;  /* the thread that called serve */
+  int handler;  /* registry ref */
+  int xep;  /* epoll set of the listeners (EPOLLEXCLUSIVE), -1 none */
+  int stopping;
+  int running;
+  task *tasks;  /* every live coroutine */
+  ev_io accept;
+  ev_io wake;  /* the worker's stop pipe */
+} sv;  /* all zero: not running */
+
+
+static const char TASKS = 't';  /* registry key: coroutine -> its task */
+
+
+/* the task of coroutine L, NULL when L is not a serve coroutine */
+static task *findtask (lua_State *L) {
+  task *t;
+  if (!sv.running) return NULL;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
+  lua_rawgetp(L, -1, L);
+  t = (task *)lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return t;
+}
+
+
+static void finish (task *t);
+
+
+/* resume t's coroutine; when it ends (or fails) the task goes */
+static void resume (task *t, int nargs) {
+  lua_State *co = t->co;
+  int nres, st = lua_resume(co, sv.L, nargs, &nres);
+  if (st == LUA_YIELD) {
+    lua_pop(co, nres);
+    if (ev_is_active(&t->io) || ev_is_active(&t->timer)) return;
+    pf_log(sv.L, "error", "worker %ld: a handler yielded outside a wait "
+           "of prefork; its connection is closed", (long)getpid());
+  }
+  else if (st != LUA_OK) {
+    luaL_traceback(sv.L, co, lua_tostring(co, -1), 0);
+    pf_log(sv.L, "error", "worker %ld: handler failed: %s", (long)getpid(),
+           lua_tostring(sv.L, -1));
+    lua_pop(sv.L, 1);
+  }
+  finish(t);
+}
+
+
+static void onio (struct ev_loop *loop, ev_io *io, int revents) {
+  task *t = (task *)io->data;
+  (void)revents;
+  ev_io_stop(loop, io);
+  ev_timer_stop(loop, &t->timer);
+  t->reason = PF_READY;
+  t->idle = 0;
+  resume(t, 0);
+}
+
+
+static void ontimer (struct ev_loop *loop, ev_timer *tm, int revents) {
+  task *t = (task *)tm->data;
+  (void)revents;
+  ev_io_stop(loop, &t->io);
+  t->reason = t->io.fd >= 0 ? PF_TIMEOUT : PF_READY;  /* a sleep is done */
+  t->idle = 0;
+  resume(t, 0);
+}
+
+
+/*
+** Wait until fd is ready for events or the deadline passes (idle: the
+** wait is for a new request on an idle connection). In a serve coroutine
+** it yields, and k(ctx) continues when the loop resumes it (with
+** pf_wakereason telling how the wait ended); elsewhere it blocks in
+** poll. Returns PF_READY, PF_TIMEOUT or PF_STOPPING.
+*/
+int pf_waitk (lua_State *L, int fd, int events, double deadline, int idle,
+              lua_KContext ctx, lua_KFunction k) {
+  task *t = findtask(L);
+  if (t == NULL || !lua_isyieldable(L)) {
+    if (fd < 0) {  /* a plain sleep */
+      double left = deadline - pf_now();
+      struct timespec ts;
+      if (left > 0) {
+        ts.tv_sec = (time_t)left;
+        ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+      }
+      return PF_READY;
+    }
+    return pf_waitfd(fd, events, deadline) ? PF_READY : PF_TIMEOUT;
+  }
+  if (idle && sv.stopping) return PF_STOPPING;
+  t->idle = idle;
+  ev_io_set(&t->io, fd, (events & POLLIN ? EV_READ : 0)
+                        | (events & POLLOUT ? EV_WRITE : 0));
+  if (fd >= 0) ev_io_start(sv.loop, &t->io);
+  if (deadline >= 0) {
+    double left = deadline - pf_now();
+    ev_now_update(sv.loop);
+    ev_timer_set(&t->timer, left > 0 ? left : 0, 0);
+    ev_timer_start(sv.loop, &t->timer);
+  }
+  return lua_yieldk(L, 0, ctx, k);
+}
+
+
+int pf_wakereason (lua_State *L) {
+  task *t = findtask(L);
+  return t != NULL ? t->reason : PF_READY;
+}
+
+
+/* {======================================================
+** Coroutines
+** ======================================================= */
+
+/* a coroutine for the connection on top of sv.L's stack (popped) */
+static void start (void) {
+  lua_State *L = sv.L;
+  task *t = (task *)calloc(1, sizeof(task));
+  lua_State *co;
+  if (t == NULL) {  /* no memory: the connection goes */
+    lua_pop(L, 1);
+    return;
+  }
+  t->connref = luaL_ref(L, LUA_REGISTRYINDEX);
+  co = lua_newthread(L);
+  t->co = co;
+  t->coref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
+  lua_pushlightuserdata(L, t);
+  lua_rawsetp(L, -2, co);
+  lua_pop(L, 1);
+  ev_init(&t->io, onio);
+  ev_init(&t->timer, ontimer);
+  t->io.data = t->timer.data = t;
+  t->io.fd = -1;
+  t->next = sv.tasks;
+  if (sv.tasks) sv.tasks->prev = t;
+  sv.tasks = t;
+  lua_rawgeti(co, LUA_REGISTRYINDEX, sv.handler);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, t->connref);
+  resume(t, 1);
+}
+
+
+/* the coroutine ended: its connection is closed, the task goes */
+static void finish (task *t) {
+  lua_State *L = sv.L;
+  ev_io_stop(sv.loop, &t->io);
+  ev_timer_stop(sv.loop, &t->timer);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, t->connref);
+  if (luaL_callmeta(L, -1, "__close")) lua_pop(L, 1);
+  lua_pop(L, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
+  lua_pushnil(L);
+  lua_rawsetp(L, -2, t->co);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->connref);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->coref);
+  if (t->prev) t->prev->next = t->next;
+  else sv.tasks = t->next;
+  if (t->next) t->next->prev = t->prev;
+  free(t);
+  if (sv.stopping && sv.tasks == NULL) ev_break(sv.loop, EVBREAK_ALL);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** The loop
+** ======================================================= */
+
+static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
+  struct epoll_event evs[8];
+  int n;
+  (void)loop; (void)io; (void)revents;
+  /* empty the set's ready list; accept goes over every listener */
+  while ((n = epoll_wait(sv.xep, evs, 8, 0)) == 8) {}
+  for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
+    pf_conn *c = pf_newconn(sv.L);
+    int st = pf_worker_accept(c);
+    if (st <= 0) {
+      lua_pop(sv.L, 1);
+      if (st < 0)
+        pf_log(sv.L, "error", "worker %ld: accept: %s", (long)getpid(),
+               strerror(errno));
+      break;
+    }
+    start();
+  }
+}
+
+
+static void stopserving (void) {
+  task *t, *next;
+  sv.stopping = 1;
+  ev_io_stop(sv.loop, &sv.accept);
+  ev_io_stop(sv.loop, &sv.wake);
+  pf_worker_stoplistening();
+  for (t = sv.tasks; t != NULL; t = next) {  /* idle ones: "stopping" */
+    next = t->next;
+    if (t->idle) {
+      ev_io_stop(sv.loop, &t->io);
+      ev_timer_stop(sv.loop, &t->timer);
+      t->reason = PF_STOPPING;
+      t->idle = 0;
+      resume(t, 0);
+    }
+  }
+  if (sv.tasks == NULL) ev_break(sv.loop, EVBREAK_ALL);
+}
+
+
+static void onwake (struct ev_loop *loop, ev_io *io, int revents) {
+  (void)loop; (void)io; (void)revents;
+  if (pf_worker_stopping()) stopserving();
+}
+
+
+/* the listeners in an epoll set of this worker's, each EPOLLEXCLUSIVE */
+static int exclusive (const struct pollfd *fds, int n) {
+  int i, ep = epoll_create1(EPOLL_CLOEXEC);
+  if (ep < 0) return -1;
+  for (i = 0; i < n; i++) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    ev.data.fd = fds[i].fd;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i].fd, &ev) != 0) {
+      close(ep);
+      return -1;
+    }
+  }
+  return ep;
+}
+
+
+/*
+** worker:serve(handler): run handler(conn) in a coroutine for each
+** connection, until a graceful stop has seen every one end. Returns true.
+*/
+static int l_serve (lua_State *L) {
+  int n;
+  const struct pollfd *fds = pf_worker_fds(&n);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  if (fds == NULL)
+    return luaL_error(L, "serve: not in a worker process");
+  if (sv.running)
+    return luaL_error(L, "serve: a worker serves once at a time");
+  sv.loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+  if (sv.loop == NULL)
+    return luaL_error(L, "serve: libev cannot make a loop");
+  sv.xep = exclusive(fds, n);
+  if (sv.xep < 0) {
+    ev_loop_destroy(sv.loop);
+    return pf_fail(L, "epoll");
+  }
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS);
+  lua_pushvalue(L, 2);
+  sv.handler = luaL_ref(L, LUA_REGISTRYINDEX);
+  sv.L = L;
+  sv.running = 1;
+  sv.stopping = 0;
+  ev_io_init(&sv.accept, onaccept, sv.xep, EV_READ);
+  ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
+  ev_io_start(sv.loop, &sv.accept);
+  ev_io_start(sv.loop, &sv.wake);
+  pf_worker_ready();
+  if (pf_worker_stopping()) stopserving();
+  else ev_run(sv.loop, 0);
+  sv.running = 0;
+  close(sv.xep);
+  sv.xep = -1;
+  ev_loop_destroy(sv.loop);
+  sv.loop = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, sv.handler);
+  sv.handler = LUA_NOREF;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Waits for Lua code
+** ======================================================= */
+
+static int done_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  if (pf_wakereason(L) == PF_TIMEOUT) {
+    luaL_pushfail(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* prefork.sleep(seconds) -> true; yields in a serve coroutine */
+static int l_sleep (lua_State *L) {
+  lua_Number s = luaL_checknumber(L, 1);
+  luaL_argcheck(L, s >= 0, 1, "negative time");
+  pf_waitk(L, -1, 0, pf_now() + s, 0, 0, done_k);
+  return done_k(L, LUA_OK, 0);
+}
+
+
+/* prefork.wait_fd(fd, "r"|"w" [, timeout]) -> true | nil, "timeout" */
+static int l_wait_fd (lua_State *L) {
+  static const char *const modes[] = {"r", "w", "rw", NULL};
+  static const int events[] = {POLLIN, POLLOUT, POLLIN | POLLOUT};
+  int fd = pf_tofd(L, 1);
+  int mode = luaL_checkoption(L, 2, "r", modes);
+  lua_Number t = luaL_optnumber(L, 3, -1);
+  int w = pf_waitk(L, fd, events[mode], t < 0 ? -1 : pf_now() + t, 0, 0,
+                   done_k);
+  if (w == PF_TIMEOUT) {
+    luaL_pushfail(L);
+    lua_pushliteral(L, "timeout");
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+void pf_open_serve (lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"serve", l_serve},
+    {"sleep", l_sleep},
+    {"wait_fd", l_wait_fd},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+}
