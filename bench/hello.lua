@@ -1,14 +1,15 @@
 #!/usr/bin/env lua5.4
 -- bench/hello.lua PORT [WORKERS [DELAY]]: the fixed hello handler of the
--- benchmarks and chaos runs. Answers every request with the 13-byte body
--- "Hello, World!" (nginx's `return 200 "Hello, World!"`), then closes:
--- the blocking worker of this version serves one connection at a time.
--- DELAY (seconds) is slept after the first byte of the answer, to give
--- chaos runs work in flight. The update hook hands out a new config on
--- each SIGHUP, so every reload replaces every worker.
--- QUIET=1 silences the log; PRELOAD_MB=N makes an N MB Lua heap in the
--- master before the fork; FULLGC=1 runs a full collection in each worker
--- first (the worst case for copy-on-write).
+-- benchmarks and chaos runs, on worker:serve (a coroutine per
+-- connection). Answers every request with the 13-byte body "Hello,
+-- World!" (nginx's `return 200 "Hello, World!"`), keeping the connection
+-- unless the client says "Connection: close" or speaks HTTP/1.0.
+-- DELAY (seconds) is slept (prefork.sleep: the worker goes on serving)
+-- after the first byte of the answer, to give chaos runs work in flight.
+-- The update hook hands out a new config on each SIGHUP, so every reload
+-- replaces every worker. QUIET=1 silences the log; PRELOAD_MB=N makes an
+-- N MB Lua heap in the master before the fork; FULLGC=1 runs a full
+-- collection in each worker first (the worst case for copy-on-write).
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"
 package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path
@@ -18,10 +19,31 @@ local prefork = require "prefork"
 
 local port = arg[1] or "8080"
 local delay = tonumber(arg[3] or 0)
-local sleep = delay > 0 and require("socket").sleep
 
-local RESPONSE = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-  .. "Content-Length: 13\r\nConnection: close\r\n\r\nHello, World!"
+local HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
+local KEEP = HEAD .. "\r\nHello, World!"
+local CLOSE = HEAD .. "Connection: close\r\n\r\nHello, World!"
+
+local function hello (conn)
+  conn:settimeout(10)
+  while true do
+    local line = conn:read("l")
+    if not line then return end
+    local close = line:find("HTTP/1%.0") ~= nil
+    repeat
+      line = conn:read("l")
+      if not line then return end
+      if line:find("^[Cc]onnection:%s*[Cc]lose") then close = true end
+    until line == "\r" or line == ""
+    local answer = close and CLOSE or KEEP
+    if delay > 0 then
+      conn:write("H")
+      prefork.sleep(delay)
+      answer = answer:sub(2)
+    end
+    if not conn:write(answer) or close then return end
+  end
+end
 
 -- PRELOAD_MB: a Lua heap of that size made in the master before the
 -- fork, as an application's data would be (the memory case)
@@ -46,20 +68,6 @@ prefork.start{
   end,
   fork = function (worker)
     if os.getenv("FULLGC") == "1" then collectgarbage() end  -- worst case
-    for conn in worker:connections() do
-      conn:settimeout(10)
-      local line = conn:read("l")
-      while line and line ~= "\r" and line ~= "" do line = conn:read("l") end
-      if line then
-        if sleep then
-          conn:write("H")
-          sleep(delay)
-          conn:write(RESPONSE:sub(2))
-        else
-          conn:write(RESPONSE)
-        end
-      end
-      conn:close()
-    end
+    worker:serve(hello)
   end,
 }

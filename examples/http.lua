@@ -2,8 +2,11 @@
 -- examples/http.lua [PORT]: the preforking HTTP server of the POE example
 -- (seed 002), port 8080 by default. Each worker answers every request
 -- with an HTML page that lists the request's headers, the worker's PID and
--- the time, then closes the connection (HTTP/1.1, "Connection: close").
--- A malformed request gets 400. Try: curl -i http://127.0.0.1:8080/
+-- the time. Workers run worker:serve: many connections each, one coroutine
+-- per connection, HTTP/1.1 persistent connections (pipelining-safe),
+-- HTTP/1.0 keep-alive on request, "Connection: close" honoured. A
+-- malformed request gets 400 and the connection closes.
+-- Try: curl -i http://127.0.0.1:8080/   or   wrk http://127.0.0.1:8080/
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
 package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. here
@@ -21,10 +24,18 @@ local function escape (s)
 end
 
 
-local function respond (conn, status, body)
-  conn:write(("HTTP/1.1 %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-              .. "Content-Length: %d\r\nConnection: close\r\n\r\n%s"):format(
-             status, #body, body))
+local function respond (conn, status, body, keep)
+  return conn:write(("HTTP/1.1 %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+                     .. "Content-Length: %d\r\nConnection: %s\r\n\r\n%s"):format(
+                    status, #body, keep and "keep-alive" or "close", body))
+end
+
+
+-- does the client want the connection kept after this request?
+local function keepalive (req)
+  local c = (req.headers["connection"] or ""):lower()
+  if req.version == "1.0" then return c:find("keep%-alive") ~= nil end
+  return not c:find("close")
 end
 
 
@@ -43,21 +54,28 @@ local function page (req)
 end
 
 
+-- one connection, in its own coroutine: requests until one of the two
+-- sides wants to close
 local function serve (conn)
-  conn:settimeout(10)
-  local req, err = read_request(conn)
-  if req then
-    local length = tonumber(req.headers["content-length"] or 0)
-    if length and length >= 0 and length <= 1048576 then
-      if length > 0 then conn:read(length) end  -- a body: read, not used
-      respond(conn, "200 OK", page(req))
-    else
-      respond(conn, "400 Bad Request", "<html>bad Content-Length</html>\n")
+  conn:settimeout(10)  -- an idle or slow client does not stay forever
+  while true do
+    local req, err = read_request(conn)
+    if not req then
+      if err ~= "closed" and err ~= "timeout" and err ~= "stopping" then
+        respond(conn, "400 Bad Request", "<html>" .. escape(err) .. "</html>\n")
+      end
+      return
     end
-  elseif err ~= "closed" and err ~= "timeout" then
-    respond(conn, "400 Bad Request", "<html>" .. escape(err) .. "</html>\n")
+    local length = tonumber(req.headers["content-length"] or 0)
+    if req.headers["transfer-encoding"] or not length or length < 0
+       or length > 1048576 or length ~= math.floor(length) then
+      respond(conn, "400 Bad Request", "<html>unsupported body</html>\n")
+      return
+    end
+    if length > 0 and not conn:read(length) then return end  -- read, not used
+    local keep = keepalive(req)
+    if not respond(conn, "200 OK", page(req), keep) or not keep then return end
   end
-  conn:close()
 end
 
 
@@ -70,7 +88,5 @@ prefork.start{
           .. prefork.getpid() .. ")")
     io.stdout:flush()
   end,
-  fork = function (worker)
-    for conn in worker:connections() do serve(conn) end
-  end,
+  fork = function (worker) worker:serve(serve) end,
 }

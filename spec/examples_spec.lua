@@ -34,7 +34,20 @@ function TestExamples:test_http_with_curl_and_wrk ()
   local url = "http://127.0.0.1:" .. p.port .. "/some/path"
   local page = H.sh("curl -s -i -H 'X-Test: <yes>' " .. url)
   lu.assertStrContains(page, "HTTP/1.1 200 OK\r\n")
-  lu.assertStrContains(page, "Connection: close\r\n")
+  lu.assertStrContains(page, "Connection: keep-alive\r\n")
+  -- persistent: curl reuses the connection for a second URL
+  local two = H.sh("curl -sv " .. url .. " " .. url .. " 2>&1 >/dev/null")
+  lu.assertStrContains(two, "Re-using existing connection")
+  -- "Connection: close" and HTTP/1.0 are honoured
+  lu.assertStrContains(H.sh("curl -si -H 'Connection: close' " .. url),
+                       "Connection: close\r\n")
+  lu.assertStrContains(H.sh("curl -si --http1.0 " .. url), "Connection: close\r\n")
+  -- pipelined requests are answered in order, then the close is honoured
+  local both = H.request(p.port, "GET /1 HTTP/1.1\r\nX-N: 1\r\n\r\n"
+                         .. "GET /2 HTTP/1.1\r\nX-N: 2\r\nConnection: close\r\n\r\n")
+  local n1, n2 = both:find("<td>X-N</td><td>1</td>", 1, true),
+                 both:find("<td>X-N</td><td>2</td>", 1, true)
+  lu.assertTrue(n1 and n2 and n1 < n2, both)
   lu.assertStrContains(page, "<tr><td>X-Test</td><td>&lt;yes&gt;</td></tr>")
   lu.assertStrMatches(page, ".*<tr><td>PID</td><td>%d+</td></tr>.*")
   lu.assertStrMatches(page, ".*<tr><td>time</td><td>%a+ %a+ %d+ [%d:]+ %d+ GMT</td></tr>.*")
@@ -44,10 +57,12 @@ function TestExamples:test_http_with_curl_and_wrk ()
   lu.assertStrContains(bad, "400 Bad Request")
   local post = H.sh("curl -s -d 'a=1' " .. url)
   lu.assertStrContains(post, "<td>Content-Length</td><td>3</td>")
-  local w = H.sh("wrk -t1 -c4 -d1s " .. url .. " 2>&1")
-  lu.assertStrMatches(w, ".*Requests/sec:%s+[%d.]+.*")
-  lu.assertNotStrContains(w, "Non-2xx")
-  lu.assertNotStrContains(w, "Socket errors")
+  for _, mode in ipairs{"", "-H 'Connection: close'"} do  -- keep-alive, close
+    local w = H.sh("wrk -t2 -c20 -d1s " .. mode .. " " .. url .. " 2>&1")
+    lu.assertStrMatches(w, ".*Requests/sec:%s+[%d.]+.*")
+    lu.assertNotStrContains(w, "Non-2xx")
+    lu.assertNotStrContains(w, "Socket errors")
+  end
   p:kill("TERM")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
 end

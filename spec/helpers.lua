@@ -272,8 +272,9 @@ function H.request (port, data, timeout, host)
   if data then c:send(data) end
   local all, rerr, partial = c:receive("*a")
   c:close()
-  if not all then return nil, rerr, partial end
-  return all
+  if all then return all end
+  if rerr == "closed" then return partial or "" end  -- closed, maybe mute
+  return nil, rerr, partial
 end
 
 

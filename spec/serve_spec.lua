@@ -1,0 +1,233 @@
+-- worker:serve: many connections per worker on its event loop, one
+-- coroutine each; reads, writes, sleeps and fd waits yield.
+
+local lu = require "luaunit"
+local H = require "helpers"
+local prefork = require "prefork"
+local socket = require "socket"
+
+local function connect (port)
+  local c = socket.tcp()
+  c:settimeout(10)
+  assert(c:connect("127.0.0.1", port))
+  return c
+end
+
+TestServe = {}
+
+function TestServe:tearDown () H.cleanup() end
+
+
+-- every connection waits until all N have come: one worker that served
+-- them one after another would never answer the first
+function TestServe:test_one_worker_serves_many_connections_at_once ()
+  local p = H.master([[
+local N = 200
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    local arrived = 0
+    w:serve(function (c)
+      c:read("l")
+      arrived = arrived + 1
+      while arrived < N do prefork.sleep(0.01) end
+      c:write("all ", arrived, " ", prefork.getpid(), "\n")
+    end)
+  end}
+]])
+  local cs = {}
+  for i = 1, 200 do
+    cs[i] = connect(p.port)
+    cs[i]:send("hi\n")
+  end
+  local pids = {}
+  for i = 1, 200 do
+    local line = assert(cs[i]:receive("*l"))
+    local pid = line:match("^all 200 (%d+)$")
+    lu.assertNotNil(pid, line)
+    pids[pid] = true
+    cs[i]:close()
+  end
+  lu.assertEquals(#H.childpids(p.pid), 1)
+end
+
+
+function TestServe:test_keepalive_and_pipelining ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      for line in function () return c:read("l") end do
+        c:write("got ", line, "\n")
+      end
+    end)
+  end}
+]])
+  local c = connect(p.port)
+  c:send("a\nb\nc\n")  -- pipelined: answered in order
+  lu.assertEquals(c:receive("*l"), "got a")
+  lu.assertEquals(c:receive("*l"), "got b")
+  lu.assertEquals(c:receive("*l"), "got c")
+  for i = 1, 100 do
+    c:send(i .. "\n")
+    lu.assertEquals(c:receive("*l"), "got " .. i)
+  end
+  c:close()
+end
+
+
+function TestServe:test_a_handler_that_raises_costs_its_connection_only ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      local line = c:read("l")
+      if line == "boom" then error("handler exploded") end
+      c:write(prefork.getpid(), "\n")
+    end)
+  end}
+]])
+  local pid = H.request_ok(p.port, "x\n")
+  local bad = H.request(p.port, "boom\n")
+  lu.assertEquals(bad, "")  -- closed, nothing said
+  lu.assertEquals(H.request_ok(p.port, "x\n"), pid)  -- same worker serves on
+  p:expect("handler failed: [^\n]*handler exploded", 5, "err")
+  lu.assertStrContains(p:err(), "stack traceback")
+end
+
+
+function TestServe:test_timeouts_in_a_coroutine ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      c:settimeout(0.2)
+      local line, err = c:read("l")
+      c:write(tostring(line), " ", tostring(err), "\n")
+    end)
+  end}
+]])
+  local c = connect(p.port)
+  lu.assertEquals(c:receive("*l"), "nil timeout")
+  c:close()
+end
+
+
+function TestServe:test_wait_fd_and_sleep_yield ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    local a, b = prefork.socketpair()
+    w:serve(function (c)
+      local cmd = c:read("l")
+      if cmd == "wait" then
+        local ok, err = prefork.wait_fd(b, "r", 5)
+        c:write("woke ", tostring(ok), " ", b:read("l"), "\n")
+      elseif cmd == "poke" then
+        prefork.sleep(0.05)
+        a:write("poked\n")
+        c:write("done\n")
+      elseif cmd == "short" then
+        c:write(tostring(select(2, prefork.wait_fd(b, "r", 0.05))), "\n")
+      end
+    end)
+  end}
+]])
+  local waiter = connect(p.port)
+  waiter:send("wait\n")
+  H.sleep(0.1)
+  lu.assertEquals(H.request_ok(p.port, "poke\n"), "done\n")
+  lu.assertEquals(waiter:receive("*l"), "woke true poked")
+  waiter:close()
+  lu.assertEquals(H.request_ok(p.port, "short\n"), "timeout\n")
+end
+
+
+function TestServe:test_graceful_stop_closes_idle_and_finishes_busy ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      while true do
+        local line, err = c:read("l")
+        if not line then
+          io.stdout:write("READ ", err, "\n") io.stdout:flush()
+          return
+        end
+        if line == "slow" then prefork.sleep(0.5) end
+        c:write("answer ", line, "\n")
+      end
+    end)
+    print("SERVE RETURNED", w:stopping()) io.stdout:flush()
+  end}
+]])
+  local idle, busy = connect(p.port), connect(p.port)
+  idle:send("one\n")
+  lu.assertEquals(idle:receive("*l"), "answer one")  -- now idle
+  busy:send("slow\n")
+  H.sleep(0.1)
+  p:kill("TERM")
+  lu.assertEquals(busy:receive("*l"), "answer slow")  -- finished
+  lu.assertEquals(idle:receive("*l"), nil)  -- closed
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+  lu.assertStrContains(p:out(), "READ stopping")
+  lu.assertStrContains(p:out(), "SERVE RETURNED\ttrue")
+  idle:close() busy:close()
+end
+
+
+function TestServe:test_thousands_of_keepalive_connections ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", backlog = 4096,
+  on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      for line in function () return c:read("l") end do c:write(line, "\n") end
+    end)
+  end}
+]], {prefix = "prlimit --nofile=8192 "})
+  local client = H.tmpname() .. ".lua"
+  H.writefile(client, ([[
+local socket = require "socket"
+local cs = {}
+for i = 1, 3000 do
+  cs[i] = socket.tcp()
+  cs[i]:settimeout(10)
+  assert(cs[i]:connect("127.0.0.1", %d))
+end
+for round = 1, 2 do
+  for i = 1, 3000 do cs[i]:send(i .. "\n") end
+  for i = 1, 3000 do assert(cs[i]:receive("*l") == tostring(i)) end
+end
+print("ok 3000")
+]]):format(p.port))
+  local c = H.spawn("prlimit --nofile=8192 " .. H.lua .. " " .. client)
+  lu.assertEquals({c:wait(60)}, {"exit", 0})
+  lu.assertEquals(c:out(), "ok 3000\n", c:err())
+  lu.assertEquals(#H.childpids(p.pid), 1)
+end
+
+
+function TestServe:test_serve_outside_a_worker_raises ()
+  lu.assertErrorMsgContains("not in a worker process",
+    function () require("prefork.core").serve(nil, function () end) end)
+  lu.assertErrorMsgContains("function expected",
+    function () require("prefork.core").serve(nil, 42) end)
+end
+
+
+function TestServe:test_sleep_and_wait_fd_block_outside_serve ()
+  local t0 = H.now()
+  lu.assertTrue(prefork.sleep(0.05))
+  lu.assertTrue(H.now() - t0 >= 0.045)
+  local a, b = prefork.socketpair()
+  lu.assertEquals({prefork.wait_fd(b, "r", 0.05)}, {nil, "timeout"})
+  a:write("x")
+  lu.assertTrue(prefork.wait_fd(b, "r", 1))
+  lu.assertTrue(prefork.wait_fd(b:getfd(), "w"))
+  lu.assertErrorMsgContains("invalid option", prefork.wait_fd, b, "x")
+  lu.assertErrorMsgContains("negative time", prefork.sleep, -1)
+  a:close() b:close()
+end
+
+
+os.exit(lu.LuaUnit.run())
