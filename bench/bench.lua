@@ -88,6 +88,9 @@ B.http_peers = {
   {"lua-prefork", function (port, n)
     return ("env QUIET=1 %s bench/hello.lua %d %d"):format(H.lua, port, n)
   end},
+  {"lua-prefork (accept=master)", function (port, n)
+    return ("env QUIET=1 ACCEPT=master %s bench/hello.lua %d %d"):format(H.lua, port, n)
+  end, http_only = true},
   {"nginx", function (port, n)
     local prefix = tmp .. "/nginx-" .. port
     H.sh("mkdir -p " .. prefix)

@@ -88,5 +88,6 @@ prefork.start{
           .. prefork.getpid() .. ")")
     io.stdout:flush()
   end,
+  accept = os.getenv("ACCEPT"),  -- "shared" (default) or "master"
   fork = function (worker) worker:serve(serve) end,
 }

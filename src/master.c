@@ -29,6 +29,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 
 #include <ev.h>
@@ -68,6 +69,7 @@ typedef struct worker {
   struct worker *replaces;  /* retire that one when this one is ready */
   int stolen;  /* reaped by prefork.wait in a hook: status is its exit */
   int status;
+  unsigned long sent;  /* connections handed over (accept = "master") */
   char name[40];  /* its id, for the log */
   ev_timer timer;  /* spawn (PENDING), ready (STARTING), kill (STOPPING) */
   ev_io ready;  /* readiness pipe */
@@ -83,6 +85,9 @@ struct master {
   int opts;  /* registry refs: the options (callbacks, listeners, ...) */
   int ctxs;  /* and the contexts of the workers */
   double graceful;  /* seconds a stopping worker gets before KILL */
+  int channel;  /* accept = "master": the master accepts and hands over */
+  int nlw;  /* then: its watchers of the listeners */
+  ev_io *lw;
   pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
   unsigned char used[PF_MAXPROCS];
   ev_signal sig[NSIGS];
@@ -196,8 +201,11 @@ static void retire (master *m, worker *w, int sig) {
 }
 
 
+static void listening (master *m, int on);
+
 static void becameready (master *m, worker *w) {
   worker *old = w->replaces;
+  if (m->channel && !m->stopping) listening(m, 1);
   w->state = W_RUNNING;
   w->fails = 0;
   ev_timer_stop(EV_DEFAULT, &w->timer);
@@ -256,7 +264,8 @@ static void onready (struct ev_loop *loop, ev_io *io, int revents) {
   ssize_t n = read(w->ctl, &c, 1);
   (void)loop; (void)revents;
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  closectl(w);  /* one byte is all it ever says */
+  if (n != 1 || !w->m->channel)
+    closectl(w);  /* one byte is all it says; the channel stays */
   if (n == 1 && w->state == W_STARTING) becameready(w->m, w);
 }
 
@@ -377,6 +386,130 @@ static void onlater (struct ev_loop *loop, ev_timer *t, int revents) {
 }
 
 
+/* {======================================================
+** accept = "master": the master accepts, the least loaded worker serves
+** ======================================================= */
+
+/* connections a worker holds or has not taken yet */
+static unsigned long load (master *m, worker *w) {
+  pf_score *sc = &m->score[w->slot];
+  unsigned long taken = __atomic_load_n(&sc->accepted, __ATOMIC_RELAXED);
+  long inflight = __atomic_load_n(&sc->inflight, __ATOMIC_RELAXED);
+  return (inflight > 0 ? (unsigned long)inflight : 0)
+         + (w->sent > taken ? w->sent - taken : 0);
+}
+
+
+/* the running worker with the least load, not in tried[] (of n) */
+static worker *leastloaded (master *m, worker **tried, int n) {
+  worker *w, *best = NULL;
+  unsigned long bl = 0;
+  for (w = m->list; w != NULL; w = w->next) {
+    int i, skip = w->state != W_RUNNING || !w->respawn || w->ctl < 0;
+    for (i = 0; i < n && !skip; i++) skip = tried[i] == w;
+    if (!skip) {
+      unsigned long l = load(m, w);
+      /* a tie goes to the one handed fewer so far: idle workers share */
+      if (best == NULL || l < bl || (l == bl && w->sent < best->sent)) {
+        best = w;
+        bl = l;
+      }
+    }
+  }
+  return best;
+}
+
+
+/* hand fd to a worker: SCM_RIGHTS on its channel, never blocking */
+static int handover (worker *w, int fd) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char byte = 'c';
+  memset(&msg, 0, sizeof(msg));
+  memset(&ctl, 0, sizeof(ctl));
+  iov.iov_base = &byte;
+  iov.iov_len = 1;
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ctl.buf;
+  msg.msg_controllen = sizeof(ctl.buf);
+  cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+  return sendmsg(w->ctl, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1;
+}
+
+
+/* a new connection to the least loaded worker that takes it; a worker
+** that is busy (its channel full) or dying is passed over */
+static void dispatch (master *m, int fd) {
+  worker *tried[8];
+  int n = 0;
+  for (;;) {
+    worker *w = leastloaded(m, tried, n);
+    if (w == NULL || n == 8) break;
+    if (handover(w, fd)) {
+      w->sent++;
+      break;
+    }
+    tried[n++] = w;
+  }
+  close(fd);  /* the worker has its copy, or nobody could take it */
+}
+
+
+static void onlisten (struct ev_loop *loop, ev_io *io, int revents) {
+  master *m = (master *)io->data;
+  int i;
+  (void)loop; (void)revents;
+  for (i = 0; i < 64; i++) {
+    int fd;
+    if (leastloaded(m, NULL, 0) == NULL) {  /* nobody to serve: wait */
+      listening(m, 0);
+      return;
+    }
+    fd = accept4(io->fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0) return;  /* EAGAIN, or a connection that went */
+    dispatch(m, fd);
+  }
+}
+
+
+/* watch the listeners (accept = "master") or stop watching them */
+static void listening (master *m, int on) {
+  int i;
+  for (i = 0; i < m->nlw; i++) {
+    if (on) ev_io_start(EV_DEFAULT, &m->lw[i]);
+    else ev_io_stop(EV_DEFAULT, &m->lw[i]);
+  }
+}
+
+
+static void startlistening (master *m) {
+  lua_State *L = m->L;
+  int i;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  lua_getfield(L, -1, "listeners");
+  m->nlw = (int)luaL_len(L, -1);
+  m->lw = (ev_io *)calloc((size_t)m->nlw + 1, sizeof(ev_io));
+  if (m->lw == NULL) m->nlw = 0;
+  for (i = 0; i < m->nlw; i++) {
+    lua_rawgeti(L, -1, i + 1);
+    ev_io_init(&m->lw[i], onlisten, pf_listener_fd(pf_checklistener(L, -1)),
+               EV_READ);
+    m->lw[i].data = m;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+}
+
+/* }====================================================== */
+
+
 /* the master's copies of the listeners: closed at a stop's start (the
 ** workers close theirs as they stop; a Unix socket's file goes now) */
 static void closelisteners (master *m) {
@@ -405,6 +538,7 @@ static void stop (master *m, int how) {
            m->graceful);
   else
     pf_log(m->L, "info", "immediate stop: %d workers get KILL", n);
+  listening(m, 0);
   closelisteners(m);
   for (w = m->list; w != NULL; w = next) {
     next = w->next;
@@ -486,7 +620,7 @@ static int childmain (lua_State *L) {
     ls[i] = pf_checklistener(L, -1);
     lua_pop(L, 1);
   }
-  pf_worker_setup(ls, n, a->ctl, &m->score[a->slot], m->pid);
+  pf_worker_setup(ls, n, a->ctl, m->channel, &m->score[a->slot], m->pid);
   if (lua_getfield(L, -2, "title") == LUA_TSTRING) {
     char title[256];
     snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
@@ -545,12 +679,12 @@ static void spawn (master *m, worker *w) {
     forkfailed(m, w, "scoreboard");
     return;
   }
-  if (pipe2(fds, O_CLOEXEC) != 0) {
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
     m->used[slot] = 0;
-    forkfailed(m, w, "pipe");
+    forkfailed(m, w, "socketpair");
     return;
   }
-  /* never block on it: a process the worker forked may hold the write
+  /* never block on it: a process the worker forked may hold the other
   ** end after the worker is gone */
   fcntl(fds[0], F_SETFL, O_NONBLOCK);
   pid = pf_fork();
@@ -566,6 +700,7 @@ static void spawn (master *m, worker *w) {
     return;
   }
   w->pid = pid;
+  w->sent = 0;
   w->slot = slot;
   w->state = W_STARTING;
   w->started = pf_now();
@@ -791,6 +926,7 @@ static int m_run (lua_State *L) {
   runningmaster = m;
   startsignals(m);
   pf_onfork(forget, m);
+  if (m->channel) startlistening(m);
   while ((w = unspawned(m)) != NULL)  /* a hook may change the list */
     spawn(m, w);
   if (!m->stopping && pushcb(m, "on_start"))
@@ -799,6 +935,10 @@ static int m_run (lua_State *L) {
     ev_run(EV_DEFAULT, 0);
   m->running = 0;
   runningmaster = NULL;
+  listening(m, 0);
+  free(m->lw);
+  m->lw = NULL;
+  m->nlw = 0;
   pf_onfork(NULL, NULL);
   stopsignals(m);
   pf_loop_close();
@@ -842,6 +982,9 @@ static int l_master (lua_State *L) {
   m->L = L;
   lua_getfield(L, 1, "graceful_timeout");
   m->graceful = luaL_optnumber(L, -1, 30);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "accept");
+  m->channel = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "master") == 0;
   lua_pop(L, 1);
   m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,
                               PROT_READ | PROT_WRITE,

@@ -110,7 +110,8 @@ typedef struct pf_score {
 } pf_score;
 
 PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl,
-                             pf_score *score, pid_t master);
+                             int channel, pf_score *score, pid_t master);
+PF_API int pf_worker_channel (void);
 PF_API void pf_worker_closed (void);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);

@@ -247,6 +247,16 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
 
 static void stopserving (void) {
   task *t, *next;
+  if (pf_worker_channel()) {  /* take what the master handed over */
+    for (;;) {
+      pf_conn *c = pf_newconn(sv.L);
+      if (pf_worker_accept(c) <= 0) {
+        lua_pop(sv.L, 1);
+        break;
+      }
+      start();
+    }
+  }
   sv.stopping = 1;
   ev_io_stop(sv.loop, &sv.accept);
   ev_io_stop(sv.loop, &sv.wake);

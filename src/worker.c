@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -21,13 +22,15 @@ static struct {
   volatile sig_atomic_t stopping;  /* TERM or INT came */
   int inworker;  /* this process is a master's worker */
   int wake[2];  /* self-pipe: the stop handler writes, accept polls */
-  int ctl;  /* readiness pipe to the master; -1 once told */
+  int ctl;  /* socket to the master: readiness; -1 once told */
+  int channel;  /* accept = "master": connections come on ctl */
+  int told;  /* the master knows we are ready */
   pf_score *score;  /* our slot of the master's scoreboard */
   pf_listener **ls;  /* the inherited listeners */
   int nls;
   int next;  /* listener to try first: none is starved */
-  struct pollfd *pfd;  /* the listeners and wake[0] */
-} self = {0, 0, {-1, -1}, -1, NULL, NULL, 0, 0, NULL};
+  struct pollfd *pfd;  /* the listeners (or ctl) and wake[0] */
+} self = {0, 0, {-1, -1}, -1, 0, 0, NULL, NULL, 0, 0, NULL};
 
 
 /* a counter in shared memory: one writer (us), read by the master */
@@ -63,24 +66,29 @@ static void forget (void *ud) {
 }
 
 
-void pf_worker_setup (pf_listener **ls, int nls, int ctl, pf_score *score,
-                      pid_t master) {
+void pf_worker_setup (pf_listener **ls, int nls, int ctl, int channel,
+                      pf_score *score, pid_t master) {
   struct sigaction sa;
-  int i;
+  int i, n = channel ? 1 : nls;
   self.inworker = 1;
   self.ls = ls;
   self.nls = nls;
   self.ctl = ctl;
+  self.channel = channel;
   self.score = score;
-  self.pfd = (struct pollfd *)calloc((size_t)nls + 1, sizeof(struct pollfd));
+  self.pfd = (struct pollfd *)calloc((size_t)nls + 2, sizeof(struct pollfd));
   if (self.pfd == NULL || pipe2(self.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     pf_exit(111);
-  for (i = 0; i < nls; i++) {
-    self.pfd[i].fd = pf_listener_fd(ls[i]);
-    self.pfd[i].events = POLLIN;
+  if (channel) {  /* the master accepts: its listeners are none of ours */
+    for (i = 0; i < nls; i++) pf_listener_close(ls[i]);
+    self.nls = 0;
+    self.pfd[0].fd = ctl;
   }
-  self.pfd[nls].fd = self.wake[0];
-  self.pfd[nls].events = POLLIN;
+  for (i = 0; i < nls && !channel; i++)
+    self.pfd[i].fd = pf_listener_fd(ls[i]);
+  for (i = 0; i < n; i++) self.pfd[i].events = POLLIN;
+  self.pfd[n].fd = self.wake[0];
+  self.pfd[n].events = POLLIN;
   sa.sa_handler = onstop;
   sa.sa_flags = SA_RESTART;  /* the work in hand goes on */
   sigemptyset(&sa.sa_mask);
@@ -101,10 +109,13 @@ void pf_worker_closed (void) {
 
 /* the first accept tells the master that this worker is ready */
 void pf_worker_ready (void) {
-  if (self.ctl >= 0) {
+  if (self.ctl >= 0 && !self.told) {
     (void)!write(self.ctl, "r", 1);
-    close(self.ctl);
-    self.ctl = -1;
+    self.told = 1;
+    if (!self.channel) {  /* it says nothing more */
+      close(self.ctl);
+      self.ctl = -1;
+    }
   }
 }
 
@@ -134,9 +145,51 @@ static int transient (int en) {
 }
 
 
+/* a connection the master handed over (accept = "master"): 1 with
+** c->fd set, 0 none there, -1 the master is gone */
+static int fromchannel (pf_conn *c) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char byte;
+  ssize_t n;
+  memset(&msg, 0, sizeof(msg));
+  iov.iov_base = &byte;
+  iov.iov_len = 1;
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ctl.buf;
+  msg.msg_controllen = sizeof(ctl.buf);
+  do n = recvmsg(self.ctl, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+  if (n == 0) {  /* the master is gone: stop */
+    self.stopping = 1;
+    return 0;
+  }
+  cm = CMSG_FIRSTHDR(&msg);
+  if (cm == NULL || cm->cmsg_type != SCM_RIGHTS
+      || cm->cmsg_len != CMSG_LEN(sizeof(int)))
+    return 0;  /* not a connection: nothing to take */
+  memcpy(&c->fd, CMSG_DATA(cm), sizeof(int));
+  fcntl(c->fd, F_SETFL, O_NONBLOCK);
+  return 1;
+}
+
+
 /* one round over the listeners: 1 with c->fd set, 0 none ready, -1 */
 int pf_worker_accept (pf_conn *c) {
   int k;
+  if (self.channel) {
+    int st = fromchannel(c);
+    if (st > 0) {
+      c->counted = 1;
+      bump(self.score->accepted, 1);
+      bump(self.score->inflight, 1);
+    }
+    return st;
+  }
   for (k = 0; k < self.nls; k++) {
     int i = (self.next + k) % self.nls;
     int fd = accept4(pf_listener_fd(self.ls[i]), NULL, NULL,
@@ -171,10 +224,13 @@ static int l_accept (lua_State *L) {
     int st = pf_worker_accept(c);
     if (st > 0) return 1;
     if (st < 0) return pf_fail(L, "accept");
-    if (poll(self.pfd, (nfds_t)self.nls + 1, -1) < 0 && errno != EINTR)
+    if (poll(self.pfd, (nfds_t)(self.channel ? 1 : self.nls) + 1, -1) < 0
+        && errno != EINTR)
       return pf_fail(L, "poll");
     while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
   }
+  if (self.channel && pf_worker_accept(c) > 0)
+    return 1;  /* handed over before the stop: served, not lost */
   pf_worker_stoplistening();
   luaL_pushfail(L);
   lua_pushliteral(L, "stopping");
@@ -185,8 +241,15 @@ static int l_accept (lua_State *L) {
 /* the listeners' fds (n of them) then the stop pipe's read end; NULL
 ** outside a worker */
 const struct pollfd *pf_worker_fds (int *n) {
-  *n = self.nls;
+  *n = self.channel ? 1 : self.nls;
   return self.inworker ? self.pfd : NULL;
+}
+
+
+/* connections handed over wait in the channel until taken: a stopping
+** worker takes them all (the master sends no more) */
+int pf_worker_channel (void) {
+  return self.channel;
 }
 
 

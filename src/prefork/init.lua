@@ -88,7 +88,7 @@ checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
 checks.title = function (v) return type(v) == "string", "a string" end
 checks.accept = function (v)
-  return v == "shared", '"shared" (the only strategy in this version)'
+  return v == "shared" or v == "master", '"shared" or "master"'
 end
 checks.listen = function (v)
   local t = type(v)
@@ -354,6 +354,7 @@ function prefork.start (opts)
   self.core = core.master{
     listeners = listeners,
     graceful_timeout = opts.graceful_timeout,
+    accept = opts.accept,
     title = opts.title,
     child = function (ctx) childmain(self, ctx) end,
     before_fork = opts.before_fork

@@ -1,0 +1,156 @@
+-- Accept strategies: "shared" (one socket, EPOLLEXCLUSIVE wake-ups) and
+-- "master" (the master accepts and hands each connection to the least
+-- loaded worker). Load reaches every worker; a retired worker serves
+-- what it was handed; the counters tell the balance.
+
+local lu = require "luaunit"
+local H = require "helpers"
+local socket = require "socket"
+
+-- a worker answers "<pid>" to each line; "spin" keeps its loop busy
+local SERVER = [[
+local strategy = ...
+prefork.start{workers = 2, listen = "127.0.0.1:0", accept = strategy,
+  on_start = announce,
+  on_reload = function (m)
+    for _, w in ipairs(m:workers()) do
+      print("STATS", w.id, w.accepted, w.inflight)
+    end
+    io.stdout:flush()
+  end,
+  fork = function (w)
+    w:serve(function (c)
+      for line in function () return c:read("l") end do
+        if line == "spin" then
+          local t = os.clock() + 0.02
+          while os.clock() < t do end
+        end
+        c:write(prefork.getpid(), "\n")
+      end
+    end)
+  end}
+]]
+
+local function connect (port)
+  local c = socket.tcp()
+  c:settimeout(10)
+  assert(c:connect("127.0.0.1", port))
+  return c
+end
+
+--- n connections, each asking once with cmd; {pid = count}
+local function spread (port, n, cmd)
+  local cs, seen = {}, {}
+  for i = 1, n do cs[i] = connect(port) end
+  for i = 1, n do cs[i]:send(cmd .. "\n") end
+  for i = 1, n do
+    local pid = assert(cs[i]:receive("*l"))
+    seen[pid] = (seen[pid] or 0) + 1
+  end
+  return seen, cs
+end
+
+local function count (t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
+TestAccept = {}
+
+function TestAccept:tearDown () H.cleanup() end
+
+
+function TestAccept:test_shared_load_reaches_every_worker ()
+  local p = H.master(SERVER, {args = "shared"})
+  H.nworkers(p, 2)
+  -- a worker busy spinning is not waiting: the wake-up goes to the other
+  local seen = H.wait_until(function ()
+    local s, cs = spread(p.port, 20, "spin")
+    for _, c in ipairs(cs) do c:close() end
+    return count(s) == 2 and s
+  end, 10, "both workers to serve")
+  lu.assertEquals(count(seen), 2)
+end
+
+
+function TestAccept:test_master_hands_to_the_least_loaded ()
+  local p = H.master(SERVER, {args = "master"})
+  H.nworkers(p, 2)
+  H.sleep(0.3)  -- both ready: the master hands over only to ready workers
+  local seen, cs = spread(p.port, 10, "x")  -- all 10 held open at once
+  lu.assertEquals(count(seen), 2)
+  for _, n in pairs(seen) do lu.assertEquals(n, 5) end  -- 5 and 5
+  p:kill("HUP")  -- on_reload prints the counters
+  p:expect("STATS\t2\t%d+\t%d+\n")
+  local a1, i1 = p:out():match("STATS\t1\t(%d+)\t(%d+)")
+  local a2, i2 = p:out():match("STATS\t2\t(%d+)\t(%d+)")
+  lu.assertEquals({tonumber(a1), tonumber(i1), tonumber(a2), tonumber(i2)},
+                  {5, 5, 5, 5})
+  for _, c in ipairs(cs) do c:close() end
+end
+
+
+function TestAccept:test_master_a_retired_worker_serves_what_it_was_handed ()
+  local p = H.master(SERVER, {args = "master"})
+  H.nworkers(p, 2)
+  H.sleep(0.3)
+  local cs = {}
+  for i = 1, 10 do cs[i] = connect(p.port) end  -- handed over, not asked yet
+  H.sleep(0.2)
+  p:kill("TTOU")  -- worker 2 goes; its connections are still answered
+  H.sleep(0.2)
+  local seen = {}
+  for i = 1, 10 do
+    cs[i]:send("x\n")
+    local pid = cs[i]:receive("*l")
+    lu.assertNotNil(pid, "connection " .. i .. " lost")
+    seen[pid] = true
+    cs[i]:close()
+  end
+  lu.assertEquals(count(seen), 2)
+  H.nworkers(p, 1)
+  -- new connections now all go to the one left
+  local after = spread(p.port, 6, "x")
+  lu.assertEquals(count(after), 1)
+end
+
+
+function TestAccept:test_master_a_killed_worker_costs_only_its_own ()
+  local p = H.master(SERVER, {args = "master"})
+  local pids = H.nworkers(p, 2)
+  H.sleep(0.3)
+  local cs = {}
+  for i = 1, 10 do
+    cs[i] = connect(p.port)
+    cs[i]:send("x\n")
+  end
+  local owner = {}
+  for i = 1, 10 do owner[i] = tonumber(cs[i]:receive("*l")) end
+  H.kill(pids[1], "KILL")
+  H.nworkers(p, 2)
+  local served = 0
+  for i = 1, 10 do
+    if owner[i] ~= pids[1] then  -- the survivor's connections go on
+      cs[i]:send("y\n")
+      lu.assertEquals(tonumber(cs[i]:receive("*l")), owner[i])
+      served = served + 1
+    end
+    cs[i]:close()
+  end
+  lu.assertEquals(served, 5)
+  -- and the replacement takes its share of new connections
+  H.sleep(0.3)
+  lu.assertEquals(count(spread(p.port, 10, "x")), 2)
+end
+
+
+function TestAccept:test_unknown_strategy_is_refused ()
+  local ok, err = pcall(require("prefork").start,
+                        {accept = "magic", fork = function () end})
+  lu.assertFalse(ok)
+  lu.assertStrContains(err, [[option 'accept' must be "shared" or "master"]])
+end
+
+
+os.exit(lu.LuaUnit.run())
