@@ -165,9 +165,9 @@ local function http_case (name, title, close, note)
 end
 
 http_case("http_keepalive", "HTTP hello, 2 workers, wrk -t2 -c50, keep-alive", false,
-  "lua-prefork's hello (bench/hello.lua) is a blocking worker of this version: "
-  .. "one connection at a time, closed after each answer, so wrk reconnects; "
-  .. "keep-alive on an event loop in the worker (worker:serve) is the next step.")
+  "lua-prefork's hello (bench/hello.lua) runs worker:serve, a coroutine per "
+  .. "connection; both it and nginx accept with TCP_DEFER_ACCEPT (defer_accept, "
+  .. "listen ... deferred).")
 http_case("http_close", "HTTP hello, 2 workers, wrk -t2 -c50, Connection: close", true)
 
 

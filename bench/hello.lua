@@ -59,6 +59,7 @@ prefork.start{
   workers = tonumber(arg[2] or 2),
   listen = "127.0.0.1:" .. port,
   accept = os.getenv("ACCEPT"),  -- the strategy: "shared" (default), "master"
+  defer_accept = 1,  -- HTTP: the client speaks first (nginx: listen deferred)
   log = os.getenv("QUIET") and function () end or nil,
   update = function ()
     generation = generation + 1

@@ -47,6 +47,8 @@ function TestOptions:test_wrong_types_name_the_option ()
         {graceful_timeout = -1, fork = fork})
   fails("option 'title' must be a string", {title = 3, fork = fork})
   fails("option 'backlog' must be an integer >= 1", {backlog = 0, fork = fork})
+  fails("option 'defer_accept' must be an integer >= 0",
+        {defer_accept = "yes", fork = fork})
   fails("option 'listen' must be an address or a list of addresses, got boolean",
         {listen = true, fork = fork})
   fails("option 'listen' must be a list of addresses (item 2 is a table)",

@@ -91,6 +91,21 @@ function TestListen:test_unix_socket_stale_file_and_removal ()
   os.remove(path)
 end
 
+function TestListen:test_deferred_accept_waits_for_the_first_bytes ()
+  local l = assert(prefork.listen("127.0.0.1:0"))
+  lu.assertTrue(l:setdefer(1))
+  local port = tonumber(l:address():match(":(%d+)$"))
+  local c = socket.tcp()
+  c:settimeout(2)
+  assert(c:connect("127.0.0.1", port))
+  lu.assertEquals({l:accept(0.3)}, {nil, "timeout"})  -- silent: not yet
+  c:send("hi\n")
+  local conn = assert(l:accept(2))
+  lu.assertEquals(conn:read(), "hi")
+  lu.assertErrorMsgContains("negative time", l.setdefer, l, -1)
+  conn:close() c:close() l:close()
+end
+
 function TestListen:test_accept_timeout ()
   local l = assert(prefork.listen("127.0.0.1:0"))
   local t0 = H.now()

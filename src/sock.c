@@ -289,6 +289,22 @@ static int li_close (lua_State *L) {
 }
 
 
+/* listener:setdefer(seconds): accept a TCP connection only once its
+** first bytes came (TCP_DEFER_ACCEPT), or after that many seconds; for
+** protocols where the client speaks first. 0 turns it off. */
+static int li_setdefer (lua_State *L) {
+  pf_listener *l = checkopen(L);
+  int secs = (int)luaL_checkinteger(L, 2);
+  luaL_argcheck(L, secs >= 0, 2, "negative time");
+  if (strncmp(l->addr, "unix:", 5) != 0
+      && setsockopt(l->fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs,
+                    sizeof(secs)) != 0)
+    return pf_fail(L, "setsockopt");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
 /* listener:accept([timeout]) -> conn | nil, "timeout" | fail triple;
 ** for programs that accept outside a master's worker */
 static int li_accept (lua_State *L) {
@@ -766,7 +782,7 @@ static void createmeta (lua_State *L, const char *name, const luaL_Reg *meth,
 void pf_open_sock (lua_State *L) {
   static const luaL_Reg limeth[] = {
     {"getfd", li_getfd}, {"address", li_address}, {"close", li_close},
-    {"accept", li_accept},
+    {"accept", li_accept}, {"setdefer", li_setdefer},
     {NULL, NULL}
   };
   static const luaL_Reg limetameth[] = {

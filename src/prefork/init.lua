@@ -86,6 +86,7 @@ end
 checks.workers = opt_integer(0)
 checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
+checks.defer_accept = opt_integer(0)
 checks.title = function (v) return type(v) == "string", "a string" end
 checks.accept = function (v)
   return v == "shared" or v == "master", '"shared" or "master"'
@@ -345,6 +346,15 @@ end
 function prefork.start (opts)
   checkopts(opts)
   local listeners = bindall(opts.listen or {}, opts.backlog)
+  if opts.defer_accept and opts.defer_accept > 0 then
+    for i, l in ipairs(listeners) do
+      local ok, err = l:setdefer(opts.defer_accept)
+      if not ok then
+        for _, done in ipairs(listeners) do done:close() end
+        error(("prefork.start: defer_accept on listen[%d]: %s"):format(i, err), 2)
+      end
+    end
+  end
   local self = setmetatable({
     opts = opts, listeners = listeners, running = {}, contexts = {},
     count = opts.workers or core.ncpu(), addrs = {},
