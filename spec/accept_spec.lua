@@ -145,11 +145,68 @@ function TestAccept:test_master_a_killed_worker_costs_only_its_own ()
 end
 
 
+local function listening (port)  -- LISTEN sockets on the port
+  local n = 0
+  for _ in H.sh("ss -ltnH 'sport = :" .. port .. "'"):gmatch("LISTEN") do n = n + 1 end
+  return n
+end
+
+
+function TestAccept:test_reuseport_one_socket_per_worker_and_load_reaches_all ()
+  local p = H.master(SERVER, {args = "reuseport"})
+  H.nworkers(p, 2)
+  lu.assertEquals(listening(p.port), 2)  -- the master's template does not listen
+  local seen = H.wait_until(function ()
+    local s, cs = spread(p.port, 20, "x")
+    for _, c in ipairs(cs) do c:close() end
+    return count(s) == 2 and s
+  end, 10, "both workers to serve")
+  lu.assertEquals(count(seen), 2)
+end
+
+
+function TestAccept:test_reuseport_a_killed_workers_queue_goes_to_its_replacement ()
+  local p = H.master(SERVER, {args = "reuseport"})
+  local pids = H.nworkers(p, 2)
+  H.sleep(1.1)  -- ready: respawn at once
+  H.kill(pids[1], "KILL")
+  local cs = {}
+  for i = 1, 20 do  -- some land on the dead worker's socket, in its queue
+    cs[i] = connect(p.port)
+    cs[i]:send("x\n")
+  end
+  local seen = {}
+  for i = 1, 20 do
+    local pid = cs[i]:receive("*l")
+    lu.assertNotNil(pid, "connection " .. i .. " lost")
+    seen[tonumber(pid)] = true
+    cs[i]:close()
+  end
+  lu.assertNil(seen[pids[1]])
+  lu.assertEquals(count(seen), 2)  -- the replacement served its queue
+end
+
+
+function TestAccept:test_reuseport_a_removed_id_takes_its_socket_along ()
+  local p = H.master(SERVER, {args = "reuseport"})
+  H.nworkers(p, 2)
+  p:kill("TTOU")
+  H.nworkers(p, 1)
+  H.wait_until(function () return listening(p.port) == 1 end, 5, "one socket")
+  local seen, cs = spread(p.port, 20, "x")  -- none is lost or refused
+  lu.assertEquals(count(seen), 1)
+  for _, c in ipairs(cs) do c:close() end
+  p:kill("TTIN")
+  H.nworkers(p, 2)
+  H.wait_until(function () return listening(p.port) == 2 end, 5, "two sockets")
+end
+
+
 function TestAccept:test_unknown_strategy_is_refused ()
   local ok, err = pcall(require("prefork").start,
                         {accept = "magic", fork = function () end})
   lu.assertFalse(ok)
-  lu.assertStrContains(err, [[option 'accept' must be "shared" or "master"]])
+  lu.assertStrContains(err, [[option 'accept' must be "shared", "master" or "reuseport"]])
 end
 
 

@@ -53,7 +53,8 @@ function TestOptions:test_wrong_types_name_the_option ()
         {listen = true, fork = fork})
   fails("option 'listen' must be a list of addresses (item 2 is a table)",
         {listen = {"127.0.0.1:0", {}}, fork = fork})
-  fails([[option 'accept' must be "shared" or "master"]], {accept = "magic", fork = fork})
+  fails([[option 'accept' must be "shared", "master" or "reuseport"]],
+        {accept = "magic", fork = fork})
 end
 
 function TestOptions:test_fork_is_required ()

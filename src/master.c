@@ -70,6 +70,8 @@ typedef struct worker {
   int stolen;  /* reaped by prefork.wait in a hook: status is its exit */
   int status;
   unsigned long sent;  /* connections handed over (accept = "master") */
+  int ls;  /* its listeners (accept = "reuseport"): a ref to a list that
+           ** the workers of its id share across respawns and reloads */
   char name[40];  /* its id, for the log */
   ev_timer timer;  /* spawn (PENDING), ready (STARTING), kill (STOPPING) */
   ev_io ready;  /* readiness pipe */
@@ -86,6 +88,7 @@ struct master {
   int ctxs;  /* and the contexts of the workers */
   double graceful;  /* seconds a stopping worker gets before KILL */
   int channel;  /* accept = "master": the master accepts and hands over */
+  int reuseport;  /* accept = "reuseport": a SO_REUSEPORT socket per id */
   int nlw;  /* then: its watchers of the listeners */
   ev_io *lw;
   pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
@@ -142,6 +145,80 @@ static void pushctx (master *m, worker *w) {
 ** The worker list
 ** ======================================================= */
 
+/* {======================================================
+** accept = "reuseport": the sockets of each id, kept by the master
+** ======================================================= */
+
+/* a new list of listeners for an id: a SO_REUSEPORT sibling of each TCP
+** template, the Unix ones shared; raises when one cannot be bound */
+static int newsockets (master *m) {
+  lua_State *L = m->L;
+  int i, n;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  lua_getfield(L, -1, "listeners");
+  n = (int)luaL_len(L, -1);
+  lua_createtable(L, n, 0);
+  for (i = 1; i <= n; i++) {
+    pf_listener *tpl;
+    lua_rawgeti(L, -2, i);
+    tpl = pf_checklistener(L, -1);
+    if (pf_listener_template(tpl)) {
+      if (pf_listener_clone(L, tpl) == NULL)
+        return luaL_error(L, "reuseport: bind: %s", strerror(errno));
+      lua_remove(L, -2);
+    }
+    lua_rawseti(L, -2, i);
+  }
+  lua_remove(L, -2);
+  lua_remove(L, -2);
+  return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+
+/* is the list of listeners of w also another worker's? */
+static int shared (master *m, worker *w) {
+  lua_State *L = m->L;
+  worker *x;
+  int same = 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->ls);
+  for (x = m->list; x != NULL && !same; x = x->next) {
+    if (x == w || x->ls == LUA_NOREF) continue;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, x->ls);
+    same = lua_rawequal(L, -1, -2);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return same;
+}
+
+
+/* close the sockets of w's list that are its own (not a shared Unix one)
+** [-0, +0, -] */
+static void closeown (lua_State *L, int list) {
+  int i, n = (int)luaL_len(L, list);
+  for (i = 1; i <= n; i++) {
+    pf_listener *l;
+    lua_rawgeti(L, list, i);
+    l = pf_checklistener(L, -1);
+    if (pf_listener_reuseport(l)) pf_listener_close(l);
+    lua_pop(L, 1);
+  }
+}
+
+
+/* the id of w goes: the master's copies of its sockets close now, so
+** that they die with the worker's copies (their queue is drained by the
+** worker; net.ipv4.tcp_migrate_req=1 moves what comes in between) */
+static void slotclose (master *m, worker *w) {
+  if (w->ls == LUA_NOREF || shared(m, w)) return;
+  lua_rawgeti(m->L, LUA_REGISTRYINDEX, w->ls);
+  closeown(m->L, lua_gettop(m->L));
+  lua_pop(m->L, 1);
+}
+
+/* }====================================================== */
+
+
 static void freeworker (master *m, worker *w) {
   worker **p;
   struct ev_loop *loop = EV_DEFAULT;
@@ -154,6 +231,10 @@ static void freeworker (master *m, worker *w) {
   lua_rawgeti(m->L, LUA_REGISTRYINDEX, m->ctxs);
   luaL_unref(m->L, -1, w->ctx);
   lua_pop(m->L, 1);
+  *p = w;  /* still listed while shared() looks */
+  slotclose(m, w);
+  *p = w->next;
+  luaL_unref(m->L, LUA_REGISTRYINDEX, w->ls);
   free(w);
   if (m->stopping && m->list == NULL)
     ev_break(loop, EVBREAK_ALL);
@@ -190,6 +271,7 @@ static double backoff (worker *w) {
 /* told to TERM (graceful) or KILL: it goes, and is not respawned */
 static void retire (master *m, worker *w, int sig) {
   w->respawn = 0;
+  slotclose(m, w);  /* unless a successor shares them */
   if (w->state == W_PENDING) {
     if (!w->hold) freeworker(m, w);
     return;
@@ -610,7 +692,19 @@ static int childmain (lua_State *L) {
   int i, n;
   m->L = L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  lua_getfield(L, -1, "listeners");
+  if (m->reuseport) {  /* its own sockets; the others' are not its */
+    worker *x;
+    for (x = m->list; x != NULL; x = x->next) {
+      if (x->ls == LUA_NOREF || x->ls == a->w->ls) continue;
+      lua_rawgeti(L, LUA_REGISTRYINDEX, x->ls);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, a->w->ls);
+      if (!lua_rawequal(L, -1, -2)) closeown(L, lua_gettop(L) - 1);
+      lua_pop(L, 2);
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, a->w->ls);
+  }
+  else
+    lua_getfield(L, -1, "listeners");
   n = (int)luaL_len(L, -1);
   ls = (pf_listener **)lua_newuserdatauv(L, sizeof(pf_listener *)
                                             * ((size_t)n + 1), 0);
@@ -620,7 +714,9 @@ static int childmain (lua_State *L) {
     ls[i] = pf_checklistener(L, -1);
     lua_pop(L, 1);
   }
-  pf_worker_setup(ls, n, a->ctl, m->channel, &m->score[a->slot], m->pid);
+  pf_worker_setup(ls, n, a->ctl,
+                  m->channel ? PF_CHANNEL : m->reuseport ? PF_OWN : PF_SHARED,
+                  &m->score[a->slot], m->pid);
   if (lua_getfield(L, -2, "title") == LUA_TSTRING) {
     char title[256];
     snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
@@ -763,14 +859,24 @@ static worker *current (master *m, int idx) {
 static int m_want (lua_State *L) {
   master *m = checkmaster(L);
   worker *w, *old, **p;
+  int ls = LUA_NOREF;
   lua_State *saved = m->L;
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_argcheck(L, !m->stopping, 1, "master is stopping");
   m->L = L;
   old = current(m, 2);
+  if (m->reuseport && old == NULL) ls = newsockets(m);  /* may raise */
+  else if (m->reuseport) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, old->ls);
+    ls = luaL_ref(L, LUA_REGISTRYINDEX);  /* the same sockets */
+  }
   w = (worker *)calloc(1, sizeof(worker));
-  if (w == NULL) return luaL_error(L, "not enough memory");
+  if (w == NULL) {
+    luaL_unref(L, LUA_REGISTRYINDEX, ls);
+    return luaL_error(L, "not enough memory");
+  }
   w->m = m;
+  w->ls = ls;
   w->slot = w->ctl = -1;
   w->respawn = 1;
   lua_getfield(L, 2, "id");
@@ -953,6 +1059,7 @@ static int m_gc (lua_State *L) {
   while (m->list != NULL) {
     worker *w = m->list;
     m->list = w->next;
+    luaL_unref(L, LUA_REGISTRYINDEX, w->ls);
     free(w);
   }
   if (m->score != NULL) {
@@ -984,7 +1091,10 @@ static int l_master (lua_State *L) {
   m->graceful = luaL_optnumber(L, -1, 30);
   lua_pop(L, 1);
   lua_getfield(L, 1, "accept");
-  m->channel = lua_isstring(L, -1) && strcmp(lua_tostring(L, -1), "master") == 0;
+  if (lua_isstring(L, -1)) {
+    m->channel = strcmp(lua_tostring(L, -1), "master") == 0;
+    m->reuseport = strcmp(lua_tostring(L, -1), "reuseport") == 0;
+  }
   lua_pop(L, 1);
   m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,
                               PROT_READ | PROT_WRITE,

@@ -93,6 +93,9 @@ typedef struct pf_conn {
 PF_API pf_listener *pf_checklistener (lua_State *L, int idx);
 PF_API int pf_listener_fd (const pf_listener *l);
 PF_API void pf_listener_close (pf_listener *l);
+PF_API int pf_listener_template (const pf_listener *l);
+PF_API int pf_listener_reuseport (const pf_listener *l);
+PF_API pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl);
 PF_API pf_conn *pf_newconn (lua_State *L);
 PF_API int pf_waitfd (int fd, int events, double deadline);
 PF_API void pf_open_sock (lua_State *L);
@@ -109,9 +112,14 @@ typedef struct pf_score {
   long inflight;  /* connections accepted and not closed yet */
 } pf_score;
 
-PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl,
-                             int channel, pf_score *score, pid_t master);
-PF_API int pf_worker_channel (void);
+/* where a worker's connections come from */
+#define PF_SHARED	0  /* listeners shared with the other workers */
+#define PF_CHANNEL	1  /* handed over by the master (accept = "master") */
+#define PF_OWN	2  /* listeners of its own (accept = "reuseport") */
+
+PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
+                             pf_score *score, pid_t master);
+PF_API int pf_worker_drains (void);
 PF_API void pf_worker_closed (void);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);

@@ -247,8 +247,9 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
 
 static void stopserving (void) {
   task *t, *next;
-  if (pf_worker_channel()) {  /* take what the master handed over */
-    for (;;) {
+  if (pf_worker_drains()) {  /* take what waits for this worker alone */
+    int k = 0;
+    while (k++ < 4096) {
       pf_conn *c = pf_newconn(sv.L);
       if (pf_worker_accept(c) <= 0) {
         lua_pop(sv.L, 1);

@@ -31,6 +31,10 @@
 
 struct pf_listener {
   int fd;  /* -1 once closed */
+  int reuseport;  /* 0; 1 a SO_REUSEPORT socket; 2 a template (bound only) */
+  int backlog;
+  struct sockaddr_storage sa;  /* the bound address (a TCP one) */
+  socklen_t salen;
   pid_t owner;  /* the process that bound it: the only one to unlink */
   dev_t dev;  /* the socket file of a Unix listener, to unlink it */
   ino_t ino;  /* only while it is still ours */
@@ -129,7 +133,7 @@ static void checkport (lua_State *L, const char *a, const char *port) {
 /* socket, options, bind, listen; -1 with errno set on failure, and
 ** "what" naming the call that failed */
 static int bindlisten (const struct sockaddr *sa, socklen_t len, int backlog,
-                       const char **what) {
+                       int reuseport, const char **what) {
   int one = 1;
   int en;
   int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -142,11 +146,14 @@ static int bindlisten (const struct sockaddr *sa, socklen_t len, int backlog,
     if (sa->sa_family == AF_INET6
         && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
       goto fail;
+    if (reuseport
+        && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
+      goto fail;
   }
   *what = "bind";
   if (bind(fd, sa, len) != 0) goto fail;
   *what = "listen";
-  if (listen(fd, backlog) != 0) goto fail;
+  if (reuseport != 2 && listen(fd, backlog) != 0) goto fail;
   return fd;
 fail:
   en = errno;
@@ -206,7 +213,7 @@ static int listenunix (lua_State *L, pf_listener *l, const char *path,
   memcpy(sun.sun_path, path, n);
   if (clearstale(path) != 0
       || (l->fd = bindlisten((struct sockaddr *)&sun, sizeof(sun), backlog,
-                             &what)) < 0)
+                             0, &what)) < 0)
     return pf_fail(L, what);
   l->owner = getpid();
   if (stat(path, &st) == 0) {
@@ -219,7 +226,7 @@ static int listenunix (lua_State *L, pf_listener *l, const char *path,
 
 
 static int listeninet (lua_State *L, pf_listener *l, const char *a,
-                       int backlog) {
+                       int backlog, int reuseport) {
   char host[256];
   const char *port, *what = "bind";
   struct addrinfo hints, *res;
@@ -238,27 +245,67 @@ static int listeninet (lua_State *L, pf_listener *l, const char *a,
     lua_pushfstring(L, "getaddrinfo: %s", gai_strerror(r));
     return 2;
   }
-  l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, &what);
+  l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, reuseport,
+                     &what);
   freeaddrinfo(res);
   if (l->fd < 0 || getsockname(l->fd, (struct sockaddr *)&ss, &sl) != 0)
     return pf_fail(L, what);
   fmtaddr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
+  memcpy(&l->sa, &ss, sizeof(ss));
+  l->salen = sl;
+  l->backlog = backlog;
+  l->reuseport = reuseport;
   return 1;
 }
 
 
+/* one of the SO_REUSEPORT siblings of a template */
+int pf_listener_reuseport (const pf_listener *l) {
+  return l->reuseport == 1;
+}
+
+
+/* a listener's template for SO_REUSEPORT siblings (accept = "reuseport") */
+int pf_listener_template (const pf_listener *l) {
+  return l->reuseport == 2;
+}
+
+
 /*
-** core.listen(address [, backlog]) -> listener | nil, "what: err", errno
+** A listening SO_REUSEPORT sibling of the template tpl (same address and
+** port) on top of the stack; NULL (a closed one pushed, errno set) when
+** it cannot be made. [-0, +1, m]
+*/
+pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl) {
+  const char *what;
+  pf_listener *l = newlistener(L);
+  l->fd = bindlisten((const struct sockaddr *)&tpl->sa, tpl->salen,
+                     tpl->backlog, 1, &what);
+  if (l->fd < 0) return NULL;
+  memcpy(l->addr, tpl->addr, sizeof(l->addr));
+  memcpy(&l->sa, &tpl->sa, sizeof(l->sa));
+  l->salen = tpl->salen;
+  l->backlog = tpl->backlog;
+  l->reuseport = 1;
+  return l;
+}
+
+
+/*
+** core.listen(address [, backlog [, template]]) -> listener | fail
 ** address: "host:port", "[v6]:port", "*:port", port, or "unix:/path".
+** A template (TCP only) is bound with SO_REUSEPORT and not listening: it
+** holds the address for the per-worker sockets of accept = "reuseport".
 ** A malformed address raises.
 */
 static int l_listen (lua_State *L) {
   const char *a = lua_type(L, 1) == LUA_TNUMBER
                   ? lua_tostring(L, 1) : luaL_checkstring(L, 1);
   int backlog = (int)luaL_optinteger(L, 2, 1024);
+  int tpl = lua_toboolean(L, 3) ? 2 : 0;
   pf_listener *l = newlistener(L);  /* closed until bound: __gc is safe */
   int n = strncmp(a, "unix:", 5) == 0 ? listenunix(L, l, a + 5, backlog)
-                                      : listeninet(L, l, a, backlog);
+                                      : listeninet(L, l, a, backlog, tpl);
   return n;  /* the listener on top, or the fail triple */
 }
 

@@ -24,13 +24,15 @@ static struct {
   int wake[2];  /* self-pipe: the stop handler writes, accept polls */
   int ctl;  /* socket to the master: readiness; -1 once told */
   int channel;  /* accept = "master": connections come on ctl */
+  int mode;  /* PF_SHARED, PF_CHANNEL or PF_OWN */
+  int drained;  /* connections taken after the stop began */
   int told;  /* the master knows we are ready */
   pf_score *score;  /* our slot of the master's scoreboard */
   pf_listener **ls;  /* the inherited listeners */
   int nls;
   int next;  /* listener to try first: none is starved */
   struct pollfd *pfd;  /* the listeners (or ctl) and wake[0] */
-} self = {0, 0, {-1, -1}, -1, 0, 0, NULL, NULL, 0, 0, NULL};
+} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
 
 
 /* a counter in shared memory: one writer (us), read by the master */
@@ -66,10 +68,12 @@ static void forget (void *ud) {
 }
 
 
-void pf_worker_setup (pf_listener **ls, int nls, int ctl, int channel,
+void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
                       pf_score *score, pid_t master) {
   struct sigaction sa;
+  int channel = mode == PF_CHANNEL;
   int i, n = channel ? 1 : nls;
+  self.mode = mode;
   self.inworker = 1;
   self.ls = ls;
   self.nls = nls;
@@ -229,8 +233,10 @@ static int l_accept (lua_State *L) {
       return pf_fail(L, "poll");
     while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
   }
-  if (self.channel && pf_worker_accept(c) > 0)
-    return 1;  /* handed over before the stop: served, not lost */
+  if (pf_worker_drains() && pf_worker_accept(c) > 0) {
+    self.drained++;
+    return 1;  /* handed over, or queued on our own socket: served */
+  }
   pf_worker_stoplistening();
   luaL_pushfail(L);
   lua_pushliteral(L, "stopping");
@@ -246,10 +252,11 @@ const struct pollfd *pf_worker_fds (int *n) {
 }
 
 
-/* connections handed over wait in the channel until taken: a stopping
-** worker takes them all (the master sends no more) */
-int pf_worker_channel (void) {
-  return self.channel;
+/* a stopping worker takes what waits for it alone: what the master
+** handed over, or the queue of its own socket (a bounded number, for a
+** socket that keeps filling) */
+int pf_worker_drains (void) {
+  return self.mode != PF_SHARED && self.drained < 4096;
 }
 
 

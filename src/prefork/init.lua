@@ -88,8 +88,9 @@ checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
 checks.defer_accept = opt_integer(0)
 checks.title = function (v) return type(v) == "string", "a string" end
+local strategies = {shared = true, master = true, reuseport = true}
 checks.accept = function (v)
-  return v == "shared" or v == "master", '"shared" or "master"'
+  return strategies[v] ~= nil, '"shared", "master" or "reuseport"'
 end
 checks.listen = function (v)
   local t = type(v)
@@ -126,12 +127,13 @@ local function checkopts (opts)
 end
 
 
--- bind every address; on a failure close what was bound and raise
-local function bindall (list, backlog)
+-- bind every address; on a failure close what was bound and raise. With
+-- reuseport the TCP ones are templates: each worker id gets its sockets.
+local function bindall (list, backlog, reuseport)
   if type(list) ~= "table" then list = {list} end
   local ls = {}
   for i, a in ipairs(list) do
-    local ok, l, err = pcall(core.listen, a, backlog)
+    local ok, l, err = pcall(core.listen, a, backlog, reuseport)
     if not ok or not l then
       for _, done in ipairs(ls) do done:close() end
       error(("prefork.start: listen[%d] %q: %s"):format(i, tostring(a),
@@ -345,7 +347,8 @@ end
 -- setup failure, having closed what it opened.
 function prefork.start (opts)
   checkopts(opts)
-  local listeners = bindall(opts.listen or {}, opts.backlog)
+  local listeners = bindall(opts.listen or {}, opts.backlog,
+                            opts.accept == "reuseport")
   if opts.defer_accept and opts.defer_accept > 0 then
     for i, l in ipairs(listeners) do
       local ok, err = l:setdefer(opts.defer_accept)
