@@ -202,11 +202,61 @@ function TestAccept:test_reuseport_a_removed_id_takes_its_socket_along ()
 end
 
 
+function TestAccept:test_mutex_serve_load_reaches_every_worker ()
+  local p = H.master(SERVER, {args = "mutex"})
+  H.nworkers(p, 2)
+  local seen = H.wait_until(function ()
+    local s, cs = spread(p.port, 20, "spin")
+    for _, c in ipairs(cs) do c:close() end
+    return count(s) == 2 and s
+  end, 10, "both workers to serve")
+  lu.assertEquals(count(seen), 2)
+end
+
+
+-- the seed's shape: blocking workers, one connection at a time, accept
+-- under a lock in a private directory
+function TestAccept:test_mutex_blocking_workers_take_turns ()
+  local p = H.master([[
+prefork.start{workers = 3, listen = "127.0.0.1:0", accept = "mutex",
+  on_start = announce,
+  fork = function (w)
+    for c in w:connections() do
+      c:read("l")
+      c:write(prefork.getpid(), "\n")
+      c:close()
+    end
+  end}
+]])
+  H.nworkers(p, 3)
+  local seen = H.wait_until(function ()
+    local s, cs = spread(p.port, 3, "x")  -- 3 held at once: 3 workers
+    for _, c in ipairs(cs) do c:close() end
+    return count(s) == 3 and s
+  end, 10, "3 workers to serve")
+  lu.assertEquals(count(seen), 3)
+  -- the lock is an open file that no path reaches: nobody else can make,
+  -- swap or find it, and nothing is left behind
+  local locks = {}
+  for _, pid in ipairs(H.childpids(p.pid)) do
+    for t in pairs(H.fdtargets(pid)) do
+      if t:find("accept.lock", 1, true) then locks[#locks + 1] = t end
+    end
+  end
+  lu.assertEquals(#locks, 3)
+  for _, t in ipairs(locks) do
+    lu.assertStrMatches(t, ".*/prefork%-%w+/accept%.lock %(deleted%)")
+  end
+  p:kill("TERM")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+end
+
+
 function TestAccept:test_unknown_strategy_is_refused ()
   local ok, err = pcall(require("prefork").start,
                         {accept = "magic", fork = function () end})
   lu.assertFalse(ok)
-  lu.assertStrContains(err, [[option 'accept' must be "shared", "master" or "reuseport"]])
+  lu.assertStrContains(err, [[option 'accept' must be "shared", "reuseport", "mutex" or "master"]])
 end
 
 

@@ -53,7 +53,7 @@ function TestOptions:test_wrong_types_name_the_option ()
         {listen = true, fork = fork})
   fails("option 'listen' must be a list of addresses (item 2 is a table)",
         {listen = {"127.0.0.1:0", {}}, fork = fork})
-  fails([[option 'accept' must be "shared", "master" or "reuseport"]],
+  fails([[option 'accept' must be "shared", "reuseport", "mutex" or "master"]],
         {accept = "magic", fork = fork})
 end
 

@@ -89,6 +89,8 @@ struct master {
   double graceful;  /* seconds a stopping worker gets before KILL */
   int channel;  /* accept = "master": the master accepts and hands over */
   int reuseport;  /* accept = "reuseport": a SO_REUSEPORT socket per id */
+  int mutex;  /* accept = "mutex": the workers accept under a lock */
+  int lockfd;  /* then: the lock file, already unlinked */
   int nlw;  /* then: its watchers of the listeners */
   ev_io *lw;
   pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
@@ -715,8 +717,11 @@ static int childmain (lua_State *L) {
     lua_pop(L, 1);
   }
   pf_worker_setup(ls, n, a->ctl,
-                  m->channel ? PF_CHANNEL : m->reuseport ? PF_OWN : PF_SHARED,
+                  m->channel ? PF_CHANNEL : m->reuseport ? PF_OWN
+                  : m->mutex ? PF_MUTEX : PF_SHARED,
                   &m->score[a->slot], m->pid);
+  if (m->mutex && pf_worker_lock(m->lockfd) < 0)
+    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
   if (lua_getfield(L, -2, "title") == LUA_TSTRING) {
     char title[256];
     snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
@@ -1015,6 +1020,26 @@ static void stopsignals (master *m) {
 }
 
 
+/* accept = "mutex": the lock file. Made in a fresh directory that only
+** we may write (mode 0700), then unlinked with it: it lives on as an open
+** file only, which nobody else can reach, swap or leave behind. */
+static int makelock (master *m) {
+  const char *base = getenv("XDG_RUNTIME_DIR");
+  char dir[256], path[300];
+  int en;
+  snprintf(dir, sizeof(dir), "%s/prefork-XXXXXX",
+           base != NULL && base[0] == '/' ? base : "/tmp");
+  if (mkdtemp(dir) == NULL) return -1;
+  snprintf(path, sizeof(path), "%s/accept.lock", dir);
+  m->lockfd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  en = errno;
+  unlink(path);
+  rmdir(dir);
+  errno = en;
+  return m->lockfd < 0 ? -1 : 0;
+}
+
+
 /*
 ** m:run(): fork the wanted workers, call opts.on_start, and run the loop
 ** until a stop has seen every worker exit. Returns true.
@@ -1025,6 +1050,8 @@ static int m_run (lua_State *L) {
   luaL_argcheck(L, !m->running, 1, "master is running already");
   if (runningmaster != NULL)
     return luaL_error(L, "another master runs in this process");
+  if (m->mutex && m->lockfd < 0 && makelock(m) != 0)
+    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
   if (pf_loop() == NULL)
     return luaL_error(L, "libev: cannot make the default loop");
   m->L = L;
@@ -1048,6 +1075,8 @@ static int m_run (lua_State *L) {
   pf_onfork(NULL, NULL);
   stopsignals(m);
   pf_loop_close();
+  if (m->lockfd >= 0) close(m->lockfd);
+  m->lockfd = -1;
   pf_log(L, "info", "stopped");
   lua_pushboolean(L, 1);
   return 1;
@@ -1084,6 +1113,7 @@ static int l_master (lua_State *L) {
   m = (master *)lua_newuserdatauv(L, sizeof(master), 0);
   memset(m, 0, sizeof(*m));
   m->opts = m->ctxs = LUA_NOREF;
+  m->lockfd = -1;
   luaL_setmetatable(L, PF_MASTER);
   m->pid = getpid();
   m->L = L;
@@ -1094,6 +1124,7 @@ static int l_master (lua_State *L) {
   if (lua_isstring(L, -1)) {
     m->channel = strcmp(lua_tostring(L, -1), "master") == 0;
     m->reuseport = strcmp(lua_tostring(L, -1), "reuseport") == 0;
+    m->mutex = strcmp(lua_tostring(L, -1), "mutex") == 0;
   }
   lua_pop(L, 1);
   m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,

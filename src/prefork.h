@@ -116,9 +116,11 @@ typedef struct pf_score {
 #define PF_SHARED	0  /* listeners shared with the other workers */
 #define PF_CHANNEL	1  /* handed over by the master (accept = "master") */
 #define PF_OWN	2  /* listeners of its own (accept = "reuseport") */
+#define PF_MUTEX	3  /* shared, accepted under a lock (accept = "mutex") */
 
 PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
                              pf_score *score, pid_t master);
+PF_API int pf_worker_lock (int inherited);
 PF_API int pf_worker_drains (void);
 PF_API void pf_worker_closed (void);
 PF_API void pf_worker_ready (void);

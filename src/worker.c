@@ -8,9 +8,11 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 
@@ -26,13 +28,15 @@ static struct {
   int channel;  /* accept = "master": connections come on ctl */
   int mode;  /* PF_SHARED, PF_CHANNEL or PF_OWN */
   int drained;  /* connections taken after the stop began */
+  int lockfd;  /* accept = "mutex": the lock file, opened by this worker */
+  int locked;  /* accept holds the lock */
   int told;  /* the master knows we are ready */
   pf_score *score;  /* our slot of the master's scoreboard */
   pf_listener **ls;  /* the inherited listeners */
   int nls;
   int next;  /* listener to try first: none is starved */
   struct pollfd *pfd;  /* the listeners (or ctl) and wake[0] */
-} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, NULL, NULL, 0, 0, NULL};
+} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, -1, 0, NULL, NULL, 0, 0, NULL};
 
 
 /* a counter in shared memory: one writer (us), read by the master */
@@ -60,6 +64,8 @@ static void onstop (int sig) {
 static void forget (void *ud) {
   (void)ud;
   if (self.ctl >= 0) close(self.ctl);
+  if (self.lockfd >= 0) close(self.lockfd);  /* or it could hold the lock */
+  self.lockfd = -1;
   close(self.wake[0]);
   close(self.wake[1]);
   self.ctl = self.wake[0] = self.wake[1] = -1;
@@ -182,11 +188,50 @@ static int fromchannel (pf_conn *c) {
 }
 
 
+/* accept = "mutex": open the master's lock file again, through the copy
+** of its fd this worker inherited, as an open file of its own (flock
+** excludes between open files, not between copies of one); the copy goes */
+int pf_worker_lock (int inherited) {
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/self/fd/%d", inherited);
+  self.lockfd = open(path, O_RDWR | O_CLOEXEC);
+  close(inherited);
+  return self.lockfd;
+}
+
+
+/* wait for the lock; TERM and INT interrupt the wait (and only it), so
+** that a stopping worker does not queue for the lock. 0 held, -1 not. */
+static int lockwait (void) {
+  struct sigaction sa, old1, old2;
+  int r;
+  sa.sa_handler = onstop;
+  sa.sa_flags = 0;  /* no SA_RESTART: flock returns EINTR */
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, &old1);
+  sigaction(SIGINT, &sa, &old2);
+  r = self.stopping ? -1 : flock(self.lockfd, LOCK_EX);
+  sigaction(SIGTERM, &old1, NULL);
+  sigaction(SIGINT, &old2, NULL);
+  return r == 0 ? 0 : -1;
+}
+
+
+static void unlock (void) {
+  if (self.locked) flock(self.lockfd, LOCK_UN);
+  self.locked = 0;
+}
+
+
 /* one round over the listeners: 1 with c->fd set, 0 none ready, -1 */
 int pf_worker_accept (pf_conn *c) {
-  int k;
+  int k, st = 0, trylock = self.mode == PF_MUTEX && !self.locked;
+  if (trylock) {  /* in serve: take the lock for this round, or pass */
+    if (flock(self.lockfd, LOCK_EX | LOCK_NB) != 0) return 0;
+    self.locked = 1;
+  }
   if (self.channel) {
-    int st = fromchannel(c);
+    st = fromchannel(c);
     if (st > 0) {
       c->counted = 1;
       bump(self.score->accepted, 1);
@@ -194,7 +239,7 @@ int pf_worker_accept (pf_conn *c) {
     }
     return st;
   }
-  for (k = 0; k < self.nls; k++) {
+  for (k = 0; k < self.nls && st == 0; k++) {
     int i = (self.next + k) % self.nls;
     int fd = accept4(pf_listener_fd(self.ls[i]), NULL, NULL,
                      SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -204,11 +249,13 @@ int pf_worker_accept (pf_conn *c) {
       c->counted = 1;
       bump(self.score->accepted, 1);
       bump(self.score->inflight, 1);
-      return 1;
+      st = 1;
     }
-    if (!transient(errno)) return -1;
+    else if (!transient(errno))
+      st = -1;
   }
-  return 0;
+  if (trylock) unlock();
+  return st;
 }
 
 
@@ -225,7 +272,13 @@ static int l_accept (lua_State *L) {
   c = pf_newconn(L);
   while (!self.stopping) {
     char drain[64];
-    int st = pf_worker_accept(c);
+    int st;
+    if (self.mode == PF_MUTEX && !self.locked) {  /* the seed's lock */
+      if (lockwait() != 0) continue;
+      self.locked = 1;
+    }
+    st = pf_worker_accept(c);
+    if (st != 0) unlock();
     if (st > 0) return 1;
     if (st < 0) return pf_fail(L, "accept");
     if (poll(self.pfd, (nfds_t)(self.channel ? 1 : self.nls) + 1, -1) < 0
@@ -233,6 +286,7 @@ static int l_accept (lua_State *L) {
       return pf_fail(L, "poll");
     while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
   }
+  unlock();
   if (pf_worker_drains() && pf_worker_accept(c) > 0) {
     self.drained++;
     return 1;  /* handed over, or queued on our own socket: served */
@@ -256,7 +310,8 @@ const struct pollfd *pf_worker_fds (int *n) {
 ** handed over, or the queue of its own socket (a bounded number, for a
 ** socket that keeps filling) */
 int pf_worker_drains (void) {
-  return self.mode != PF_SHARED && self.drained < 4096;
+  return (self.mode == PF_CHANNEL || self.mode == PF_OWN)
+         && self.drained < 4096;
 }
 
 

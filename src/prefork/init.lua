@@ -88,9 +88,9 @@ checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
 checks.defer_accept = opt_integer(0)
 checks.title = function (v) return type(v) == "string", "a string" end
-local strategies = {shared = true, master = true, reuseport = true}
+local strategies = {shared = true, master = true, reuseport = true, mutex = true}
 checks.accept = function (v)
-  return strategies[v] ~= nil, '"shared", "master" or "reuseport"'
+  return strategies[v] ~= nil, '"shared", "reuseport", "mutex" or "master"'
 end
 checks.listen = function (v)
   local t = type(v)
