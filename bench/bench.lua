@@ -88,9 +88,15 @@ B.http_peers = {
   {"lua-prefork", function (port, n)
     return ("env QUIET=1 %s bench/hello.lua %d %d"):format(H.lua, port, n)
   end},
+  {"lua-prefork (accept=reuseport)", function (port, n)
+    return ("env QUIET=1 ACCEPT=reuseport %s bench/hello.lua %d %d"):format(H.lua, port, n)
+  end},
+  {"lua-prefork (accept=mutex)", function (port, n)
+    return ("env QUIET=1 ACCEPT=mutex %s bench/hello.lua %d %d"):format(H.lua, port, n)
+  end},
   {"lua-prefork (accept=master)", function (port, n)
     return ("env QUIET=1 ACCEPT=master %s bench/hello.lua %d %d"):format(H.lua, port, n)
-  end, http_only = true},
+  end},
   {"nginx", function (port, n)
     local prefix = tmp .. "/nginx-" .. port
     H.sh("mkdir -p " .. prefix)

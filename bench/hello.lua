@@ -7,7 +7,7 @@
 -- DELAY (seconds) is slept (prefork.sleep: the worker goes on serving)
 -- after the first byte of the answer, to give chaos runs work in flight.
 -- The update hook hands out a new config on each SIGHUP, so every reload
--- replaces every worker. ACCEPT=master picks that accept strategy;
+-- replaces every worker. ACCEPT=reuseport|mutex|master picks a strategy;
 -- QUIET=1 silences the log; PRELOAD_MB=N makes an
 -- N MB Lua heap in the master before the fork; FULLGC=1 runs a full
 -- collection in each worker first (the worst case for copy-on-write).
@@ -58,7 +58,7 @@ local generation = 0
 prefork.start{
   workers = tonumber(arg[2] or 2),
   listen = "127.0.0.1:" .. port,
-  accept = os.getenv("ACCEPT"),  -- the strategy: "shared" (default), "master"
+  accept = os.getenv("ACCEPT"),  -- the strategy; "shared" by default
   defer_accept = 1,  -- HTTP: the client speaks first (nginx: listen deferred)
   log = os.getenv("QUIET") and function () end or nil,
   update = function ()
