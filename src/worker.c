@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/epoll.h>
 #include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -29,6 +30,7 @@ static struct {
   int mode;  /* PF_SHARED, PF_CHANNEL or PF_OWN */
   int drained;  /* connections taken after the stop began */
   int lockfd;  /* accept = "mutex": the lock file, opened by this worker */
+  int ep;  /* what accept waits on: an epoll set (listeners EPOLLEXCLUSIVE) */
   int locked;  /* accept holds the lock */
   int told;  /* the master knows we are ready */
   pf_score *score;  /* our slot of the master's scoreboard */
@@ -36,7 +38,7 @@ static struct {
   int nls;
   int next;  /* listener to try first: none is starved */
   struct pollfd *pfd;  /* the listeners (or ctl) and wake[0] */
-} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, -1, 0, NULL, NULL, 0, 0, NULL};
+} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, -1, -1, 0, NULL, NULL, 0, 0, NULL};
 
 
 /* a counter in shared memory: one writer (us), read by the master */
@@ -65,7 +67,8 @@ static void forget (void *ud) {
   (void)ud;
   if (self.ctl >= 0) close(self.ctl);
   if (self.lockfd >= 0) close(self.lockfd);  /* or it could hold the lock */
-  self.lockfd = -1;
+  if (self.ep >= 0) close(self.ep);
+  self.lockfd = self.ep = -1;
   close(self.wake[0]);
   close(self.wake[1]);
   self.ctl = self.wake[0] = self.wake[1] = -1;
@@ -99,6 +102,19 @@ void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
   for (i = 0; i < n; i++) self.pfd[i].events = POLLIN;
   self.pfd[n].fd = self.wake[0];
   self.pfd[n].events = POLLIN;
+  /* a connection wakes one waiting worker, not all: EPOLLEXCLUSIVE (the
+  ** lock holder alone waits under "mutex"); the stop pipe wakes us all */
+  self.ep = epoll_create1(EPOLL_CLOEXEC);
+  for (i = 0; i <= n && self.ep >= 0; i++) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | (i < n && mode != PF_MUTEX ? EPOLLEXCLUSIVE : 0);
+    ev.data.fd = self.pfd[i].fd;
+    if (epoll_ctl(self.ep, EPOLL_CTL_ADD, self.pfd[i].fd, &ev) != 0) {
+      close(self.ep);  /* poll(2) will do */
+      self.ep = -1;
+    }
+  }
   sa.sa_handler = onstop;
   sa.sa_flags = SA_RESTART;  /* the work in hand goes on */
   sigemptyset(&sa.sa_mask);
@@ -132,6 +148,8 @@ void pf_worker_ready (void) {
 
 void pf_worker_stoplistening (void) {
   int i;
+  if (self.ep >= 0) close(self.ep);  /* it watched them */
+  self.ep = -1;
   for (i = 0; i < self.nls; i++)
     pf_listener_close(self.ls[i]);
   self.nls = 0;
@@ -281,8 +299,13 @@ static int l_accept (lua_State *L) {
     if (st != 0) unlock();
     if (st > 0) return 1;
     if (st < 0) return pf_fail(L, "accept");
-    if (poll(self.pfd, (nfds_t)(self.channel ? 1 : self.nls) + 1, -1) < 0
-        && errno != EINTR)
+    if (self.ep >= 0) {
+      struct epoll_event evs[4];
+      if (epoll_wait(self.ep, evs, 4, -1) < 0 && errno != EINTR)
+        return pf_fail(L, "epoll_wait");
+    }
+    else if (poll(self.pfd, (nfds_t)(self.channel ? 1 : self.nls) + 1, -1) < 0
+             && errno != EINTR)
       return pf_fail(L, "poll");
     while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
   }
