@@ -54,6 +54,8 @@ static struct {
   int stopping;
   int running;
   task *tasks;  /* every live coroutine */
+  task *pool;  /* finished ones kept for the next connections */
+  int npool;
   ev_io accept;
   ev_io wake;  /* the worker's stop pipe */
 } sv;  /* all zero: not running */
@@ -74,7 +76,10 @@ static task *findtask (lua_State *L) {
 }
 
 
-static void finish (task *t);
+static void finish (task *t, int reusable);
+
+/* coroutines kept for reuse at most */
+#define POOLMAX	256
 
 
 /* resume t's coroutine; when it ends (or fails) the task goes */
@@ -93,7 +98,7 @@ static void resume (task *t, int nargs) {
            lua_tostring(sv.L, -1));
     lua_pop(sv.L, 1);
   }
-  finish(t);
+  finish(t, st == LUA_OK);
 }
 
 
@@ -167,26 +172,56 @@ int pf_wakereason (lua_State *L) {
 ** ======================================================= */
 
 /* a coroutine for the connection on top of sv.L's stack (popped) */
+/* a task with its coroutine: from the pool, or new */
+static task *newtask (void) {
+  lua_State *L = sv.L;
+  task *t = sv.pool;
+  if (t != NULL) {
+    sv.pool = t->next;
+    sv.npool--;
+  }
+  else {
+    t = (task *)calloc(1, sizeof(task));
+    if (t == NULL) return NULL;
+    t->co = lua_newthread(L);
+    t->coref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
+    lua_pushlightuserdata(L, t);
+    lua_rawsetp(L, -2, t->co);
+    lua_pop(L, 1);
+    ev_init(&t->io, onio);
+    ev_init(&t->timer, ontimer);
+    t->io.data = t->timer.data = t;
+  }
+  t->io.fd = -1;
+  t->reason = PF_READY;
+  t->idle = 0;
+  t->prev = NULL;
+  return t;
+}
+
+
+static void freetask (task *t) {
+  lua_State *L = sv.L;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
+  lua_pushnil(L);
+  lua_rawsetp(L, -2, t->co);
+  lua_pop(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, t->coref);
+  free(t);
+}
+
+
 static void start (void) {
   lua_State *L = sv.L;
-  task *t = (task *)calloc(1, sizeof(task));
+  task *t = newtask();
   lua_State *co;
   if (t == NULL) {  /* no memory: the connection goes */
     lua_pop(L, 1);
     return;
   }
   t->connref = luaL_ref(L, LUA_REGISTRYINDEX);
-  co = lua_newthread(L);
-  t->co = co;
-  t->coref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
-  lua_pushlightuserdata(L, t);
-  lua_rawsetp(L, -2, co);
-  lua_pop(L, 1);
-  ev_init(&t->io, onio);
-  ev_init(&t->timer, ontimer);
-  t->io.data = t->timer.data = t;
-  t->io.fd = -1;
+  co = t->co;
   t->next = sv.tasks;
   if (sv.tasks) sv.tasks->prev = t;
   sv.tasks = t;
@@ -196,24 +231,27 @@ static void start (void) {
 }
 
 
-/* the coroutine ended: its connection is closed, the task goes */
-static void finish (task *t) {
+/* the coroutine ended: its connection is closed; the task goes, or waits
+** in the pool when its coroutine ended well (it can run a new function) */
+static void finish (task *t, int reusable) {
   lua_State *L = sv.L;
   ev_io_stop(sv.loop, &t->io);
   ev_timer_stop(sv.loop, &t->timer);
   lua_rawgeti(L, LUA_REGISTRYINDEX, t->connref);
   if (luaL_callmeta(L, -1, "__close")) lua_pop(L, 1);
   lua_pop(L, 1);
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &TASKS);
-  lua_pushnil(L);
-  lua_rawsetp(L, -2, t->co);
-  lua_pop(L, 1);
   luaL_unref(L, LUA_REGISTRYINDEX, t->connref);
-  luaL_unref(L, LUA_REGISTRYINDEX, t->coref);
   if (t->prev) t->prev->next = t->next;
   else sv.tasks = t->next;
   if (t->next) t->next->prev = t->prev;
-  free(t);
+  if (reusable && sv.npool < POOLMAX && lua_status(t->co) == LUA_OK
+      && lua_gettop(t->co) == 0) {
+    t->next = sv.pool;
+    sv.pool = t;
+    sv.npool++;
+  }
+  else
+    freetask(t);
   if (sv.stopping && sv.tasks == NULL) ev_break(sv.loop, EVBREAK_ALL);
 }
 
@@ -225,11 +263,9 @@ static void finish (task *t) {
 ** ======================================================= */
 
 static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
-  struct epoll_event evs[8];
   int n;
   (void)loop; (void)io; (void)revents;
-  /* empty the set's ready list; accept goes over every listener */
-  while ((n = epoll_wait(sv.xep, evs, 8, 0)) == 8) {}
+  /* the set needs no draining: its readiness is its listeners' */
   for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
     pf_conn *c = pf_newconn(sv.L);
     int st = pf_worker_accept(c);
@@ -335,6 +371,12 @@ static int l_serve (lua_State *L) {
   if (pf_worker_stopping()) stopserving();
   else ev_run(sv.loop, 0);
   sv.running = 0;
+  while (sv.pool != NULL) {
+    task *t = sv.pool;
+    sv.pool = t->next;
+    freetask(t);
+  }
+  sv.npool = 0;
   close(sv.xep);
   sv.xep = -1;
   ev_loop_destroy(sv.loop);
