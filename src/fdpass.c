@@ -345,6 +345,65 @@ static int l_recvfds (lua_State *L) {
 }
 
 
+/* {======================================================
+** One connection at a time (accept = "master"): one byte, one fd
+** ======================================================= */
+
+static void onefd (struct msghdr *msg, struct iovec *iov, char *byte,
+                   char *ctl, size_t ctllen) {
+  memset(msg, 0, sizeof(*msg));
+  memset(ctl, 0, ctllen);
+  iov->iov_base = byte;
+  iov->iov_len = 1;
+  msg->msg_iov = iov;
+  msg->msg_iovlen = 1;
+  msg->msg_control = ctl;
+  msg->msg_controllen = ctllen;
+}
+
+
+/* send fd on sock, never blocking: 1 sent, 0 would block (or the peer
+** is gone) */
+int pf_sendfd (int sock, int fd) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char byte = 'c';
+  onefd(&msg, &iov, &byte, ctl.buf, sizeof(ctl.buf));
+  cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+  return sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1;
+}
+
+
+/* receive a byte and the fd that came with it (*fd, -1 none; close-on-
+** exec), never blocking: 1, 0 at end of stream, -1 with errno (EAGAIN:
+** nothing there) */
+int pf_recvfd (int sock, int *fd) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  char byte;
+  ssize_t n;
+  onefd(&msg, &iov, &byte, ctl.buf, sizeof(ctl.buf));
+  *fd = -1;
+  do n = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  while (n < 0 && errno == EINTR);
+  cm = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL;
+  if (cm != NULL && cm->cmsg_level == SOL_SOCKET
+      && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+    memcpy(fd, CMSG_DATA(cm), sizeof(int));
+  return (int)n;
+}
+
+/* }====================================================== */
+
+
 /* prefork.peercred(sock) -> pid, uid, gid */
 static int l_peercred (lua_State *L) {
   struct ucred cr;

@@ -504,30 +504,6 @@ static worker *leastloaded (master *m, worker **tried, int n) {
 }
 
 
-/* hand fd to a worker: SCM_RIGHTS on its channel, never blocking */
-static int handover (worker *w, int fd) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
-  char byte = 'c';
-  memset(&msg, 0, sizeof(msg));
-  memset(&ctl, 0, sizeof(ctl));
-  iov.iov_base = &byte;
-  iov.iov_len = 1;
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl.buf;
-  msg.msg_controllen = sizeof(ctl.buf);
-  cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-  return sendmsg(w->ctl, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1;
-}
-
-
 /* a new connection to the least loaded worker that takes it; a worker
 ** that is busy (its channel full) or dying is passed over */
 static void dispatch (master *m, int fd) {
@@ -536,7 +512,7 @@ static void dispatch (master *m, int fd) {
   for (;;) {
     worker *w = leastloaded(m, tried, n);
     if (w == NULL || n == 8) break;
-    if (handover(w, fd)) {
+    if (pf_sendfd(w->ctl, fd)) {
       w->sent++;
       break;
     }

@@ -154,6 +154,8 @@ PF_API void pf_open_master (lua_State *L);
 
 /* fdpass.c */
 PF_API int pf_tofd (lua_State *L, int idx);
+PF_API int pf_sendfd (int sock, int fd);
+PF_API int pf_recvfd (int sock, int *fd);
 PF_API void pf_open_fdpass (lua_State *L);
 
 #endif

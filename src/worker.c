@@ -176,32 +176,15 @@ static int transient (int en) {
 /* a connection the master handed over (accept = "master"): 1 with
 ** c->fd set, 0 none there, -1 the master is gone */
 static int fromchannel (pf_conn *c) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
-  char byte;
-  ssize_t n;
-  memset(&msg, 0, sizeof(msg));
-  iov.iov_base = &byte;
-  iov.iov_len = 1;
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl.buf;
-  msg.msg_controllen = sizeof(ctl.buf);
-  do n = recvmsg(self.ctl, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
+  int fd, n = pf_recvfd(self.ctl, &fd);
   if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
   if (n == 0) {  /* the master is gone: stop */
     self.stopping = 1;
     return 0;
   }
-  cm = CMSG_FIRSTHDR(&msg);
-  if (cm == NULL || cm->cmsg_type != SCM_RIGHTS
-      || cm->cmsg_len != CMSG_LEN(sizeof(int)))
-    return 0;  /* not a connection: nothing to take */
-  memcpy(&c->fd, CMSG_DATA(cm), sizeof(int));
-  fcntl(c->fd, F_SETFL, O_NONBLOCK);
+  if (fd < 0) return 0;  /* a byte without a connection: nothing to take */
+  c->fd = fd;
+  fcntl(fd, F_SETFL, O_NONBLOCK);
   return 1;
 }
 
