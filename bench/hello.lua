@@ -25,24 +25,31 @@ local HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\
 local KEEP = HEAD .. "\r\nHello, World!"
 local CLOSE = HEAD .. "Connection: close\r\n\r\nHello, World!"
 
+local C, c, CR = ("C"):byte(), ("c"):byte(), ("\r"):byte()
+
 local function hello (conn)
+  local read, write = conn.read, conn.write
   conn:settimeout(10)
   while true do
-    local line = conn:read("l")
+    local line = read(conn, "l")
     if not line then return end
-    local close = line:find("HTTP/1%.0") ~= nil
-    repeat
-      line = conn:read("l")
+    local close = line:find("HTTP/1.0", 1, true) ~= nil
+    while true do  -- the headers, up to the empty line
+      line = read(conn, "l")
       if not line then return end
-      if line:find("^[Cc]onnection:%s*[Cc]lose") then close = true end
-    until line == "\r" or line == ""
+      local b = line:byte(1)
+      if b == CR or b == nil then break end
+      if (b == C or b == c) and line:find("^[Cc]onnection:%s*[Cc]lose") then
+        close = true
+      end
+    end
     local answer = close and CLOSE or KEEP
     if delay > 0 then
-      conn:write("H")
+      write(conn, "H")
       prefork.sleep(delay)
       answer = answer:sub(2)
     end
-    if not conn:write(answer) or close then return end
+    if not write(conn, answer) or close then return end
   end
 end
 
