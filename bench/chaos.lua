@@ -45,13 +45,20 @@ local function verdict (name, ok, figures)
 end
 
 
--- the connections a worker holds: its sockets but the listener
+-- the connections a worker holds: the TCP connections it has open, and
+-- those handed to it but not taken yet (accept = "master": the bytes
+-- waiting on its channel, one a connection)
 local function held (pid)
-  local n = -1
-  for t in pairs(H.fdtargets(pid)) do
-    if t:match("^socket:") then n = n + 1 end
+  local n, tag = 0, "pid=" .. pid .. ","
+  for line in H.sh("ss -tnpH state established"):gmatch("[^\n]+") do
+    if line:find(tag, 1, true) then n = n + 1 end
   end
-  return math.max(n, 0)
+  for line in H.sh("ss -xpnH"):gmatch("[^\n]+") do
+    if line:find(tag, 1, true) then
+      n = n + (tonumber(line:match("^%S+%s+%S+%s+(%d+)")) or 0)
+    end
+  end
+  return n
 end
 
 -- 1. SIGKILL a random worker every 200 ms under load. A worker serves
