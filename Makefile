@@ -27,7 +27,7 @@ ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
-       src/fdpass.c src/serve.c
+       src/fdpass.c src/serve.c src/serial.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua
@@ -117,7 +117,7 @@ clean:
 
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
-FUZZ_TARGETS = http_request conn_read fd_frame
+FUZZ_TARGETS = http_request conn_read fd_frame serial
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined

@@ -152,6 +152,9 @@ PF_API void pf_open_serve (lua_State *L);
 /* master.c */
 PF_API void pf_open_master (lua_State *L);
 
+/* serial.c */
+PF_API void pf_open_serial (lua_State *L);
+
 /* fdpass.c */
 PF_API int pf_tofd (lua_State *L, int idx);
 PF_API int pf_sendfd (int sock, int fd);
