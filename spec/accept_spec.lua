@@ -31,29 +31,11 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", accept = strategy,
   end}
 ]]
 
-local function connect (port)
-  local c = socket.tcp()
-  c:settimeout(10)
-  assert(c:connect("127.0.0.1", port))
-  return c
-end
+local connect, count = H.connect, H.count
 
---- n connections, each asking once with cmd; {pid = count}
+--- n connections, each asking once with cmd; {pid = count}, connections
 local function spread (port, n, cmd)
-  local cs, seen = {}, {}
-  for i = 1, n do cs[i] = connect(port) end
-  for i = 1, n do cs[i]:send(cmd .. "\n") end
-  for i = 1, n do
-    local pid = assert(cs[i]:receive("*l"))
-    seen[pid] = (seen[pid] or 0) + 1
-  end
-  return seen, cs
-end
-
-local function count (t)
-  local n = 0
-  for _ in pairs(t) do n = n + 1 end
-  return n
+  return H.ask(port, n, cmd)
 end
 
 TestAccept = {}

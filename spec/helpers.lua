@@ -263,6 +263,37 @@ end
 -- Clients
 -- =======================================================
 
+--- A LuaSocket connection to 127.0.0.1:port (raises if it fails).
+function H.connect (port, timeout)
+  local c = socket.tcp()
+  c:settimeout(timeout or 10)
+  assert(c:connect("127.0.0.1", port))
+  return c
+end
+
+
+--- The number of keys of t.
+function H.count (t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
+end
+
+
+--- n connections held open at once, each sending line; what each answers
+-- in its first line counted: {[answer] = times}, and the connections.
+function H.ask (port, n, line)
+  local cs, seen = {}, {}
+  for i = 1, n do cs[i] = H.connect(port) end
+  for i = 1, n do cs[i]:send(line .. "\n") end
+  for i = 1, n do
+    local answer = assert(cs[i]:receive("*l"))
+    seen[answer] = (seen[answer] or 0) + 1
+  end
+  return seen, cs
+end
+
+
 --- Connect to 127.0.0.1:port, send data, read until the server closes.
 function H.request (port, data, timeout, host)
   local c = socket.tcp()

@@ -20,28 +20,17 @@ end
 --- Open n connections at once, then ask each: a held connection holds
 -- its worker, so n workers answer. Returns {[pid] = id}.
 local function ask_all (port, n)
-  local cs = {}
-  for i = 1, n do
-    cs[i] = socket.tcp()
-    cs[i]:settimeout(5)
-    assert(cs[i]:connect("127.0.0.1", port))
-  end
   local seen = {}
-  for i = 1, n do
-    cs[i]:send("hi\n")
-    local line = assert(cs[i]:receive("*l"))
+  local answers, cs = H.ask(port, n, "hi")
+  for _, c in ipairs(cs) do c:close() end
+  for line in pairs(answers) do
     local id, pid = line:match("^(%S+) (%d+)$")
     seen[tonumber(pid)] = id
-    cs[i]:close()
   end
   return seen
 end
 
-local function count (t)
-  local n = 0
-  for _ in pairs(t) do n = n + 1 end
-  return n
-end
+local count = H.count
 
 
 TestMaster = {}

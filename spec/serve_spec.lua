@@ -6,12 +6,7 @@ local H = require "helpers"
 local prefork = require "prefork"
 local socket = require "socket"
 
-local function connect (port)
-  local c = socket.tcp()
-  c:settimeout(10)
-  assert(c:connect("127.0.0.1", port))
-  return c
-end
+local connect = H.connect
 
 TestServe = {}
 
