@@ -71,31 +71,37 @@ function TestExamples:test_relaunch_replaces_the_changed_worker_on_hup ()
   local conf = H.tmpname()
   H.writefile(conf, 'workers = 2\ngreeting = "Hello"\n')
   local p = example("relaunch.lua", "0 " .. conf)
-  local function greetings ()
+  -- the workers say who they are when they come up
+  local function up ()
     local t = {}
-    for _ = 1, 40 do
-      local r = H.request(p.port, nil, 2) or ""
-      local g, id, pid = r:match("^(%a+) from worker (%d+) %(pid (%d+)%)")
-      if id then t[tonumber(id)] = {g, tonumber(pid)} end
+    for id, pid, g in p:out():gmatch('worker (%d+) up: pid (%d+), greeting "(%a+)"') do
+      t[#t + 1] = {id = tonumber(id), pid = tonumber(pid), greeting = g}
     end
     return t
   end
-  local before = H.wait_until(function ()
-    local t = greetings()
-    return t[1] and t[2] and t
+  local first = H.wait_until(function ()
+    local t = up()
+    return #t == 2 and t
   end, 5, "both workers")
-  lu.assertEquals(before[1][1], "Hello")
+  local pid1 = first[1].id == 1 and first[1].pid or first[2].pid
+  local pid2 = first[1].id == 2 and first[1].pid or first[2].pid
+  lu.assertStrMatches(H.request_ok(p.port), "Hello from worker %d %(pid %d+%)\n")
   H.writefile(conf, 'workers = 2\ngreeting = "Hello"\ngreetings = {[2] = "Bonjour"}\n')
   p:kill("HUP")
   p:expect("reloaded")
-  local after = H.wait_until(function ()
-    local t = greetings()
-    return t[1] and t[2] and t[2][1] == "Bonjour" and t
+  local new = H.wait_until(function ()
+    local t = up()
+    return #t == 3 and t[3]
   end, 5, "the new worker 2")
-  lu.assertEquals(after[1], before[1])  -- untouched
-  lu.assertNotEquals(after[2][2], before[2][2])
+  lu.assertEquals({new.id, new.greeting}, {2, "Bonjour"})
+  H.wait_until(function ()
+    local kids = H.childpids(p.pid)
+    return #kids == 2 and (kids[1] == pid1 or kids[2] == pid1)
+       and kids[1] ~= pid2 and kids[2] ~= pid2
+  end, 5, "worker 1 kept, the old worker 2 gone")
   p:kill("TERM")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
 end
+
 
 os.exit(lu.LuaUnit.run())
