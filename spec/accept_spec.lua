@@ -31,11 +31,20 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", accept = strategy,
   end}
 ]]
 
-local connect, count = H.connect, H.count
+local connect, count, spread = H.connect, H.count, H.ask
 
---- n connections, each asking once with cmd; {pid = count}, connections
-local function spread (port, n, cmd)
-  return H.ask(port, n, cmd)
+--- under strategy, 20 connections at once that keep a worker busy reach
+-- both workers (a busy worker is not waiting: the other gets the rest)
+local function reaches_both (strategy)
+  local p = H.master(SERVER, {args = strategy})
+  H.nworkers(p, 2)
+  local seen = H.wait_until(function ()
+    local s, cs = spread(p.port, 20, "spin")
+    for _, c in ipairs(cs) do c:close() end
+    return count(s) == 2 and s
+  end, 10, "both workers to serve")
+  lu.assertEquals(count(seen), 2)
+  return p
 end
 
 TestAccept = {}
@@ -44,15 +53,7 @@ function TestAccept:tearDown () H.cleanup() end
 
 
 function TestAccept:test_shared_load_reaches_every_worker ()
-  local p = H.master(SERVER, {args = "shared"})
-  H.nworkers(p, 2)
-  -- a worker busy spinning is not waiting: the wake-up goes to the other
-  local seen = H.wait_until(function ()
-    local s, cs = spread(p.port, 20, "spin")
-    for _, c in ipairs(cs) do c:close() end
-    return count(s) == 2 and s
-  end, 10, "both workers to serve")
-  lu.assertEquals(count(seen), 2)
+  reaches_both("shared")
 end
 
 
@@ -135,15 +136,8 @@ end
 
 
 function TestAccept:test_reuseport_one_socket_per_worker_and_load_reaches_all ()
-  local p = H.master(SERVER, {args = "reuseport"})
-  H.nworkers(p, 2)
+  local p = reaches_both("reuseport")
   lu.assertEquals(listening(p.port), 2)  -- the master's template does not listen
-  local seen = H.wait_until(function ()
-    local s, cs = spread(p.port, 20, "x")
-    for _, c in ipairs(cs) do c:close() end
-    return count(s) == 2 and s
-  end, 10, "both workers to serve")
-  lu.assertEquals(count(seen), 2)
 end
 
 
@@ -211,14 +205,7 @@ end
 
 
 function TestAccept:test_mutex_serve_load_reaches_every_worker ()
-  local p = H.master(SERVER, {args = "mutex"})
-  H.nworkers(p, 2)
-  local seen = H.wait_until(function ()
-    local s, cs = spread(p.port, 20, "spin")
-    for _, c in ipairs(cs) do c:close() end
-    return count(s) == 2 and s
-  end, 10, "both workers to serve")
-  lu.assertEquals(count(seen), 2)
+  reaches_both("mutex")
 end
 
 

@@ -54,9 +54,7 @@ prefork.start{workers = 3, listen = {"127.0.0.1:0", "[::1]:0"},
   local kids = H.nworkers(p, 3)
   local held = {}
   for i = 1, 3 do  -- every worker past its first accept, holding one
-    held[i] = socket.tcp()
-    held[i]:settimeout(5)
-    assert(held[i]:connect("127.0.0.1", p.port))
+    held[i] = H.connect(p.port, 5)
   end
   H.sleep(0.3)
   -- what the master opened itself: not inherited from here, not a listener.
@@ -105,9 +103,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
     print("ACCEPT AFTER STOP", w:accept())
   end}
 ]])
-  local c = socket.tcp()
-  c:settimeout(5)
-  assert(c:connect("127.0.0.1", p.port))
+  local c = H.connect(p.port, 5)
   H.sleep(0.2)
   p:kill("TERM")
   lu.assertEquals(c:receive("*l"), "saw the stop")
@@ -124,9 +120,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
     for c in w:connections() do socket.sleep(30) end
   end}
 ]])
-  local c = socket.tcp()
-  c:settimeout(5)
-  assert(c:connect("127.0.0.1", p.port))
+  local c = H.connect(p.port, 5)
   H.sleep(0.2)
   p:kill("INT")
   H.sleep(0.2)

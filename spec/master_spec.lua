@@ -110,9 +110,7 @@ prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
 ]])
   local cs = {}
   for i = 1, 3 do
-    cs[i] = socket.tcp()
-    cs[i]:settimeout(5)
-    assert(cs[i]:connect("127.0.0.1", p.port))
+    cs[i] = H.connect(p.port, 5)
     cs[i]:send("go\n")
   end
   H.wait_until(function ()
@@ -140,9 +138,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", graceful_timeout = 0.3,
     for c in w:connections() do socket.sleep(30) end
   end}
 ]])
-  local c = socket.tcp()
-  c:settimeout(5)
-  assert(c:connect("127.0.0.1", p.port))
+  local c = H.connect(p.port, 5)
   H.sleep(0.3)
   local t0 = H.now()
   p:kill("TERM")
@@ -165,9 +161,7 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
     for c in w:connections() do socket.sleep(30) end
   end}
 ]])
-  local c = socket.tcp()
-  c:settimeout(5)
-  assert(c:connect("127.0.0.1", p.port))
+  local c = H.connect(p.port, 5)
   H.sleep(0.2)
   p:kill("QUIT")
   lu.assertEquals({p:wait(5)}, {"exit", 0})

@@ -143,9 +143,7 @@ prefork.start{workers = 1, listen = {"127.0.0.1:0", "unix:%s"},
     for c in w:connections() do require("socket").sleep(1) c:close() end
   end}
 ]]):format(path))
-  local c = socket.tcp()
-  c:settimeout(5)
-  assert(c:connect("127.0.0.1", p.port))
+  local c = H.connect(p.port, 5)
   H.sleep(0.2)
   p:kill("TERM")
   -- the worker is busy for a second more; the unix socket is gone already
@@ -165,9 +163,7 @@ function TestRegress:test_huge_timeouts ()
   lu.assertEquals(b:read(), "x")
   local l = assert(prefork.listen("127.0.0.1:0"))
   local port = tonumber(l:address():match(":(%d+)$"))
-  local cl = socket.tcp()
-  cl:settimeout(2)
-  assert(cl:connect("127.0.0.1", port))
+  local cl = H.connect(port, 2)
   lu.assertNotNil(l:accept(1e300))
   cl:close() l:close() a:close() b:close()
 end

@@ -9,9 +9,7 @@ local socket = require "socket"
 local function pair ()
   local l = assert(prefork.listen("127.0.0.1:0"))
   local port = tonumber(l:address():match(":(%d+)$"))
-  local client = socket.tcp()
-  client:settimeout(5)
-  assert(client:connect("127.0.0.1", port))
+  local client = H.connect(port, 5)
   local conn = assert(l:accept(5))
   return conn, client, l
 end
@@ -95,9 +93,7 @@ function TestListen:test_deferred_accept_waits_for_the_first_bytes ()
   local l = assert(prefork.listen("127.0.0.1:0"))
   lu.assertTrue(l:setdefer(1))
   local port = tonumber(l:address():match(":(%d+)$"))
-  local c = socket.tcp()
-  c:settimeout(2)
-  assert(c:connect("127.0.0.1", port))
+  local c = H.connect(port, 2)
   lu.assertEquals({l:accept(0.3)}, {nil, "timeout"})  -- silent: not yet
   c:send("hi\n")
   local conn = assert(l:accept(2))
