@@ -27,7 +27,7 @@ ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
-       src/fdpass.c src/serve.c src/serial.c
+       src/fdpass.c src/serve.c src/serial.c src/pool.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua

@@ -145,12 +145,17 @@ PF_API void pf_open_worker (lua_State *L);
 PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
                      int idle, lua_KContext ctx, lua_KFunction k);
 PF_API int pf_wakereason (lua_State *L);
+PF_API int pf_intask (lua_State *L);
+PF_API void pf_serve_forget (void);
 PF_API void pf_open_serve (lua_State *L);
 /* }====================================================== */
 
 
 /* master.c */
 PF_API void pf_open_master (lua_State *L);
+
+/* pool.c */
+PF_API void pf_open_pool (lua_State *L);
 
 /* serial.c */
 PF_API void pf_open_serial (lua_State *L);

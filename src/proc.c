@@ -285,6 +285,14 @@ void pf_child_run (lua_State *L, int nargs) {
 }
 
 
+/* core.exit([code]): leave this process at once, its stdio flushed,
+** with no atexit handler and no __gc (a forked child's way out) */
+static int l_exit (lua_State *L) {
+  pf_exit((int)luaL_optinteger(L, 1, 0));
+  return 0;
+}
+
+
 /* prefork.fork(fn, ...) -> pid; the child runs fn(...) and exits */
 static int l_fork (lua_State *L) {
   pid_t pid;
@@ -392,6 +400,7 @@ static int l_settitle (lua_State *L) {
 void pf_open_proc (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"fork", l_fork},
+    {"exit", l_exit},
     {"wait", l_wait},
     {"kill", l_kill},
     {"signame", l_signame},

@@ -162,10 +162,73 @@ static void encode (lua_State *L, obuf *b, int idx, int seen, int depth) {
 }
 
 
+/* the fast way for values that cannot fail (no table, no function...):
+** a luaL_Buffer, with no userdata and no table of seen tables */
+static int encodeflat (lua_State *L, int n) {
+  luaL_Buffer b;
+  int i;
+  unsigned char v[10];
+  size_t k = 0, u = (size_t)n;
+  luaL_buffinit(L, &b);
+  luaL_addchar(&b, MAGIC);
+  do {  /* the count, as putvarint writes it */
+    v[k++] = (unsigned char)((u & 0x7f) | (u > 0x7f ? 0x80 : 0));
+    u >>= 7;
+  } while (u > 0);
+  luaL_addlstring(&b, (const char *)v, k);
+  for (i = 1; i <= n; i++) {
+    switch (lua_type(L, i)) {
+      case LUA_TNIL: luaL_addchar(&b, T_NIL); break;
+      case LUA_TBOOLEAN:
+        luaL_addchar(&b, lua_toboolean(L, i) ? T_TRUE : T_FALSE);
+        break;
+      case LUA_TNUMBER: {
+        unsigned long long x;
+        int j;
+        if (lua_isinteger(L, i)) {
+          luaL_addchar(&b, T_INT);
+          x = (unsigned long long)lua_tointeger(L, i);
+        }
+        else {
+          double d = (double)lua_tonumber(L, i);
+          memcpy(&x, &d, 8);
+          luaL_addchar(&b, T_FLT);
+        }
+        for (j = 0; j < 8; j++) v[j] = (unsigned char)(x >> (8 * j));
+        luaL_addlstring(&b, (const char *)v, 8);
+        break;
+      }
+      default: {  /* a string */
+        size_t len;
+        const char *str = lua_tolstring(L, i, &len);
+        luaL_addchar(&b, T_STR);
+        k = 0; u = len;
+        do {
+          v[k++] = (unsigned char)((u & 0x7f) | (u > 0x7f ? 0x80 : 0));
+          u >>= 7;
+        } while (u > 0);
+        luaL_addlstring(&b, (const char *)v, k);
+        luaL_addlstring(&b, str, len);
+        break;
+      }
+    }
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+
 /* prefork.encode(...) -> string */
 static int l_encode (lua_State *L) {
   int n = lua_gettop(L), i, seen;
-  obuf *b = (obuf *)lua_newuserdatauv(L, sizeof(obuf), 0);
+  obuf *b;
+  for (i = 1; i <= n; i++) {
+    int t = lua_type(L, i);
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER
+        && t != LUA_TSTRING) break;
+  }
+  if (i > n) return encodeflat(L, n);
+  b = (obuf *)lua_newuserdatauv(L, sizeof(obuf), 0);
   memset(b, 0, sizeof(*b));
   luaL_setmetatable(L, OBUF);
   lua_newtable(L);  /* seen: table -> number, and number -> table */
@@ -176,6 +239,15 @@ static int l_encode (lua_State *L) {
     encode(L, b, i, seen, 0);
   lua_pushlstring(L, b->p, b->n);
   return 1;
+}
+
+
+/* core.encodeargs(...): encode, without a function that comes last (a
+** pool call's callback) */
+static int l_encodeargs (lua_State *L) {
+  int n = lua_gettop(L);
+  if (n > 0 && lua_type(L, n) == LUA_TFUNCTION) lua_settop(L, n - 1);
+  return l_encode(L);
 }
 
 /* }====================================================== */
@@ -309,6 +381,7 @@ static int l_decode (lua_State *L) {
 void pf_open_serial (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"encode", l_encode},
+    {"encodeargs", l_encodeargs},
     {"decode", l_decode},
     {NULL, NULL}
   };

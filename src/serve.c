@@ -161,6 +161,12 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int idle,
 }
 
 
+/* is L a serve coroutine that can wait by yielding? */
+int pf_intask (lua_State *L) {
+  return lua_isyieldable(L) && findtask(L) != NULL;
+}
+
+
 int pf_wakereason (lua_State *L) {
   task *t = findtask(L);
   return t != NULL ? t->reason : PF_READY;
@@ -387,6 +393,91 @@ static int l_serve (lua_State *L) {
   return 1;
 }
 
+/*
+** core.run(fn): run fn() in a coroutine on a loop of its own, with no
+** listeners, until it and every coroutine it started with core.go have
+** ended (the async pool worker). Returns true.
+*/
+static int l_run (lua_State *L) {
+  task *t;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  if (sv.running)
+    return luaL_error(L, "run: a loop runs already");
+  sv.loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+  if (sv.loop == NULL)
+    return luaL_error(L, "run: libev cannot make a loop");
+  lua_newtable(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS);
+  sv.xep = -1;
+  sv.handler = LUA_NOREF;
+  sv.L = L;
+  sv.running = 1;
+  sv.stopping = 0;
+  lua_pushvalue(L, 1);
+  lua_pushnil(L);  /* no connection */
+  if ((t = newtask()) == NULL) {
+    lua_pop(L, 2);
+    sv.running = 0;
+    ev_loop_destroy(sv.loop);
+    return luaL_error(L, "not enough memory");
+  }
+  t->connref = luaL_ref(L, LUA_REGISTRYINDEX);
+  t->next = sv.tasks;
+  if (sv.tasks) sv.tasks->prev = t;
+  sv.tasks = t;
+  lua_xmove(L, t->co, 1);
+  resume(t, 0);
+  if (sv.tasks != NULL) ev_run(sv.loop, 0);
+  sv.running = 0;
+  while (sv.pool != NULL) {
+    t = sv.pool;
+    sv.pool = t->next;
+    freetask(t);
+  }
+  sv.npool = 0;
+  ev_loop_destroy(sv.loop);
+  sv.loop = NULL;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* core.go(fn): while a loop of serve or run goes, run fn() in a new
+** coroutine of its own, from the loop's next turn */
+static int l_go (lua_State *L) {
+  task *t;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  if (!sv.running)
+    return luaL_error(L, "go: only inside worker:serve or a pool worker");
+  lua_settop(L, 1);
+  lua_xmove(L, sv.L, 1);
+  lua_pushnil(sv.L);
+  if ((t = newtask()) == NULL) {
+    lua_pop(sv.L, 2);
+    return luaL_error(L, "not enough memory");
+  }
+  t->connref = luaL_ref(sv.L, LUA_REGISTRYINDEX);
+  lua_xmove(sv.L, t->co, 1);
+  t->next = sv.tasks;
+  if (sv.tasks) sv.tasks->prev = t;
+  sv.tasks = t;
+  ev_timer_set(&t->timer, 0., 0.);
+  ev_timer_start(sv.loop, &t->timer);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* in a new child (a pool's template): the copy of a running serve loop
+** goes, with its fds */
+void pf_serve_forget (void) {
+  if (!sv.running) return;
+  if (sv.xep >= 0) close(sv.xep);
+  ev_loop_destroy(sv.loop);
+  memset(&sv, 0, sizeof(sv));
+  sv.xep = -1;
+}
+
 /* }====================================================== */
 
 
@@ -441,6 +532,8 @@ void pf_open_serve (lua_State *L) {
     {"serve", l_serve},
     {"sleep", l_sleep},
     {"wait_fd", l_wait_fd},
+    {"run", l_run},
+    {"go", l_go},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

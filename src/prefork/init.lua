@@ -26,6 +26,7 @@ local prefork = {
   sendfds = core.sendfds,
   recvfds = core.recvfds,
   peercred = core.peercred,
+  pool = require "prefork.pool",
 }
 
 

@@ -1,0 +1,588 @@
+/*
+** pool.c: the C half of prefork.pool (the rest is src/prefork/pool.lua).
+**
+** A channel is a stream socket carrying frames, both ways:
+**   u32 length (big-endian, of what follows), u8 kind, u32 id, data
+** Writes are buffered and go out with flush (one write for many frames);
+** recv reads what is there without blocking and hands each whole frame
+** to a function. A frame longer than PF_MAXMSG is a corrupt channel.
+**
+** The template: a process forked when the pool is made, which ran the
+** pool's require and eval. Asked over its control socket, it makes a
+** worker with clone(CLONE_PARENT), so that the worker is a child of the
+** pool's owner (who reaps it and learns how it died), and hands the
+** owner the worker's end of a new channel with the worker's pid. It
+** exits when the control socket closes (the pool closed, or its owner
+** died).
+*/
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+
+#include "prefork.h"
+
+
+#if !defined(PF_MAXMSG)
+#define PF_MAXMSG	(64u << 20)  /* bytes of one frame's data, at most */
+#endif
+
+#define HEAD	9  /* length, kind, id */
+#define PF_CHAN	"prefork.chan"
+#define PF_EPOLL	"prefork.epoll"
+
+
+/* {======================================================
+** Channels
+** ======================================================= */
+
+typedef struct buf {  /* bytes [r, w) of p[0, cap) are live */
+  char *p;
+  size_t cap, r, w;
+} buf;
+
+typedef struct chan {
+  int fd;  /* -1 once closed */
+  buf in, out;
+} chan;
+
+
+static chan *checkchan (lua_State *L, int idx) {
+  chan *c = (chan *)luaL_checkudata(L, idx, PF_CHAN);
+  if (c->fd < 0) luaL_argerror(L, idx, "closed channel");
+  return c;
+}
+
+
+/* room for n more bytes at the end of b [-0, +0, m] */
+static char *room (lua_State *L, buf *b, size_t n) {
+  if (b->r > 0 && b->r == b->w) b->r = b->w = 0;
+  if (b->cap - b->w < n) {
+    size_t live = b->w - b->r, cap = b->cap ? b->cap : 4096;
+    if (b->r > 0) {  /* slide the live part down first */
+      memmove(b->p, b->p + b->r, live);
+      b->r = 0; b->w = live;
+    }
+    while (cap - live < n) {
+      if (cap > ((size_t)-1) / 2) luaL_error(L, "not enough memory");
+      cap *= 2;
+    }
+    if (cap != b->cap) {
+      char *np = (char *)realloc(b->p, cap);
+      if (np == NULL) luaL_error(L, "not enough memory");
+      b->p = np; b->cap = cap;
+    }
+  }
+  return b->p + b->w;
+}
+
+
+static void put32 (unsigned char *p, uint32_t v) {
+  p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
+  p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
+}
+
+
+static uint32_t get32 (const unsigned char *p) {
+  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8
+         | (uint32_t)p[3];
+}
+
+
+/* core.chan(fd) -> a channel on fd (taken over: the channel closes it) */
+static int l_chan (lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  chan *c;
+  luaL_argcheck(L, fd >= 0, 1, "bad fd");
+  c = (chan *)lua_newuserdatauv(L, sizeof(chan), 0);
+  memset(c, 0, sizeof(chan));
+  c->fd = -1;
+  luaL_setmetatable(L, PF_CHAN);
+  if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0
+      || fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
+    return pf_fail(L, "fcntl");
+  c->fd = fd;
+  return 1;
+}
+
+
+/* ch:send(kind, id, data): one frame into the write buffer */
+static int l_send (lua_State *L) {
+  chan *c = checkchan(L, 1);
+  lua_Integer kind = luaL_checkinteger(L, 2);
+  lua_Integer id = luaL_checkinteger(L, 3);
+  size_t n;
+  const char *s = luaL_optlstring(L, 4, "", &n);
+  unsigned char *p;
+  luaL_argcheck(L, n <= PF_MAXMSG, 4, "message too large");
+  p = (unsigned char *)room(L, &c->out, HEAD + n);
+  put32(p, (uint32_t)(n + 5));
+  p[4] = (unsigned char)kind;
+  put32(p + 5, (uint32_t)id);
+  memcpy(p + HEAD, s, n);
+  c->out.w += HEAD + n;
+  return 0;
+}
+
+
+/* ch:flush() -> true (all out) | false (the socket is full) | fail */
+static int l_flush (lua_State *L) {
+  chan *c = checkchan(L, 1);
+  buf *b = &c->out;
+  while (b->r < b->w) {
+    ssize_t n = send(c->fd, b->p + b->r, b->w - b->r, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        lua_pushboolean(L, 0);
+        return 1;
+      }
+      return pf_fail(L, "write");
+    }
+    b->r += (size_t)n;
+  }
+  b->r = b->w = 0;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* ch:pending() -> bytes waiting to go out */
+static int l_pending (lua_State *L) {
+  chan *c = checkchan(L, 1);
+  lua_pushinteger(L, (lua_Integer)(c->out.w - c->out.r));
+  return 1;
+}
+
+
+/*
+** ch:recv(fn) -> true | nil, "closed" | nil, "corrupt message: ..." |
+** fail. Reads what is there without blocking and calls fn(kind, id,
+** data) for each whole frame (an error in fn goes through, the frame
+** consumed). At the end of the stream the frames before it are handed
+** over first; a partial frame there is "truncated".
+*/
+static int l_recv (lua_State *L) {
+  chan *c = checkchan(L, 1);
+  buf *b = &c->in;
+  int eof = 0;
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  for (;;) {  /* read until the socket is empty */
+    size_t want = 65536;
+    char *p = room(L, b, want);
+    ssize_t n = read(c->fd, p, b->cap - b->w);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    if (n < 0 && errno != ECONNRESET) return pf_fail(L, "read");
+    if (n <= 0) { eof = 1; break; }
+    b->w += (size_t)n;
+    if ((size_t)n < want) break;  /* drained: spare the EAGAIN read */
+  }
+  while (b->w - b->r >= HEAD) {
+    const unsigned char *h = (const unsigned char *)b->p + b->r;
+    uint32_t len = get32(h);
+    if (len < 5 || len - 5 > PF_MAXMSG) {
+      luaL_pushfail(L);
+      lua_pushfstring(L, "corrupt message: a frame of %I bytes",
+                      (lua_Integer)len);
+      return 2;
+    }
+    if (b->w - b->r < 4 + (size_t)len)
+      break;
+    lua_pushvalue(L, 2);
+    lua_pushinteger(L, h[4]);
+    lua_pushinteger(L, (lua_Integer)get32(h + 5));
+    lua_pushlstring(L, (const char *)h + HEAD, len - 5);
+    b->r += 4 + (size_t)len;
+    lua_call(L, 3, 0);
+    if (c->fd < 0) return 0;  /* fn closed it */
+  }
+  if (eof) {
+    luaL_pushfail(L);
+    if (b->w > b->r) lua_pushliteral(L, "corrupt message: truncated");
+    else lua_pushliteral(L, "closed");
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+static int l_chanfd (lua_State *L) {
+  lua_pushinteger(L, checkchan(L, 1)->fd);
+  return 1;
+}
+
+
+static int l_chanclose (lua_State *L) {
+  chan *c = (chan *)luaL_checkudata(L, 1, PF_CHAN);
+  if (c->fd >= 0) close(c->fd);
+  c->fd = -1;
+  free(c->in.p); free(c->out.p);
+  memset(&c->in, 0, sizeof(buf));
+  memset(&c->out, 0, sizeof(buf));
+  return 0;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** An epoll set, for a pool's channels
+** ======================================================= */
+
+static int *checkep (lua_State *L) {
+  int *ep = (int *)luaL_checkudata(L, 1, PF_EPOLL);
+  if (*ep < 0) luaL_argerror(L, 1, "closed epoll set");
+  return ep;
+}
+
+
+static int l_epoll (lua_State *L) {
+  int *ep = (int *)lua_newuserdatauv(L, sizeof(int), 0);
+  *ep = -1;
+  luaL_setmetatable(L, PF_EPOLL);
+  if ((*ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+    return pf_fail(L, "epoll");
+  return 1;
+}
+
+
+/* ep:ctl("add"|"mod"|"del", fd, ["r"|"rw"]) -> true | fail */
+static int l_epctl (lua_State *L) {
+  static const char *const ops[] = {"add", "mod", "del", NULL};
+  static const int opv[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
+  static const char *const modes[] = {"r", "rw", NULL};
+  int *ep = checkep(L);
+  int op = luaL_checkoption(L, 2, NULL, ops);
+  int fd = (int)luaL_checkinteger(L, 3);
+  int mode = luaL_checkoption(L, 4, "r", modes);
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN | (mode ? EPOLLOUT : 0);
+  ev.data.fd = fd;
+  if (epoll_ctl(*ep, opv[op], fd, &ev) != 0)
+    return pf_fail(L, "epoll_ctl");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* the fds of ep ready now, pushed [-0, +n, m] */
+static int ready (lua_State *L, int ep, int ms) {
+  struct epoll_event evs[64];
+  int i, n;
+  do n = epoll_wait(ep, evs, 64, ms);
+  while (n < 0 && errno == EINTR && ms == 0);
+  if (n < 0 && errno == EINTR) n = 0;
+  if (n < 0) return pf_fail(L, "epoll_wait");
+  luaL_checkstack(L, n, "too many fds");
+  for (i = 0; i < n; i++)
+    lua_pushinteger(L, evs[i].data.fd);
+  return n;
+}
+
+
+static int wait_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  return ready(L, (int)ctx, 0);
+}
+
+
+/*
+** ep:wait(timeout) -> fd, ... : the fds ready, after waiting at most
+** timeout seconds for one (< 0: no limit; 0: no wait). In a serve
+** coroutine the wait yields; elsewhere it blocks.
+*/
+static int l_epwait (lua_State *L) {
+  int ep = *checkep(L);
+  lua_Number t = luaL_optnumber(L, 2, 0);
+  int n;
+  lua_settop(L, 1);
+  if (t == 0 || !pf_intask(L))
+    return ready(L, ep, t < 0 ? -1 : t > 2e6 ? 2000000000 : (int)(t * 1e3 + 0.999));
+  if ((n = ready(L, ep, 0)) != 0) return n;
+  pf_waitk(L, ep, POLLIN, t < 0 ? -1 : pf_now() + t, 0, (lua_KContext)ep,
+           wait_k);
+  return wait_k(L, LUA_OK, (lua_KContext)ep);
+}
+
+
+static int l_epfd (lua_State *L) {
+  lua_pushinteger(L, *checkep(L));
+  return 1;
+}
+
+
+static int l_epclose (lua_State *L) {
+  int *ep = (int *)luaL_checkudata(L, 1, PF_EPOLL);
+  if (*ep >= 0) close(*ep);
+  *ep = -1;
+  return 0;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** The template process
+** ======================================================= */
+
+static int readall (int fd, void *p, size_t n) {
+  char *s = (char *)p;
+  while (n > 0) {
+    ssize_t r = read(fd, s, n);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return r == 0 ? 0 : -1;
+    s += r; n -= (size_t)r;
+  }
+  return 1;
+}
+
+
+static int writeall (int fd, const void *p, size_t n) {
+  const char *s = (const char *)p;
+  while (n > 0) {
+    ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    s += w; n -= (size_t)w;
+  }
+  return 0;
+}
+
+
+/* a pid and an fd in one message */
+static int sendworker (int sock, pid_t pid, int fd) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  int32_t p = (int32_t)pid;
+  memset(&msg, 0, sizeof(msg));
+  iov.iov_base = &p;
+  iov.iov_len = sizeof(p);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ctl.buf;
+  msg.msg_controllen = sizeof(ctl.buf);
+  cm = CMSG_FIRSTHDR(&msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int));
+  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+  while (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
+    if (errno != EINTR) return -1;
+  return 0;
+}
+
+
+/* receive what sendworker sent (blocking): 1, 0 at EOF, -1 */
+static int recvworker (int sock, pid_t *pid, int *fd) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  struct cmsghdr *cm;
+  int32_t p = 0;
+  ssize_t n;
+  memset(&msg, 0, sizeof(msg));
+  iov.iov_base = &p;
+  iov.iov_len = sizeof(p);
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ctl.buf;
+  msg.msg_controllen = sizeof(ctl.buf);
+  *fd = -1;
+  do n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+  while (n < 0 && errno == EINTR);
+  if (n <= 0) return (int)n;
+  cm = CMSG_FIRSTHDR(&msg);
+  if (cm != NULL && cm->cmsg_level == SOL_SOCKET
+      && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+    memcpy(fd, CMSG_DATA(cm), sizeof(int));
+  if (n != (ssize_t)sizeof(p) || *fd < 0 || (msg.msg_flags & MSG_CTRUNC)) {
+    if (*fd >= 0) close(*fd);
+    errno = EPROTO;
+    return -1;
+  }
+  *pid = (pid_t)p;
+  return 1;
+}
+
+
+/* in the template: make one worker, a child of the template's parent,
+** which runs main(fd) (the function on top of L's stack) and exits */
+static void spawn (lua_State *L, int ctl) {
+  int sv[2];
+  pid_t pid;
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+    writeall(ctl, "\0\0\0\0", 4);  /* pid 0, no fd: it failed */
+    return;
+  }
+  fflush(NULL);
+  pid = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, NULL, NULL, NULL,
+                       NULL);
+  if (pid == 0) {
+    close(ctl);
+    close(sv[0]);
+    lua_pushvalue(L, -1);
+    lua_pushinteger(L, sv[1]);
+    pf_child_run(L, 1);
+  }
+  close(sv[1]);
+  if (pid < 0) writeall(ctl, "\0\0\0\0", 4);
+  else if (sendworker(ctl, pid, sv[0]) != 0) kill(pid, SIGKILL);
+  close(sv[0]);
+}
+
+
+/* the template's life: setup, say how it went, then make workers on
+** request until the control socket closes */
+static void PF_NORETURN templatelife (lua_State *L, int ctl) {
+  sigset_t none;
+  char cmd;
+  uint32_t len = 0;
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
+  pf_settitle("prefork: pool template");
+  lua_pushvalue(L, 1);  /* setup */
+  if (pf_pcall(L, 0, 0) != LUA_OK) {
+    size_t n;
+    const char *msg = lua_tolstring(L, -1, &n);
+    if (msg == NULL) msg = "(no message)", n = strlen(msg);
+    len = (uint32_t)n;
+    writeall(ctl, &len, 4);
+    writeall(ctl, msg, n);
+    pf_exit(1);
+  }
+  writeall(ctl, &len, 4);
+  lua_settop(L, 2);  /* main on top */
+  while (readall(ctl, &cmd, 1) == 1)
+    spawn(L, ctl);
+  pf_exit(0);
+}
+
+
+/*
+** core.pool_template(setup, main) -> pid, ctl | nil, message
+** Forks the template, which runs setup() and then makes workers that run
+** main(fd) (fd: the worker's end of its channel). Fails with the
+** template's error message when setup raised.
+*/
+static int l_template (lua_State *L) {
+  int sv[2];
+  pid_t pid;
+  uint32_t len;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_settop(L, 2);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return pf_fail(L, "socketpair");
+  pid = pf_fork();
+  if (pid < 0) {
+    int en = errno;
+    close(sv[0]); close(sv[1]);
+    errno = en;
+    return pf_fail(L, "fork");
+  }
+  if (pid == 0) {
+    close(sv[0]);
+    pf_serve_forget();
+    templatelife(L, sv[1]);
+  }
+  close(sv[1]);
+  if (readall(sv[0], &len, 4) != 1) {
+    close(sv[0]);
+    luaL_pushfail(L);
+    lua_pushliteral(L, "the pool's template process died at start");
+    return 2;
+  }
+  if (len > 0) {  /* its error message */
+    char *msg = (char *)malloc(len);
+    int ok = msg != NULL && readall(sv[0], msg, len) == 1;
+    close(sv[0]);
+    luaL_pushfail(L);
+    if (ok) lua_pushlstring(L, msg, len);
+    else lua_pushliteral(L, "the pool's template process failed");
+    free(msg);
+    return 2;
+  }
+  lua_pushinteger(L, pid);
+  lua_pushinteger(L, sv[0]);
+  return 2;
+}
+
+
+/* core.pool_spawn(ctl) -> fd, pid | fail: a new worker from the template */
+static int l_spawn (lua_State *L) {
+  int ctl = (int)luaL_checkinteger(L, 1);
+  pid_t pid = 0;
+  int fd, r;
+  if (writeall(ctl, "s", 1) != 0) return pf_fail(L, "pool template");
+  r = recvworker(ctl, &pid, &fd);
+  if (r == 0) {
+    luaL_pushfail(L);
+    lua_pushliteral(L, "pool template: gone");
+    return 2;
+  }
+  if (r < 0) return pf_fail(L, "pool template");
+  lua_pushinteger(L, fd);
+  lua_pushinteger(L, pid);
+  return 2;
+}
+
+/* }====================================================== */
+
+
+void pf_open_pool (lua_State *L) {
+  static const luaL_Reg chanm[] = {
+    {"send", l_send},
+    {"flush", l_flush},
+    {"pending", l_pending},
+    {"recv", l_recv},
+    {"fd", l_chanfd},
+    {"close", l_chanclose},
+    {"__gc", l_chanclose},
+    {"__close", l_chanclose},
+    {"__index", NULL},
+    {NULL, NULL}
+  };
+  static const luaL_Reg epm[] = {
+    {"ctl", l_epctl},
+    {"wait", l_epwait},
+    {"fd", l_epfd},
+    {"close", l_epclose},
+    {"__gc", l_epclose},
+    {"__index", NULL},
+    {NULL, NULL}
+  };
+  static const luaL_Reg funcs[] = {
+    {"chan", l_chan},
+    {"epoll", l_epoll},
+    {"pool_template", l_template},
+    {"pool_spawn", l_spawn},
+    {NULL, NULL}
+  };
+  luaL_newmetatable(L, PF_CHAN);
+  luaL_setfuncs(L, chanm, 0);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  luaL_newmetatable(L, PF_EPOLL);
+  luaL_setfuncs(L, epm, 0);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 2);
+  luaL_setfuncs(L, funcs, 0);
+  lua_pushinteger(L, PF_MAXMSG);
+  lua_setfield(L, -2, "pool_maxmsg");
+}

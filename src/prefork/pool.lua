@@ -1,0 +1,631 @@
+--- prefork.pool: a load-balanced pool of worker processes for calls
+-- (after AnyEvent::Fork::Pool). See the README, "Process pool".
+--
+-- The owner keeps a queue of calls and a channel per worker (frames of
+-- src/pool.c); a call goes to the least-loaded worker with room (at most
+-- `load` in flight each). Workers come from a template process forked
+-- when the pool is made, after `require` and `eval`; each runs `init`,
+-- then answers calls until its channel closes. Answers are read when
+-- the owner waits: pool:wait(), pool:map(), pool:close(), a call
+-- without callback (which yields inside worker:serve and blocks
+-- elsewhere), or pool:poll().
+
+local core = require "prefork.core"
+
+local encode, decode, encodeargs = core.encode, core.decode, core.encodeargs
+local wait_fd, now = core.wait_fd, core.now
+local pack, unpack = table.pack, table.unpack
+local select, type, pcall, error = select, type, pcall, error
+
+-- frame kinds
+local CALL, OK, ERR, EVENT, RETIRE, FAIL = 1, 2, 3, 4, 5, 6
+
+local MAXMSG = core.pool_maxmsg
+
+
+-- {======================================================
+-- Inside a worker
+-- =======================================================
+
+local inworker = nil  -- the worker's state: {ch, fd, retire, retired}
+
+local function flushall (w)
+  while true do
+    local ok = w.ch:flush()
+    if ok then return true end
+    if ok == nil then core.exit(0) end  -- the owner is gone
+    wait_fd(w.fd, "w")
+  end
+end
+
+
+--- Resolve "a.b.f" to require("a.b").f, "f" to the global f.
+local function resolve (name, what)
+  if type(name) == "function" then return name end
+  local mod, field = name:match("^(.*)%.([^.]+)$")
+  local f
+  if mod then f = require(mod)[field] else f = _G[name] end
+  if type(f) ~= "function" then
+    error(("prefork.pool: %s '%s' is not a function"):format(what, name), 0)
+  end
+  return f
+end
+
+
+local function workermain (opts, fd)
+  local ser = opts.serialiser
+  local enc, dec = ser and ser.encode or encode, ser and ser.decode or decode
+  local w = {ch = assert(core.chan(fd)), fd = fd, enc = enc}
+  inworker = w
+  local ch = w.ch
+  local ok, fn = pcall(function ()
+    if opts.init then resolve(opts.init, "init")() end
+    return resolve(opts[1] or opts.run, "function")
+  end)
+  if not ok then
+    ch:send(FAIL, 0, tostring(fn))
+    ch:flush()
+    core.exit(1)
+  end
+
+  local function answer (id, good, ...)
+    if good then
+      local eok, s = pcall(enc, ...)
+      if not eok then
+        ch:send(ERR, id, "cannot send the results: " .. tostring(s))
+      elseif #s > MAXMSG then
+        ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
+      else
+        ch:send(OK, id, s)
+      end
+    else
+      ch:send(ERR, id, tostring((...)))
+    end
+    if w.retire and not w.retired then
+      w.retired = true
+      ch:send(RETIRE, 0)
+    end
+  end
+
+  local handle
+  if opts.async then
+    handle = function (kind, id, data)
+      if kind ~= CALL then core.exit(3) end
+      core.go(function ()
+        local called = false
+        local function done (...)
+          if called then error("done called twice", 2) end
+          called = true
+          answer(id, true, ...)
+          flushall(w)
+        end
+        local good, err = pcall(function () return fn(done, dec(data)) end)
+        if not good then
+          if called then
+            core.log("error", "pool worker: after done: " .. tostring(err))
+          else
+            called = true
+            answer(id, false, err)
+            flushall(w)
+          end
+        end
+      end)
+    end
+    core.run(function ()
+      while true do
+        wait_fd(fd, "r")
+        if not ch:recv(handle) then core.exit(0) end
+        flushall(w)
+      end
+    end)
+  else
+    local function run (data) return fn(dec(data)) end
+    handle = function (kind, id, data)
+      if kind ~= CALL then core.exit(3) end
+      answer(id, pcall(run, data))
+    end
+    while true do
+      if not ch:recv(handle) then break end
+      flushall(w)
+      wait_fd(fd, "r")
+    end
+  end
+  core.exit(0)
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- The owner's side
+-- =======================================================
+
+local Pool = {}
+Pool.__index = Pool
+
+local function check (cond, msg, lvl)
+  if not cond then error("prefork.pool: " .. msg, lvl or 3) end
+end
+
+
+--- The cause of a child's end, from prefork.wait's results.
+local function cause (how, code)
+  if how == "exit" then return "exit " .. code end
+  if how == "signal" then
+    return "killed by signal " .. code .. " (" .. (core.signame(code) or "?") .. ")"
+  end
+  return "no status"
+end
+
+
+--- Reap pid: up to `grace` seconds without blocking the loop, then KILL.
+local function reap (pid, grace)
+  local deadline = now() + grace
+  while true do
+    local p, how, code = core.wait(pid, "nohang")
+    if p then return how, code end
+    if how ~= "running" then return nil end  -- not our child any more
+    if now() >= deadline then
+      core.kill(pid, "KILL")
+      p, how, code = core.wait(pid)
+      return how, code
+    end
+    core.sleep(0.001)
+  end
+end
+
+
+local function fault (self, msg)
+  local h = self.on_error
+  if h then h(msg) else error("prefork.pool: " .. msg, 0) end
+end
+
+
+local function deliver (self, cb, good, ...)
+  local ok, err = pcall(cb, good, ...)
+  if not ok and not self.cberr then self.cberr = err end
+end
+
+
+local function settle (self, w, id, good, ...)
+  local cb = w.calls[id]
+  if cb == nil then
+    return fault(self, "an answer for no call (worker " .. w.pid .. ")")
+  end
+  w.calls[id] = nil
+  w.inflight = w.inflight - 1
+  self.outstanding = self.outstanding - 1
+  if w.inflight == 0 then w.idle = now() end
+  deliver(self, cb, good, ...)
+end
+
+
+local function removeworker (self, w)
+  for i, x in ipairs(self.procs) do
+    if x == w then table.remove(self.procs, i) break end
+  end
+  self.byfd[w.fd] = nil
+  self.ep:ctl("del", w.fd)
+  w.ch:close()
+  w.dead = true
+end
+
+
+--- A worker's channel ended (it died, retired, or broke the protocol).
+local function lost (self, w, why)
+  if w.dead then return end
+  removeworker(self, w)
+  local how, code = reap(w.pid, 1)
+  if next(w.calls) ~= nil then
+    local msg = ("pool worker %d died during the call (%s)"):format(w.pid,
+      why or cause(how, code))
+    local calls = w.calls
+    w.calls = {}
+    for _, cb in pairs(calls) do
+      w.inflight = w.inflight - 1
+      self.outstanding = self.outstanding - 1
+      deliver(self, cb, false, msg)
+    end
+  end
+end
+
+
+local function settled (self, w, id, good, ...)
+  if good then return settle(self, w, id, true, ...) end
+  return settle(self, w, id, false, (...))
+end
+
+
+local function frame (self, w, kind, id, data)
+  if kind == OK then
+    settled(self, w, id, pcall(self.decode, data))
+  elseif kind == ERR then
+    settle(self, w, id, false, data)
+  elseif kind == EVENT then
+    local good, err = pcall(function ()
+      if self.on_event then self.on_event(self.decode(data)) end
+    end)
+    if not good and not self.cberr then self.cberr = err end
+  elseif kind == RETIRE then
+    w.retiring = true
+  elseif kind == FAIL then
+    w.failed = data
+  else
+    w.corrupt = "corrupt message: frame kind " .. kind
+  end
+end
+
+
+local function spawn (self)
+  local fd, pid = core.pool_spawn(self.ctl)
+  if not fd then
+    fault(self, tostring(pid))
+    return nil
+  end
+  local ch, err = core.chan(fd)
+  if not ch then
+    core.close(fd)
+    fault(self, err)
+    return nil
+  end
+  local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
+             idle = now()}
+  w.onframe = function (kind, id, data) return frame(self, w, kind, id, data) end
+  self.ep:ctl("add", fd, "r")
+  self.byfd[fd] = w
+  self.procs[#self.procs + 1] = w
+  return w
+end
+
+
+local function flush (self, w)
+  local ok, err = w.ch:flush()
+  if ok == nil then return lost(self, w, err) end
+  if ok == not w.wantw then return end
+  w.wantw = not ok  -- watch writability while the socket is full
+  self.ep:ctl("mod", w.fd, ok and "r" or "rw")
+end
+
+
+local function stopworker (self, w)
+  removeworker(self, w)
+  reap(w.pid, 1)
+end
+
+
+--- Send queued calls to workers with room; start workers as needed;
+-- stop idle ones beyond the knobs.
+local function dispatch (self)
+  local q, load, workers = self.queue, self.load, self.procs
+  local qdata, qcb = q.data, q.cb
+  local dirty = nil
+  while q.head <= q.tail do
+    local best, idle = nil, false
+    for i = 1, #workers do
+      local w = workers[i]
+      if not w.retiring and w.inflight < load
+         and (best == nil or w.inflight < best.inflight) then
+        best = w
+      end
+    end
+    idle = best ~= nil and best.inflight == 0
+    if not idle and #workers < self.max and not self.failed
+       and (self.busy_time <= 0 or now() - q.t[q.head] >= self.busy_time) then
+      best = spawn(self) or best
+    end
+    if best == nil then break end
+    local h = q.head
+    local data, cb = qdata[h], qcb[h]
+    qdata[h], qcb[h], q.t[h] = nil, nil, nil
+    q.head = h + 1
+    local id = self.nextid
+    self.nextid = id < 0x7fffffff and id + 1 or 1
+    best.ch:send(CALL, id, data)
+    best.calls[id] = cb
+    best.inflight = best.inflight + 1
+    best.idle = nil
+    if best ~= dirty then
+      if dirty then flush(self, dirty) end
+      dirty = best
+    end
+  end
+  if dirty then flush(self, dirty) end
+  -- retired workers go once they answered; idle ones by the knobs
+  local t, nidle = now(), 0
+  for i = #workers, 1, -1 do
+    local w = workers[i]
+    if w.retiring and w.inflight == 0 then
+      stopworker(self, w)
+    elseif w.idle then
+      nidle = nidle + 1
+    end
+  end
+  for i = #workers, 1, -1 do
+    local w = workers[i]
+    if #workers <= self.min then break end
+    if w.idle and (nidle > self.max_idle or t - w.idle >= self.idle_time) then
+      stopworker(self, w)
+      nidle = nidle - 1
+    end
+  end
+  while #workers < self.min and not self.failed and not self.closed do
+    if not spawn(self) then break end
+  end
+end
+
+
+--- The next time something is due: an idle worker's end, or a new
+-- worker for a call waiting beyond busy_time.
+local function nextdue (self)
+  local due = math.huge
+  if #self.procs > self.min then
+    for _, w in ipairs(self.procs) do
+      if w.idle then due = math.min(due, w.idle + self.idle_time) end
+    end
+  end
+  local q = self.queue
+  if q.head <= q.tail and self.busy_time > 0 then
+    due = math.min(due, q.t[q.head] + self.busy_time)
+  end
+  return due
+end
+
+
+--- One turn: wait until a channel is ready (at most timeout seconds; nil:
+-- until something is due), read every answer there, send what is queued.
+local function pump (self, timeout)
+  local due = nextdue(self)
+  local left = due - now()
+  if timeout and timeout < left then left = timeout end
+  local ready = pack(self.ep:wait(left > 0 and left ~= math.huge and left
+                                  or (left > 0 and -1 or 0)))
+  for i = 1, ready.n do
+    local w = self.byfd[ready[i]]
+    if w and not w.dead then
+      if w.wantw then flush(self, w) end
+      if not w.dead then
+        local ok, err = w.ch:recv(w.onframe)
+        if w.failed then
+          lost(self, w, "init failed: " .. w.failed)
+          if not self.failed then
+            self.failed = w.failed
+            local q = self.queue  -- nothing can serve what waits
+            while q.head <= q.tail do
+              local h = q.head
+              local cb = q.cb[h]
+              q.data[h], q.cb[h], q.t[h] = nil, nil, nil
+              q.head = h + 1
+              self.outstanding = self.outstanding - 1
+              deliver(self, cb, false, "pool worker init failed: " .. w.failed)
+            end
+            fault(self, "worker init failed: " .. w.failed)
+          end
+        elseif w.corrupt then
+          lost(self, w, w.corrupt)
+          fault(self, w.corrupt)
+        elseif not ok then
+          if err ~= "closed" then fault(self, err) end
+          lost(self, w, err ~= "closed" and err or nil)
+        end
+      end
+    end
+  end
+  dispatch(self)
+  local err = self.cberr
+  if err then
+    self.cberr = nil
+    error(err, 0)
+  end
+end
+
+
+local function enqueue (self, data, cb)
+  if #data > MAXMSG then
+    return cb(false, "message too large (" .. #data .. " bytes; the limit is "
+              .. MAXMSG .. ")")
+  end
+  local q = self.queue
+  local waiting = q.head <= q.tail
+  local t = q.tail + 1
+  q.tail = t
+  q.data[t], q.cb[t], q.t[t] = data, cb, self.busy_time > 0 and now() or 0
+  self.outstanding = self.outstanding + 1
+  if self.failed then self.failed = nil end  -- try again with new calls
+  -- with calls waiting already, no worker has room: the next turn sends
+  if not waiting then dispatch(self) end
+end
+
+
+local function packresult (box)
+  return function (...) box.r = pack(...) end
+end
+
+
+--- pool:call(args..., cb) queues; pool:call(args...) awaits the answer:
+-- ok, results... or false, message.
+function Pool:call (...)
+  check(not self.closed, "call on a closed pool")
+  local n = select("#", ...)
+  local cb = n > 0 and select(n, ...) or nil
+  if type(cb) == "function" then
+    local good, data
+    if self.encode == encode then good, data = pcall(encodeargs, ...)
+    else
+      local args = pack(...)
+      good, data = pcall(self.encode, unpack(args, 1, n - 1))
+    end
+    if not good then return cb(false, tostring(data)) end
+    return enqueue(self, data, cb)
+  end
+  local good, data = pcall(self.encode, ...)
+  if not good then return false, tostring(data) end
+  local box = {}
+  enqueue(self, data, packresult(box))
+  while not box.r do pump(self) end
+  return unpack(box.r, 1, box.r.n)
+end
+
+
+--- Run the loop until every queued call has answered.
+function Pool:wait ()
+  while self.outstanding > 0 do pump(self) end
+  return true
+end
+
+
+--- One turn of the loop, waiting at most timeout seconds (0: none):
+-- answers that came are handed to their callbacks.
+function Pool:poll (timeout)
+  pump(self, timeout or 0)
+  return self.outstanding
+end
+
+
+--- list in, one call per element, list of first results out; raises on
+-- the first job error (after every call answered).
+function Pool:map (list)
+  check(type(list) == "table", "map: a list expected")
+  local res, first, left = {}, nil, #list
+  for i = 1, #list do
+    self:call(list[i], function (ok, r)
+      left = left - 1
+      if ok then res[i] = r elseif not first then first = r end
+    end)
+  end
+  while left > 0 do pump(self) end
+  if first then error(first, 2) end
+  return res
+end
+
+
+--- The pool's workers: a list of {pid =, inflight =}.
+function Pool:workers ()
+  local t = {}
+  for i, w in ipairs(self.procs) do
+    t[i] = {pid = w.pid, inflight = w.inflight}
+  end
+  return t
+end
+
+
+local function teardown (self)
+  for i = #self.procs, 1, -1 do removeworker(self, self.procs[i]) end
+  if self.ctl then core.close(self.ctl) self.ctl = nil end
+  self.ep:close()
+end
+
+
+--- No new calls; wait for the queued ones, let the processes go, then
+-- on_destroy. Blocks (yields inside worker:serve).
+function Pool:close ()
+  if self.closed then return true end
+  self.closed = true
+  self:wait()
+  local pids = {self.tpid}
+  for _, w in ipairs(self.procs) do pids[#pids + 1] = w.pid end
+  teardown(self)
+  for _, pid in ipairs(pids) do reap(pid, 2) end
+  if self.on_destroy then self.on_destroy() end
+  return true
+end
+
+
+Pool.__close = Pool.close
+Pool.__gc = function (self)  -- forgotten: the processes see EOF and go
+  if not self.closed and self.ep then
+    self.closed = true
+    teardown(self)
+  end
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- Making a pool
+-- =======================================================
+
+local knobs = {min = 0, max = 8, busy_time = 0, max_idle = 1, idle_time = 1,
+               load = 2}
+
+local function new (opts)
+  check(type(opts) == "table", "a table of options expected")
+  local fn = opts[1] or opts.run
+  check(type(fn) == "string" or type(fn) == "function",
+        "the function (opts[1] or run) must be a function or a name")
+  for k, v in pairs(opts) do
+    if knobs[k] then
+      check(type(v) == "number" and v >= 0, k .. " must be a number >= 0")
+    elseif not (k == 1 or k == "run" or k == "require" or k == "eval"
+                or k == "init" or k == "async" or k == "serialiser"
+                or k == "on_error" or k == "on_event" or k == "on_destroy") then
+      check(false, "unknown option '" .. tostring(k) .. "'")
+    end
+  end
+  for _, k in ipairs{"on_error", "on_event", "on_destroy"} do
+    check(opts[k] == nil or type(opts[k]) == "function", k .. " must be a function")
+  end
+  check(opts.require == nil or type(opts.require) == "table",
+        "require must be a list of module names")
+  check(opts.eval == nil or type(opts.eval) == "string", "eval must be a string")
+  check(opts.init == nil or type(opts.init) == "string"
+        or type(opts.init) == "function", "init must be a function or a name")
+  local ser = opts.serialiser
+  check(ser == nil or (type(ser) == "table" and type(ser.encode) == "function"
+        and type(ser.decode) == "function"),
+        "serialiser must be {encode = function, decode = function}")
+  local self = setmetatable({
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}}, procs = {}, byfd = {}, nextid = 1,
+    outstanding = 0,
+    encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
+    on_error = opts.on_error, on_event = opts.on_event,
+    on_destroy = opts.on_destroy,
+  }, Pool)
+  for k, v in pairs(knobs) do self[k] = opts[k] or v end
+  check(self.max >= 1, "max must be at least 1")
+  check(self.load >= 1, "load must be at least 1")
+  check(self.min <= self.max, "min must not exceed max")
+  local wopts = {opts[1] or opts.run, init = opts.init, async = opts.async,
+                 serialiser = ser}
+  local function setup ()
+    for _, m in ipairs(opts.require or {}) do require(m) end
+    if opts.eval then assert(load(opts.eval, "=pool eval"))() end
+  end
+  local tpid, ctl = core.pool_template(setup, function (fd)
+    core.settitle("prefork: pool worker")
+    workermain(wopts, fd)
+  end)
+  if not tpid then
+    local msg = "template: " .. tostring(ctl)
+    if opts.on_error then opts.on_error(msg) end
+    error("prefork.pool: " .. msg, 2)
+  end
+  self.tpid, self.ctl = tpid, ctl
+  self.ep = assert(core.epoll())
+  dispatch(self)
+  return self
+end
+
+
+--- In a pool worker: on_event(...) runs in the owner.
+local function event (...)
+  local w = inworker
+  if not w then error("prefork.pool.event: not in a pool worker", 2) end
+  w.ch:send(EVENT, 0, w.enc(...))
+  flushall(w)
+end
+
+
+--- In a pool worker: end after the current call.
+local function retire ()
+  local w = inworker
+  if not w then error("prefork.pool.retire: not in a pool worker", 2) end
+  w.retire = true
+end
+
+-- }======================================================
+
+
+return setmetatable({new = new, event = event, retire = retire,
+                     maxmsg = MAXMSG},
+                    {__call = function (_, opts) return new(opts) end})
