@@ -30,7 +30,7 @@ SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
        src/fdpass.c src/serve.c src/serial.c src/pool.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
-LUASRC = src/prefork/init.lua
+LUASRC = src/prefork/init.lua src/prefork/pool.lua
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
@@ -42,7 +42,7 @@ DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
              gcc make pkg-config
 DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
             psmisc strace wrk
-DEPS_BENCH = wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
+DEPS_BENCH = python3 wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \
              libio-fdpass-perl gnuplot-nox
 DEPS = $(DEPS_BUILD) $(DEPS_TEST)
@@ -110,14 +110,14 @@ chaos: deps all
 install: all
 	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
 	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
-	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/init.lua
+	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/
 
 clean:
 	rm -rf build build-asan
 
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
-FUZZ_TARGETS = http_request conn_read fd_frame serial
+FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined

@@ -99,11 +99,14 @@ static uint32_t get32 (const unsigned char *p) {
 }
 
 
-/* core.chan(fd) -> a channel on fd (taken over: the channel closes it) */
+/* core.chan(fd | conn) -> a channel on fd, or on the connection's fd
+** (taken over: the channel closes it; the connection is left closed) */
 static int l_chan (lua_State *L) {
-  int fd = (int)luaL_checkinteger(L, 1);
+  pf_conn *conn = (pf_conn *)luaL_testudata(L, 1, PF_CONN);
+  int fd = conn ? conn->fd : (int)luaL_checkinteger(L, 1);
   chan *c;
   luaL_argcheck(L, fd >= 0, 1, "bad fd");
+  if (conn) conn->fd = -1;
   c = (chan *)lua_newuserdatauv(L, sizeof(chan), 0);
   memset(c, 0, sizeof(chan));
   c->fd = -1;

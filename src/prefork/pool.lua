@@ -220,8 +220,8 @@ local function lost (self, w, why)
     local msg = ("pool worker %d died during the call (%s)"):format(w.pid,
       why or cause(how, code))
     local calls = w.calls
-    w.calls = {}
-    for _, cb in pairs(calls) do
+    for id, cb in pairs(calls) do
+      calls[id] = nil
       w.inflight = w.inflight - 1
       self.outstanding = self.outstanding - 1
       deliver(self, cb, false, msg)
@@ -230,28 +230,50 @@ local function lost (self, w, why)
 end
 
 
-local function settled (self, w, id, good, ...)
-  if good then return settle(self, w, id, true, ...) end
-  return settle(self, w, id, false, (...))
-end
+-- an answer's values decoded and handed to its callback, in one pcall;
+-- `decoding` tells a decoder's error from the callback's
+local decoding = false
+local function decoded (...) decoding = false return ... end
+local function okcall (cb, dec, data) decoding = true return cb(true, decoded(dec(data))) end
 
 
-local function frame (self, w, kind, id, data)
-  if kind == OK then
-    settled(self, w, id, pcall(self.decode, data))
-  elseif kind == ERR then
-    settle(self, w, id, false, data)
-  elseif kind == EVENT then
-    local good, err = pcall(function ()
-      if self.on_event then self.on_event(self.decode(data)) end
-    end)
-    if not good and not self.cberr then self.cberr = err end
-  elseif kind == RETIRE then
-    w.retiring = true
-  elseif kind == FAIL then
-    w.failed = data
-  else
-    w.corrupt = "corrupt message: frame kind " .. kind
+--- The function that takes w's frames (ch:recv calls it for each).
+local function framer (self, w)
+  local calls = w.calls
+  return function (kind, id, data)
+    if kind == OK then
+      local cb = calls[id]
+      if cb == nil then
+        return fault(self, "an answer for no call (worker " .. w.pid .. ")")
+      end
+      calls[id] = nil
+      local n = w.inflight - 1
+      w.inflight = n
+      self.outstanding = self.outstanding - 1
+      if n == 0 then w.idle = now() end
+      local good, err = pcall(okcall, cb, self.decode, data)
+      if not good then
+        if decoding then
+          decoding = false
+          deliver(self, cb, false, err)
+        elseif not self.cberr then
+          self.cberr = err
+        end
+      end
+    elseif kind == ERR then
+      settle(self, w, id, false, data)
+    elseif kind == EVENT then
+      local good, err = pcall(function ()
+        if self.on_event then self.on_event(self.decode(data)) end
+      end)
+      if not good and not self.cberr then self.cberr = err end
+    elseif kind == RETIRE then
+      w.retiring = true
+    elseif kind == FAIL then
+      w.failed = data
+    else
+      w.corrupt = "corrupt message: frame kind " .. kind
+    end
   end
 end
 
@@ -270,7 +292,7 @@ local function spawn (self)
   end
   local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
              idle = now()}
-  w.onframe = function (kind, id, data) return frame(self, w, kind, id, data) end
+  w.onframe = framer(self, w)
   self.ep:ctl("add", fd, "r")
   self.byfd[fd] = w
   self.procs[#self.procs + 1] = w
