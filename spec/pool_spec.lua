@@ -431,4 +431,62 @@ prefork.start{listen = "127.0.0.1:0", workers = 1, on_start = announce,
   os.remove(flag)
 end
 
+function TestPool:test_a_pool_holds_no_fd_of_another_pool_or_connection ()
+  local a = prefork.pool{pid, min = 1}
+  local c1, c2 = prefork.socketpair()
+  self.pool = prefork.pool{pid, min = 1}
+  -- B's processes hold only B's own channel: A's and the pair are
+  -- /dev/null there, so A's workers see EOF when A closes
+  local function sockets (p)
+    local n = 0
+    for t in pairs(H.fdtargets(p)) do
+      if t:match("^socket:") then n = n + 1 end
+    end
+    return n
+  end
+  lu.assertEquals(sockets(self.pool.tpid), 1)  -- its control socket
+  lu.assertEquals(sockets(self.pool:workers()[1].pid), 1)  -- its channel
+  local apids = {a.tpid, a:workers()[1].pid}
+  a:close()
+  for _, p in ipairs(apids) do lu.assertNil(H.pstate(p)) end
+  c1:close() c2:close()
+end
+
+function TestPool:test_the_template_killed_fails_calls_and_never_hangs ()
+  local errs = {}
+  self.pool = prefork.pool{pid, on_error = function (m) errs[#errs + 1] = m end}
+  prefork.kill(self.pool.tpid, "KILL")
+  prefork.wait(self.pool.tpid)
+  local ok, msg = self.pool:call()
+  lu.assertFalse(ok)
+  lu.assertStrContains(msg, "pool template")
+  lu.assertStrContains(errs[1], "pool template")
+  ok, msg = self.pool:call()  -- at once, the same way
+  lu.assertFalse(ok)
+  lu.assertStrContains(msg, "pool template")
+end
+
+function TestPool:test_an_awaited_call_inside_a_callback ()
+  self.pool = prefork.pool{function (x) return x end, max = 1, load = 2}
+  local got = {}
+  self.pool:call(1, function (_, r)
+    got[#got + 1] = r
+    local _, three = self.pool:call(3)
+    got[#got + 1] = three
+  end)
+  self.pool:call(2, function (_, r) got[#got + 1] = r end)
+  self.pool:call(4, function (_, r) got[#got + 1] = r end)
+  self.pool:wait()
+  table.sort(got)
+  lu.assertEquals(got, {1, 2, 3, 4})
+end
+
+function TestPool:test_workers_draw_different_random_numbers ()
+  self.pool = prefork.pool{function () return math.random(1 << 40) end,
+                           min = 3, max = 3, load = 1}
+  local seen = {}
+  for _, x in ipairs(self.pool:map{1, 2, 3}) do seen[x] = true end
+  lu.assertEquals(H.count(seen), 3)
+end
+
 os.exit(lu.LuaUnit.run())

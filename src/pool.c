@@ -23,10 +23,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <dirent.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
@@ -106,7 +111,6 @@ static int l_chan (lua_State *L) {
   int fd = conn ? conn->fd : (int)luaL_checkinteger(L, 1);
   chan *c;
   luaL_argcheck(L, fd >= 0, 1, "bad fd");
-  if (conn) conn->fd = -1;
   c = (chan *)lua_newuserdatauv(L, sizeof(chan), 0);
   memset(c, 0, sizeof(chan));
   c->fd = -1;
@@ -114,6 +118,7 @@ static int l_chan (lua_State *L) {
   if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0
       || fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
     return pf_fail(L, "fcntl");
+  if (conn) conn->fd = -1;
   c->fd = fd;
   return 1;
 }
@@ -208,7 +213,10 @@ static int l_recv (lua_State *L) {
     lua_pushlstring(L, (const char *)h + HEAD, len - 5);
     b->r += 4 + (size_t)len;
     lua_call(L, 3, 0);
-    if (c->fd < 0) return 0;  /* fn closed it */
+    if (c->fd < 0) {  /* fn closed it */
+      lua_pushboolean(L, 1);
+      return 1;
+    }
   }
   if (eof) {
     luaL_pushfail(L);
@@ -217,6 +225,21 @@ static int l_recv (lua_State *L) {
     return 2;
   }
   lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* ch:buffered() -> true when a whole frame (or a bad header) waits in
+** the read buffer: recv has something to hand over without reading */
+static int l_buffered (lua_State *L) {
+  chan *c = checkchan(L, 1);
+  buf *b = &c->in;
+  int yes = 0;
+  if (b->w - b->r >= HEAD) {
+    uint32_t len = get32((const unsigned char *)b->p + b->r);
+    yes = len < 5 || len - 5 > PF_MAXMSG || b->w - b->r >= 4 + (size_t)len;
+  }
+  lua_pushboolean(L, yes);
   return 1;
 }
 
@@ -241,22 +264,37 @@ static int l_chanclose (lua_State *L) {
 
 
 /* {======================================================
-** An epoll set, for a pool's channels
+** An epoll set, for a pool's channels, with a kick: an eventfd in the
+** set, written when a coroutine must look again (an answer it awaits
+** was read by another)
 ** ======================================================= */
 
-static int *checkep (lua_State *L) {
-  int *ep = (int *)luaL_checkudata(L, 1, PF_EPOLL);
-  if (*ep < 0) luaL_argerror(L, 1, "closed epoll set");
-  return ep;
+typedef struct epset {
+  int ep, kick;  /* -1 once closed */
+} epset;
+
+
+static epset *checkep (lua_State *L) {
+  epset *e = (epset *)luaL_checkudata(L, 1, PF_EPOLL);
+  if (e->ep < 0) luaL_argerror(L, 1, "closed epoll set");
+  return e;
 }
 
 
 static int l_epoll (lua_State *L) {
-  int *ep = (int *)lua_newuserdatauv(L, sizeof(int), 0);
-  *ep = -1;
+  epset *e = (epset *)lua_newuserdatauv(L, sizeof(epset), 0);
+  struct epoll_event ev;
+  e->ep = e->kick = -1;
   luaL_setmetatable(L, PF_EPOLL);
-  if ((*ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+  if ((e->ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
     return pf_fail(L, "epoll");
+  if ((e->kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+    return pf_fail(L, "eventfd");
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN;
+  ev.data.fd = e->kick;
+  if (epoll_ctl(e->ep, EPOLL_CTL_ADD, e->kick, &ev) != 0)
+    return pf_fail(L, "epoll_ctl");
   return 1;
 }
 
@@ -266,7 +304,7 @@ static int l_epctl (lua_State *L) {
   static const char *const ops[] = {"add", "mod", "del", NULL};
   static const int opv[] = {EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL};
   static const char *const modes[] = {"r", "rw", NULL};
-  int *ep = checkep(L);
+  epset *e = checkep(L);
   int op = luaL_checkoption(L, 2, NULL, ops);
   int fd = (int)luaL_checkinteger(L, 3);
   int mode = luaL_checkoption(L, 4, "r", modes);
@@ -274,31 +312,48 @@ static int l_epctl (lua_State *L) {
   memset(&ev, 0, sizeof(ev));
   ev.events = EPOLLIN | (mode ? EPOLLOUT : 0);
   ev.data.fd = fd;
-  if (epoll_ctl(*ep, opv[op], fd, &ev) != 0)
+  if (epoll_ctl(e->ep, opv[op], fd, &ev) != 0)
     return pf_fail(L, "epoll_ctl");
   lua_pushboolean(L, 1);
   return 1;
 }
 
 
-/* the fds of ep ready now, pushed [-0, +n, m] */
-static int ready (lua_State *L, int ep, int ms) {
+/* ep:kick(): wake whoever waits on the set */
+static int l_epkick (lua_State *L) {
+  epset *e = checkep(L);
+  uint64_t one = 1;
+  (void)!write(e->kick, &one, sizeof(one));
+  return 0;
+}
+
+
+/* the fds of e ready now, pushed (a kick is taken, not pushed) */
+static int ready (lua_State *L, epset *e, int ms) {
   struct epoll_event evs[64];
-  int i, n;
-  do n = epoll_wait(ep, evs, 64, ms);
+  int i, n, k = 0;
+  do n = epoll_wait(e->ep, evs, 64, ms);
   while (n < 0 && errno == EINTR && ms == 0);
   if (n < 0 && errno == EINTR) n = 0;
   if (n < 0) return pf_fail(L, "epoll_wait");
   luaL_checkstack(L, n, "too many fds");
-  for (i = 0; i < n; i++)
-    lua_pushinteger(L, evs[i].data.fd);
-  return n;
+  for (i = 0; i < n; i++) {
+    if (evs[i].data.fd == e->kick) {
+      uint64_t v;
+      (void)!read(e->kick, &v, sizeof(v));
+    }
+    else {
+      lua_pushinteger(L, evs[i].data.fd);
+      k++;
+    }
+  }
+  return k;
 }
 
 
 static int wait_k (lua_State *L, int status, lua_KContext ctx) {
-  (void)status;
-  return ready(L, (int)ctx, 0);
+  (void)status; (void)ctx;
+  return ready(L, checkep(L), 0);
 }
 
 
@@ -308,29 +363,25 @@ static int wait_k (lua_State *L, int status, lua_KContext ctx) {
 ** coroutine the wait yields; elsewhere it blocks.
 */
 static int l_epwait (lua_State *L) {
-  int ep = *checkep(L);
+  epset *e = checkep(L);
   lua_Number t = luaL_optnumber(L, 2, 0);
   int n;
   lua_settop(L, 1);
+  if (!(t >= 0)) t = -1;  /* negative or NaN: no limit */
   if (t == 0 || !pf_intask(L))
-    return ready(L, ep, t < 0 ? -1 : t > 2e6 ? 2000000000 : (int)(t * 1e3 + 0.999));
-  if ((n = ready(L, ep, 0)) != 0) return n;
-  pf_waitk(L, ep, POLLIN, t < 0 ? -1 : pf_now() + t, 0, (lua_KContext)ep,
-           wait_k);
-  return wait_k(L, LUA_OK, (lua_KContext)ep);
-}
-
-
-static int l_epfd (lua_State *L) {
-  lua_pushinteger(L, *checkep(L));
-  return 1;
+    return ready(L, e, t < 0 ? -1 : t > 2e6 ? 2000000000
+                                   : (int)(t * 1e3 + 0.999));
+  if ((n = ready(L, e, 0)) != 0) return n;
+  pf_waitk(L, e->ep, POLLIN, t < 0 ? -1 : pf_now() + t, 0, 0, wait_k);
+  return wait_k(L, LUA_OK, 0);
 }
 
 
 static int l_epclose (lua_State *L) {
-  int *ep = (int *)luaL_checkudata(L, 1, PF_EPOLL);
-  if (*ep >= 0) close(*ep);
-  *ep = -1;
+  epset *e = (epset *)luaL_checkudata(L, 1, PF_EPOLL);
+  if (e->ep >= 0) close(e->ep);
+  if (e->kick >= 0) close(e->kick);
+  e->ep = e->kick = -1;
   return 0;
 }
 
@@ -413,6 +464,10 @@ static int recvworker (int sock, pid_t *pid, int *fd) {
   if (cm != NULL && cm->cmsg_level == SOL_SOCKET
       && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
     memcpy(fd, CMSG_DATA(cm), sizeof(int));
+  if (n == (ssize_t)sizeof(p) && p < 0 && *fd < 0) {  /* it failed */
+    errno = (int)-p;
+    return -2;
+  }
   if (n != (ssize_t)sizeof(p) || *fd < 0 || (msg.msg_flags & MSG_CTRUNC)) {
     if (*fd >= 0) close(*fd);
     errno = EPROTO;
@@ -428,8 +483,10 @@ static int recvworker (int sock, pid_t *pid, int *fd) {
 static void spawn (lua_State *L, int ctl) {
   int sv[2];
   pid_t pid;
+  int32_t en;
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-    writeall(ctl, "\0\0\0\0", 4);  /* pid 0, no fd: it failed */
+    en = -(int32_t)errno;  /* a negative pid, no fd: what failed */
+    writeall(ctl, &en, 4);
     return;
   }
   fflush(NULL);
@@ -442,10 +499,43 @@ static void spawn (lua_State *L, int ctl) {
     lua_pushinteger(L, sv[1]);
     pf_child_run(L, 1);
   }
+  en = -(int32_t)errno;
   close(sv[1]);
-  if (pid < 0) writeall(ctl, "\0\0\0\0", 4);
+  if (pid < 0) writeall(ctl, &en, 4);
   else if (sendworker(ctl, pid, sv[0]) != 0) kill(pid, SIGKILL);
   close(sv[0]);
+}
+
+
+/*
+** In the new template: every socket, pipe and other kernel object (an
+** epoll set, an eventfd) the owner had open becomes /dev/null, so that
+** the owner's connections, listeners and other pools' channels end when
+** the owner closes them, not when the pool's processes do. The fd
+** numbers stay taken: a Lua object of the owner's copied here that
+** closes its fd closes /dev/null, never a later fd of the same number.
+** Files, terminals and directories stay.
+*/
+static void neutralise (int keep) {
+  DIR *d = opendir("/proc/self/fd");
+  int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  struct dirent *de;
+  if (d == NULL || null < 0) {
+    if (d) closedir(d);
+    if (null >= 0) close(null);
+    return;
+  }
+  while ((de = readdir(d)) != NULL) {
+    int fd = atoi(de->d_name);
+    struct stat st;
+    if (fd < 3 || fd == keep || fd == null || fd == dirfd(d)) continue;
+    if (fstat(fd, &st) != 0) continue;
+    if (S_ISREG(st.st_mode) || S_ISCHR(st.st_mode) || S_ISDIR(st.st_mode)
+        || S_ISBLK(st.st_mode)) continue;
+    dup2(null, fd);  /* not close-on-exec: as the fd was, near enough */
+  }
+  closedir(d);
+  close(null);
 }
 
 
@@ -458,8 +548,9 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl) {
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
   pf_settitle("prefork: pool template");
+  neutralise(ctl);
   lua_pushvalue(L, 1);  /* setup */
-  if (pf_pcall(L, 0, 0) != LUA_OK) {
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
     size_t n;
     const char *msg = lua_tolstring(L, -1, &n);
     if (msg == NULL) msg = "(no message)", n = strlen(msg);
@@ -506,6 +597,7 @@ static int l_template (lua_State *L) {
   close(sv[1]);
   if (readall(sv[0], &len, 4) != 1) {
     close(sv[0]);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
     lua_pushliteral(L, "the pool's template process died at start");
     return 2;
@@ -514,6 +606,7 @@ static int l_template (lua_State *L) {
     char *msg = (char *)malloc(len);
     int ok = msg != NULL && readall(sv[0], msg, len) == 1;
     close(sv[0]);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
     if (ok) lua_pushlstring(L, msg, len);
     else lua_pushliteral(L, "the pool's template process failed");
@@ -538,10 +631,41 @@ static int l_spawn (lua_State *L) {
     lua_pushliteral(L, "pool template: gone");
     return 2;
   }
+  if (r == -2) return pf_fail(L, "pool template: fork");
   if (r < 0) return pf_fail(L, "pool template");
   lua_pushinteger(L, fd);
   lua_pushinteger(L, pid);
   return 2;
+}
+
+/*
+** core.pool_reap(pid, grace) -> "exit"|"signal", code | nil: the status
+** of a pool worker whose channel ended, waiting up to grace seconds
+** (without yielding: the caller is in the middle of its bookkeeping),
+** then KILL. nil when it is not (or no longer) a child of ours.
+*/
+static int l_reap (lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  double deadline = pf_now() + luaL_optnumber(L, 2, 1);
+  int status = 0, killed = 0;
+  luaL_argcheck(L, pid > 0, 1, "bad pid");
+  for (;;) {
+    pid_t got = pf_takereaped(pid, &status);
+    if (got == 0) got = waitpid(pid, &status, killed ? 0 : WNOHANG);
+    if (got == pid) return pf_pushstatus(L, status);
+    if (got < 0 && errno != EINTR) {
+      luaL_pushfail(L);
+      return 1;
+    }
+    if (got == 0 && pf_now() >= deadline && !killed) {
+      kill(pid, SIGKILL);
+      killed = 1;
+    }
+    else if (got == 0) {
+      struct timespec ts = {0, 1000000};
+      nanosleep(&ts, NULL);
+    }
+  }
 }
 
 /* }====================================================== */
@@ -553,6 +677,7 @@ void pf_open_pool (lua_State *L) {
     {"flush", l_flush},
     {"pending", l_pending},
     {"recv", l_recv},
+    {"buffered", l_buffered},
     {"fd", l_chanfd},
     {"close", l_chanclose},
     {"__gc", l_chanclose},
@@ -563,7 +688,7 @@ void pf_open_pool (lua_State *L) {
   static const luaL_Reg epm[] = {
     {"ctl", l_epctl},
     {"wait", l_epwait},
-    {"fd", l_epfd},
+    {"kick", l_epkick},
     {"close", l_epclose},
     {"__gc", l_epclose},
     {"__index", NULL},
@@ -574,6 +699,7 @@ void pf_open_pool (lua_State *L) {
     {"epoll", l_epoll},
     {"pool_template", l_template},
     {"pool_spawn", l_spawn},
+    {"pool_reap", l_reap},
     {NULL, NULL}
   };
   luaL_newmetatable(L, PF_CHAN);

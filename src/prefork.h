@@ -66,6 +66,7 @@ PF_API const char *pf_signame (int sig);
 PF_API int pf_pushstatus (lua_State *L, int status);
 PF_API void pf_settitle (const char *title);
 PF_API void pf_reaped (pid_t pid, int status);
+PF_API pid_t pf_takereaped (pid_t pid, int *status);
 PF_API void pf_onreap (int (*hook) (void *ud, pid_t pid, int status),
                        void *ud);
 PF_API void pf_open_proc (lua_State *L);

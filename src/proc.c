@@ -99,7 +99,7 @@ void pf_reaped (pid_t pid, int status) {
 
 
 /* take a kept status: of pid, or of any child when pid <= 0 */
-static pid_t takereaped (pid_t pid, int *status) {
+pid_t pf_takereaped (pid_t pid, int *status) {
   int i;
   for (i = 0; i < NREAPED; i++) {
     pid_t p = reaped[i].pid;
@@ -141,7 +141,7 @@ static int l_wait (lua_State *L) {
   pid_t pid = (pid_t)luaL_optinteger(L, 1, -1);
   int nohang = luaL_checkoption(L, 2, "block", opts);
   int status = 0;
-  pid_t got = takereaped(pid, &status);
+  pid_t got = pf_takereaped(pid, &status);
   while (got == 0) {
     got = waitpid(pid, &status, nohang ? WNOHANG : 0);
     if (got < 0 && errno == EINTR) {

@@ -58,6 +58,8 @@ local function workermain (opts, fd)
   local w = {ch = assert(core.chan(fd)), fd = fd, enc = enc}
   inworker = w
   local ch = w.ch
+  -- not the template's sequence, which every worker would share
+  math.randomseed(core.getpid(), math.floor(now() * 1e9))
   local ok, fn = pcall(function ()
     if opts.init then resolve(opts.init, "init")() end
     return resolve(opts[1] or opts.run, "function")
@@ -123,6 +125,7 @@ local function workermain (opts, fd)
     handle = function (kind, id, data)
       if kind ~= CALL then core.exit(3) end
       answer(id, pcall(run, data))
+      flushall(w)  -- at once: the next call may take long
     end
     while true do
       if not ch:recv(handle) then break end
@@ -148,7 +151,7 @@ local function check (cond, msg, lvl)
 end
 
 
---- The cause of a child's end, from prefork.wait's results.
+--- The cause of a child's end, from its status.
 local function cause (how, code)
   if how == "exit" then return "exit " .. code end
   if how == "signal" then
@@ -158,19 +161,14 @@ local function cause (how, code)
 end
 
 
---- Reap pid: up to `grace` seconds without blocking the loop, then KILL.
-local function reap (pid, grace)
-  local deadline = now() + grace
-  while true do
-    local p, how, code = core.wait(pid, "nohang")
-    if p then return how, code end
-    if how ~= "running" then return nil end  -- not our child any more
-    if now() >= deadline then
-      core.kill(pid, "KILL")
-      p, how, code = core.wait(pid)
-      return how, code
-    end
-    core.sleep(0.001)
+-- pids of processes let go (of forgotten pools, or never set up), reaped
+-- without waiting on later turns of any pool
+local letgo = {}
+
+local function reapsome ()
+  for i = #letgo, 1, -1 do
+    local p, how = core.wait(letgo[i], "nohang")
+    if p or how ~= "running" then table.remove(letgo, i) end
   end
 end
 
@@ -190,7 +188,8 @@ end
 local function settle (self, w, id, good, ...)
   local cb = w.calls[id]
   if cb == nil then
-    return fault(self, "an answer for no call (worker " .. w.pid .. ")")
+    w.corrupt = "corrupt message: an answer for no call"
+    return
   end
   w.calls[id] = nil
   w.inflight = w.inflight - 1
@@ -200,23 +199,40 @@ local function settle (self, w, id, good, ...)
 end
 
 
+--- Take w out of the pool (its channel closed: it leaves on its own).
 local function removeworker (self, w)
+  if w.dead then return end
+  w.dead = true
   for i, x in ipairs(self.procs) do
     if x == w then table.remove(self.procs, i) break end
   end
   self.byfd[w.fd] = nil
-  self.ep:ctl("del", w.fd)
+  if self.ep then self.ep:ctl("del", w.fd) end
   w.ch:close()
-  w.dead = true
 end
 
 
---- A worker's channel ended (it died, retired, or broke the protocol).
+--- Fail every call that waits in the queue.
+local function failqueue (self, msg)
+  local q = self.queue
+  while q.head <= q.tail do
+    local h = q.head
+    local cb = q.cb[h]
+    q.data[h], q.cb[h], q.t[h] = nil, nil, nil
+    q.head = h + 1
+    self.outstanding = self.outstanding - 1
+    deliver(self, cb, false, msg)
+  end
+end
+
+
+--- A worker's channel ended (it died, or broke the protocol): its calls
+-- fail with the cause. Never yields: the bookkeeping stays whole.
 local function lost (self, w, why)
   if w.dead then return end
   removeworker(self, w)
-  local how, code = reap(w.pid, 1)
-  if next(w.calls) ~= nil then
+  local how, code = core.pool_reap(w.pid, 1)
+  if w.inflight > 0 then
     local msg = ("pool worker %d died during the call (%s)"):format(w.pid,
       why or cause(how, code))
     local calls = w.calls
@@ -227,6 +243,14 @@ local function lost (self, w, why)
       deliver(self, cb, false, msg)
     end
   end
+end
+
+
+--- Stop an idle or retired worker: its channel closes, it exits at
+-- once (reaped here, without yielding; KILL if it lingers past 1 s).
+local function stopworker (self, w)
+  removeworker(self, w)
+  core.pool_reap(w.pid, 1)
 end
 
 
@@ -244,7 +268,8 @@ local function framer (self, w)
     if kind == OK then
       local cb = calls[id]
       if cb == nil then
-        return fault(self, "an answer for no call (worker " .. w.pid .. ")")
+        w.corrupt = "corrupt message: an answer for no call"
+        return
       end
       calls[id] = nil
       local n = w.inflight - 1
@@ -278,17 +303,36 @@ local function framer (self, w)
 end
 
 
+--- Read what w sent and act on how its channel is: true while it lives.
+local function take (self, w)
+  local ok, err = w.ch:recv(w.onframe)
+  if w.dead then return false end
+  if w.failed then
+    lost(self, w, "init failed: " .. w.failed)
+    if not self.failed then  -- nothing can serve what waits
+      self.failed = w.failed
+      failqueue(self, "pool worker init failed: " .. w.failed)
+      self.fault = "worker init failed: " .. w.failed
+    end
+  elseif w.corrupt then
+    lost(self, w, w.corrupt)
+    self.fault = w.corrupt
+  elseif not ok then
+    lost(self, w, err ~= "closed" and err or nil)
+    if err ~= "closed" then self.fault = err end
+  end
+  return not w.dead
+end
+
+
 local function spawn (self)
   local fd, pid = core.pool_spawn(self.ctl)
-  if not fd then
-    fault(self, tostring(pid))
-    return nil
-  end
+  if not fd then return nil, pid end
   local ch, err = core.chan(fd)
   if not ch then
     core.close(fd)
-    fault(self, err)
-    return nil
+    letgo[#letgo + 1] = pid
+    return nil, err
   end
   local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
              idle = now()}
@@ -301,28 +345,26 @@ end
 
 
 local function flush (self, w)
-  local ok, err = w.ch:flush()
-  if ok == nil then return lost(self, w, err) end
+  local ok = w.ch:flush()
+  if ok == nil then  -- it is gone: read what it answered first
+    if take(self, w) then lost(self, w) end
+    return
+  end
   if ok == not w.wantw then return end
   w.wantw = not ok  -- watch writability while the socket is full
   self.ep:ctl("mod", w.fd, ok and "r" or "rw")
 end
 
 
-local function stopworker (self, w)
-  removeworker(self, w)
-  reap(w.pid, 1)
-end
-
-
 --- Send queued calls to workers with room; start workers as needed;
--- stop idle ones beyond the knobs.
+-- stop idle ones beyond the knobs. Faults are raised at the end, with
+-- everything sent.
 local function dispatch (self)
   local q, load, workers = self.queue, self.load, self.procs
   local qdata, qcb = q.data, q.cb
-  local dirty = nil
+  local dirty, spawnerr = nil, nil
   while q.head <= q.tail do
-    local best, idle = nil, false
+    local best = nil
     for i = 1, #workers do
       local w = workers[i]
       if not w.retiring and w.inflight < load
@@ -330,10 +372,12 @@ local function dispatch (self)
         best = w
       end
     end
-    idle = best ~= nil and best.inflight == 0
-    if not idle and #workers < self.max and not self.failed
+    if (best == nil or best.inflight > 0) and #workers < self.max
+       and not self.failed and not spawnerr
        and (self.busy_time <= 0 or now() - q.t[q.head] >= self.busy_time) then
-      best = spawn(self) or best
+      local w, err = spawn(self)
+      best = w or best
+      spawnerr = err
     end
     if best == nil then break end
     local h = q.head
@@ -365,13 +409,24 @@ local function dispatch (self)
   for i = #workers, 1, -1 do
     local w = workers[i]
     if #workers <= self.min then break end
-    if w.idle and (nidle > self.max_idle or t - w.idle >= self.idle_time) then
+    if w and w.idle and (nidle > self.max_idle or t - w.idle >= self.idle_time) then
       stopworker(self, w)
       nidle = nidle - 1
     end
   end
-  while #workers < self.min and not self.failed and not self.closed do
-    if not spawn(self) then break end
+  while #workers < self.min and not self.failed and not self.closing
+        and not spawnerr do
+    local _, err = spawn(self)
+    spawnerr = err
+  end
+  if spawnerr then
+    if #workers == 0 then  -- nothing will serve what waits
+      failqueue(self, spawnerr)
+      if spawnerr:match("gone") or spawnerr:match("pipe") then
+        self.broken = spawnerr
+      end
+    end
+    self.fault = self.fault or spawnerr
   end
 end
 
@@ -386,53 +441,22 @@ local function nextdue (self)
     end
   end
   local q = self.queue
-  if q.head <= q.tail and self.busy_time > 0 then
+  if q.head <= q.tail and self.busy_time > 0 and #self.procs < self.max
+     and not self.failed then
     due = math.min(due, q.t[q.head] + self.busy_time)
   end
   return due
 end
 
 
---- One turn: wait until a channel is ready (at most timeout seconds; nil:
--- until something is due), read every answer there, send what is queued.
-local function pump (self, timeout)
-  local due = nextdue(self)
-  local left = due - now()
-  if timeout and timeout < left then left = timeout end
-  local ready = pack(self.ep:wait(left > 0 and left ~= math.huge and left
-                                  or (left > 0 and -1 or 0)))
-  for i = 1, ready.n do
-    local w = self.byfd[ready[i]]
-    if w and not w.dead then
-      if w.wantw then flush(self, w) end
-      if not w.dead then
-        local ok, err = w.ch:recv(w.onframe)
-        if w.failed then
-          lost(self, w, "init failed: " .. w.failed)
-          if not self.failed then
-            self.failed = w.failed
-            local q = self.queue  -- nothing can serve what waits
-            while q.head <= q.tail do
-              local h = q.head
-              local cb = q.cb[h]
-              q.data[h], q.cb[h], q.t[h] = nil, nil, nil
-              q.head = h + 1
-              self.outstanding = self.outstanding - 1
-              deliver(self, cb, false, "pool worker init failed: " .. w.failed)
-            end
-            fault(self, "worker init failed: " .. w.failed)
-          end
-        elseif w.corrupt then
-          lost(self, w, w.corrupt)
-          fault(self, w.corrupt)
-        elseif not ok then
-          if err ~= "closed" then fault(self, err) end
-          lost(self, w, err ~= "closed" and err or nil)
-        end
-      end
-    end
+--- Raise what went wrong in this turn: a pool fault (to on_error) or a
+-- callback's error.
+local function raise (self)
+  local f = self.fault
+  if f then
+    self.fault = nil
+    fault(self, f)
   end
-  dispatch(self)
   local err = self.cberr
   if err then
     self.cberr = nil
@@ -441,11 +465,43 @@ local function pump (self, timeout)
 end
 
 
+--- One turn: wait until a channel is ready (at most timeout seconds; nil:
+-- until something is due), read every answer there, send what is queued.
+local function pump (self, timeout)
+  reapsome()
+  local left = nextdue(self) - now()
+  if timeout and timeout < left then left = timeout end
+  if left > 0 then
+    for _, w in ipairs(self.procs) do  -- answers read already, not handed over
+      if w.ch:buffered() then left = 0 break end
+    end
+    if #self.procs == 0 and self.queue.head > self.queue.tail then left = 0 end
+  end
+  local ready = pack(self.ep:wait(left > 0 and (left ~= math.huge and left or -1) or 0))
+  for i = 1, ready.n do
+    local w = self.byfd[ready[i]]
+    if w then
+      if w.wantw then flush(self, w) end
+      if not w.dead then take(self, w) end
+    end
+  end
+  for _, w in ipairs(self.procs) do
+    if w.ch:buffered() then take(self, w) end
+  end
+  dispatch(self)
+  raise(self)
+end
+
+
 local function enqueue (self, data, cb)
+  if type(data) ~= "string" then
+    return cb(false, "the serialiser's encode returned a " .. type(data))
+  end
   if #data > MAXMSG then
     return cb(false, "message too large (" .. #data .. " bytes; the limit is "
               .. MAXMSG .. ")")
   end
+  if self.broken then return cb(false, self.broken) end
   local q = self.queue
   local waiting = q.head <= q.tail
   local t = q.tail + 1
@@ -454,19 +510,17 @@ local function enqueue (self, data, cb)
   self.outstanding = self.outstanding + 1
   if self.failed then self.failed = nil end  -- try again with new calls
   -- with calls waiting already, no worker has room: the next turn sends
-  if not waiting then dispatch(self) end
-end
-
-
-local function packresult (box)
-  return function (...) box.r = pack(...) end
+  if not waiting then
+    dispatch(self)
+    raise(self)
+  end
 end
 
 
 --- pool:call(args..., cb) queues; pool:call(args...) awaits the answer:
 -- ok, results... or false, message.
 function Pool:call (...)
-  check(not self.closed, "call on a closed pool")
+  check(not self.closing, "call on a closed pool")
   local n = select("#", ...)
   local cb = n > 0 and select(n, ...) or nil
   if type(cb) == "function" then
@@ -481,10 +535,18 @@ function Pool:call (...)
   end
   local good, data = pcall(self.encode, ...)
   if not good then return false, tostring(data) end
-  local box = {}
-  enqueue(self, data, packresult(box))
-  while not box.r do pump(self) end
-  return unpack(box.r, 1, box.r.n)
+  local co = coroutine.running()
+  local r
+  enqueue(self, data, function (...)
+    r = pack(...)
+    -- read by another coroutine's turn: wake this one
+    if coroutine.running() ~= co and self.ep then self.ep:kick() end
+  end)
+  self.waiting = self.waiting + 1
+  local ok, err = pcall(function () while not r do pump(self) end end)
+  self.waiting = self.waiting - 1
+  if not ok then error(err, 0) end
+  return unpack(r, 1, r.n)
 end
 
 
@@ -496,26 +558,30 @@ end
 
 
 --- One turn of the loop, waiting at most timeout seconds (0: none):
--- answers that came are handed to their callbacks.
+-- answers that came are handed to their callbacks. Returns the number
+-- of calls not answered yet.
 function Pool:poll (timeout)
+  check(not self.closed, "poll on a closed pool")
   pump(self, timeout or 0)
   return self.outstanding
 end
 
 
 --- list in, one call per element, list of first results out; raises on
--- the first job error (after every call answered).
+-- the first job error in the list's order (after every call answered).
 function Pool:map (list)
   check(type(list) == "table", "map: a list expected")
-  local res, first, left = {}, nil, #list
+  local res, errs, left = {}, {}, #list
   for i = 1, #list do
     self:call(list[i], function (ok, r)
       left = left - 1
-      if ok then res[i] = r elseif not first then first = r end
+      if ok then res[i] = r else errs[i] = r end
     end)
   end
   while left > 0 do pump(self) end
-  if first then error(first, 2) end
+  for i = 1, #list do
+    if errs[i] then error(errs[i], 2) end
+  end
   return res
 end
 
@@ -530,10 +596,25 @@ function Pool:workers ()
 end
 
 
+--- Let every process go: close the template's control socket and the
+-- channels (they exit on their own); returns their pids.
 local function teardown (self)
-  for i = #self.procs, 1, -1 do removeworker(self, self.procs[i]) end
-  if self.ctl then core.close(self.ctl) self.ctl = nil end
-  self.ep:close()
+  local pids = {}
+  if self.ctl then
+    core.close(self.ctl)
+    self.ctl = nil
+    pids[1] = self.tpid
+  end
+  for i = #self.procs, 1, -1 do
+    local w = self.procs[i]
+    w.dead = true
+    w.ch:close()
+    pids[#pids + 1] = w.pid
+    self.procs[i] = nil
+  end
+  self.byfd = {}
+  if self.ep then self.ep:close() self.ep = nil end
+  return pids
 end
 
 
@@ -541,12 +622,14 @@ end
 -- on_destroy. Blocks (yields inside worker:serve).
 function Pool:close ()
   if self.closed then return true end
-  self.closed = true
+  self.closing = true
   self:wait()
-  local pids = {self.tpid}
-  for _, w in ipairs(self.procs) do pids[#pids + 1] = w.pid end
-  teardown(self)
-  for _, pid in ipairs(pids) do reap(pid, 2) end
+  while self.waiting > 0 do  -- awaiting coroutines see their answers first
+    self.ep:kick()
+    pump(self, 0.01)
+  end
+  self.closed = true
+  for _, pid in ipairs(teardown(self)) do core.pool_reap(pid, 2) end
   if self.on_destroy then self.on_destroy() end
   return true
 end
@@ -554,9 +637,9 @@ end
 
 Pool.__close = Pool.close
 Pool.__gc = function (self)  -- forgotten: the processes see EOF and go
-  if not self.closed and self.ep then
-    self.closed = true
-    teardown(self)
+  if not self.closed then
+    self.closed, self.closing = true, true
+    for _, pid in ipairs(teardown(self)) do letgo[#letgo + 1] = pid end
   end
 end
 
@@ -597,8 +680,8 @@ local function new (opts)
         and type(ser.decode) == "function"),
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
-    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}}, procs = {}, byfd = {}, nextid = 1,
-    outstanding = 0,
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}}, procs = {},
+    byfd = {}, nextid = 1, outstanding = 0, waiting = 0,
     encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
     on_error = opts.on_error, on_event = opts.on_event,
     on_destroy = opts.on_destroy,
@@ -624,7 +707,9 @@ local function new (opts)
   end
   self.tpid, self.ctl = tpid, ctl
   self.ep = assert(core.epoll())
+  reapsome()
   dispatch(self)
+  raise(self)
   return self
 end
 
