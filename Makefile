@@ -31,17 +31,23 @@ SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua
+# the client command: plain C, nettle linked in statically (start-up time)
+CLIENT = $(BUILD)/lua-prefork
+CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
+                $(CFLAGS)
+NETTLE_LIBS = -Wl,-Bstatic -lnettle -Wl,-Bdynamic
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
-           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)" SPEC_FILES="$(SPEC_FILES)"
+           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)" SPEC_FILES="$(SPEC_FILES)" \
+           LUA_PREFORK_CLIENT="$(CURDIR)/$(CLIENT)"
 SPEC_TIMEOUT = 180
 
 # Debian packages: to build, to test, to measure
 DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
-             gcc make pkg-config
+             gcc make pkg-config nettle-dev
 DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
-            psmisc strace wrk
+            psmisc strace wrk chiark-utils-bin chiark-scripts libio-fdpass-perl
 DEPS_BENCH = wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \
              libio-fdpass-perl gnuplot-nox
@@ -49,7 +55,7 @@ DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run test test-only asan valgrind fuzz bench chaos install clean
 
-all: $(CORE)
+all: $(CORE) $(CLIENT)
 
 $(BUILD)/obj/%.o: src/%.c src/prefork.h
 	@mkdir -p $(dir $@)
@@ -58,6 +64,10 @@ $(BUILD)/obj/%.o: src/%.c src/prefork.h
 $(CORE): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
+
+$(CLIENT): lua-prefork/lua-prefork.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CLIENT_CFLAGS) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
 
 # installs only what is missing; apt needs root (or sudo)
 deps:
@@ -111,6 +121,8 @@ install: all
 	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
 	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
 	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/init.lua
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 $(CLIENT) $(DESTDIR)$(BINDIR)/lua-prefork
 
 clean:
 	rm -rf build build-asan
