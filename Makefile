@@ -130,6 +130,8 @@ clean:
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
 FUZZ_TARGETS = http_request conn_read fd_frame serial
+# standalone targets (no Lua harness): the lua-prefork command's parsers
+FUZZ_C_TARGETS = interp_greeting
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
@@ -140,7 +142,11 @@ fuzz: deps
 	  $(FUZZ_CC) -std=c11 -D_GNU_SOURCE -I$(LUA_INCDIR) $(FUZZ_FLAGS) \
 	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(SRCS) -llua$(LUA_VERSION) -lev || exit 1; \
 	done
-	@for t in $(FUZZ_TARGETS); do \
+	@for t in $(FUZZ_C_TARGETS); do \
+	  $(FUZZ_CC) -std=c99 -D_GNU_SOURCE $(FUZZ_FLAGS) \
+	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c || exit 1; \
+	done
+	@for t in $(FUZZ_TARGETS) $(FUZZ_C_TARGETS); do \
 	  mkdir -p $(BUILD)/fuzz/corpus-$$t; \
 	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
 	  if ! $(BUILD)/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \

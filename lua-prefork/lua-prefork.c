@@ -80,6 +80,35 @@ static const unsigned char magic[4] = {'P', 'F', 'I', '\n'};
 
 /*
 ** {======================================================
+** Greeting: "PFI\n", a big-endian u32 XLEN, XLEN bytes of extra data.
+** greeting_parse looks at the len bytes received so far.
+** =======================================================
+*/
+
+static uint32_t get_be32 (const unsigned char *p) {
+  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+         (uint32_t)p[2] << 8 | (uint32_t)p[3];
+}
+
+
+static int greeting_parse (const unsigned char *buf, size_t len,
+                           size_t *want) {
+  uint32_t xlen;
+  if (memcmp(buf, magic, len < 4 ? len : 4) != 0) return GREET_BADMAGIC;
+  if (len < 8) { *want = 8; return GREET_MORE; }
+  xlen = get_be32(buf + 4);
+  if (xlen > MAXXLEN) return GREET_TOOBIG;
+  *want = 8 + (size_t)xlen;
+  return len >= *want ? GREET_OK : GREET_MORE;
+}
+
+/* }====================================================== */
+
+
+#ifndef LUA_PREFORK_NO_MAIN  /* { (the fuzz target includes the parser only) */
+
+/*
+** {======================================================
 ** Messages
 ** =======================================================
 */
@@ -160,35 +189,6 @@ static char *xasprintf (const char *fmt, ...) {
 
 /* }====================================================== */
 
-
-/*
-** {======================================================
-** Greeting: "PFI\n", a big-endian u32 XLEN, XLEN bytes of extra data.
-** greeting_parse looks at the len bytes received so far.
-** =======================================================
-*/
-
-static uint32_t get_be32 (const unsigned char *p) {
-  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
-         (uint32_t)p[2] << 8 | (uint32_t)p[3];
-}
-
-
-static int greeting_parse (const unsigned char *buf, size_t len,
-                           size_t *want) {
-  uint32_t xlen;
-  if (memcmp(buf, magic, len < 4 ? len : 4) != 0) return GREET_BADMAGIC;
-  if (len < 8) { *want = 8; return GREET_MORE; }
-  xlen = get_be32(buf + 4);
-  if (xlen > MAXXLEN) return GREET_TOOBIG;
-  *want = 8 + (size_t)xlen;
-  return len >= *want ? GREET_OK : GREET_MORE;
-}
-
-/* }====================================================== */
-
-
-#ifndef LUA_PREFORK_NO_MAIN  /* { */
 
 /*
 ** {======================================================
