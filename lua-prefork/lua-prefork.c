@@ -386,7 +386,7 @@ static void parse_args (char **argv) {
   exec_argv = out = (char **)xmalloc((size_t)(n + niflags + 3)
                                            * sizeof(char *));
   *out++ = interp;
-  memcpy(out, iflags, (size_t)niflags * sizeof(char *));
+  if (niflags > 0) memcpy(out, iflags, (size_t)niflags * sizeof(char *));
   out += niflags;
   if (script) *out++ = script;
   memcpy(out, w, (size_t)(n + 1) * sizeof(char *));
@@ -403,7 +403,8 @@ static void parse_args (char **argv) {
 
 static int var_run_ok (uid_t us) {
   struct stat st;
-  char *dir = xasprintf("/var/run/user/%lu", (unsigned long)us);
+  char dir[64];
+  snprintf(dir, sizeof(dir), "/var/run/user/%lu", (unsigned long)us);
   if (lstat(dir, &st) != 0) {
     if (errno == ENOENT || errno == ENOTDIR || errno == EACCES ||
         errno == EPERM) return 0;
@@ -416,11 +417,8 @@ static int var_run_ok (uid_t us) {
             (unsigned long)us);
   else if (st.st_mode & 077)
     warning("%s writeable by group or other, falling back to ~", dir);
-  else {
-    run_base = xasprintf("%s/" RUNNAME, dir);
-    return 1;
-  }
-  return 0;
+  else run_base = xasprintf("%s/" RUNNAME, dir);
+  return run_base != NULL;
 }
 
 
@@ -455,7 +453,7 @@ static void make_run_base (uid_t us, const char *parent) {
 
 static void find_socket_path (void) {
   uid_t us = getuid();
-  const char *parent = NULL;
+  char *parent = NULL;
   int maxident;
   if (!var_run_ok(us)) {
     struct passwd *pw = getpwuid(us);
@@ -489,6 +487,7 @@ static void find_socket_path (void) {
     die("base directory `%s' plus ident `%s' too long (with spare)"
         " for socket (max ident %d)", run_base, ident, maxident);
   make_run_base(us, parent);
+  free(parent);
   socket_path = xasprintf("%s/s%s", run_base, ident);
   lock_path = xasprintf("%s/l%s", run_base, ident);
   memset(&sockaddr, 0, sizeof(sockaddr));
@@ -627,7 +626,7 @@ static void writen (int fd, const void *buf, size_t n, const char *what) {
 /* returns 0 when the peer went away before the magic (stale); a broken
    greeting after that is fatal */
 static int read_greeting (int fd) {
-  unsigned char *buf = (unsigned char *)xmalloc(8 + MAXXLEN);
+  static unsigned char buf[8 + MAXXLEN];
   size_t have = 0, want = 8;
   int st = GREET_MORE;
   do {
@@ -636,7 +635,6 @@ static int read_greeting (int fd) {
     if (r < 0 && errno != ECONNRESET)
       diee("read() on monitor call socket (greeting)");
     if (r <= 0) {  /* EOF */
-      free(buf);
       if (have < 4) return 0;
       die("monitor process quit unexpectedly (in the greeting)");
     }
@@ -650,7 +648,6 @@ static int read_greeting (int fd) {
       die("greeting extra data of %lu bytes is over the limit of %d",
           (unsigned long)get_be32(buf + 4), MAXXLEN);
   } while (st != GREET_OK);
-  free(buf);
   return 1;
 }
 
@@ -772,7 +769,7 @@ static int cmp_int (const void *a, const void *b) {
 /* in a child: close every fd >= 3 but those in keep (at most 8) */
 static void close_others (const int *keep, int n) {
   int k[9], i, lo = 3;
-  memcpy(k, keep, (size_t)n * sizeof(int));
+  if (n > 0) memcpy(k, keep, (size_t)n * sizeof(int));
   qsort(k, (size_t)n, sizeof(int), cmp_int);
   k[n] = INT_MAX;
   for (i = 0; i <= n; i++) {
@@ -857,6 +854,7 @@ static void become_watcher (void) {
 
 
 static void become_setup (int sfd, int call, int watchi, int watche) {
+  char v[128];
   int keep[4];
   int null = open("/dev/null", O_RDONLY | O_CLOEXEC);
   keep[0] = sfd; keep[1] = call; keep[2] = watchi; keep[3] = watche;
@@ -867,13 +865,10 @@ static void become_setup (int sfd, int call, int watchi, int watche) {
   keep_on_exec(sfd); keep_on_exec(call);
   keep_on_exec(watchi); keep_on_exec(watche);
   nonblock(sfd);
-  {
-    char *v = xasprintf("v1,%jd.%09ld %d,%d,%d,%d",
-                        (intmax_t)initial_stab.st_mtim.tv_sec,
-                        (long)initial_stab.st_mtim.tv_nsec,
-                        sfd, call, watchi, watche);
-    if (setenv("PREFORK_INTERP", v, 1) != 0) diee("setenv");
-  }
+  snprintf(v, sizeof(v), "v1,%jd.%09ld %d,%d,%d,%d",
+           (intmax_t)initial_stab.st_mtim.tv_sec,
+           (long)initial_stab.st_mtim.tv_nsec, sfd, call, watchi, watche);
+  if (setenv("PREFORK_INTERP", v, 1) != 0) diee("setenv");
   execvp(exec_argv[0], exec_argv);
   diee("execute %s", exec_argv[0]);
 }

@@ -25,7 +25,7 @@ local function q (s) return "'" .. s:gsub("'", "'\\''") .. "'" end
 local function run (cmd, input)
   local out, err, inf = D .. "/.out", D .. "/.err", "/dev/null"
   if input then inf = D .. "/.in"; H.writefile(inf, input) end
-  local _, how, code = os.execute(("cd %s && timeout -k 5 30 sh -c %s <%s >%s 2>%s")
+  local _, how, code = os.execute(("unset LD_PRELOAD; cd %s && timeout -k 5 30 sh -c %s <%s >%s 2>%s")
                                   :format(q(D), q(cmd), inf, out, err))
   return {how = how, code = code, out = H.readfile(out) or "",
           err = H.readfile(err) or ""}
