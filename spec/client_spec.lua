@@ -522,7 +522,10 @@ function Test:test_setup_and_watcher_get_only_their_fds ()
   lu.assertEquals(fds, {0, 1, 2, 3})  -- the pipes and the inotify fd
 end
 
-function Test:test_run_dir_not_ours_alone_is_refused ()
+--- Run fn(dir, try) with a run dir of its own: under another host name
+-- (a UTS namespace), ~/.prefork-interp/NAME; try(args) runs the client
+-- there. Skips where the run dir is not ~'s or unshare -u is not allowed.
+local function private_run_dir (fn)
   local base = runbase()
   local host = H.sh("uname -n"):match("^[^.\n]+"):sub(1, 32)
   if base:sub(-#host - 1) ~= "/" .. host
@@ -533,31 +536,66 @@ function Test:test_run_dir_not_ours_alone_is_refused ()
   os.execute("mkdir -p -m 0700 " .. q(parent))
   local name = "lpt" .. D:match("[^.]+$")
   local dir = parent .. "/" .. name
-  local function try ()
+  local function try (args)
     return run(("unshare -u sh -c %s"):format(
-      q("hostname " .. name .. " && exec " .. CLIENT .. " -U perl " .. server())))
+      q("hostname " .. name .. " && exec " .. CLIENT .. " " .. args)))
   end
-  local ok, err = pcall(function ()
+  local ok, err = pcall(fn, dir, try)
+  for _, p in ipairs(pids_naming(D)) do H.kill(p, "KILL") end
+  os.execute("rm -f " .. q(dir) .. "/l* " .. q(dir) .. "/s*; rmdir " .. q(dir)
+             .. " 2>/dev/null; rm -f " .. q(dir))
+  if not ok then error(err, 0) end
+end
+
+function Test:test_run_dir_not_ours_alone_is_refused ()
+  private_run_dir(function (dir, try)
+    local args = "-U perl " .. server()
     os.execute("mkdir -m 0755 " .. q(dir))
-    local r = try()
+    local r = try(args)
     lu.assertEquals(r.code, 127)
     lu.assertStrContains(r.err, "lua-prefork: run directory " .. dir
                          .. " is accessible by group or other (mode 755)")
     os.execute("rmdir " .. q(dir) .. "; mkdir -m 0700 " .. q(D .. "/real")
                .. " && ln -s " .. q(D .. "/real") .. " " .. q(dir))
-    r = try()
+    r = try(args)
     lu.assertEquals(r.code, 127)
     lu.assertStrContains(r.err, "is not a directory")
     lu.assertEquals(H.sh("ls -A " .. q(D .. "/real")), "")
     os.remove(dir)
-    r = try()  -- made by the client: accepted
+    r = try(args)  -- made by the client: accepted
     lu.assertEquals(r.code, 0, r.err)
     lu.assertEquals(H.sh("stat -c %a " .. q(dir)), "700\n")
   end)
-  for _, s in ipairs(setups()) do os.remove(s.path) end
-  os.execute("rm -f " .. q(dir) .. "/l* " .. q(dir) .. "/s*; rmdir " .. q(dir)
-             .. " 2>/dev/null; rm -f " .. q(dir))
-  if not ok then error(err, 0) end
+end
+
+function Test:test_preclean_removes_the_least_recently_used_beyond_100 ()
+  private_run_dir(function (dir, try)
+    os.execute("mkdir -m 0700 " .. q(dir))
+    -- 104 idents: sockets (plain files will do) with atimes 1 to 104 days
+    -- old, and their locks; one ident has a lock only (atime 0: oldest)
+    local cmd = {"cd " .. q(dir)}
+    for i = 1, 104 do
+      local id = ("x%03d"):format(i)
+      cmd[#cmd + 1] = ("touch l%s s%s && touch -a -d '-%d days' s%s"):format(id, id, i, id)
+    end
+    cmd[#cmd + 1] = "touch llonely"
+    os.execute(table.concat(cmd, " && "))
+    local r = try("-U perl " .. server() .. " 0")  -- the spawn path precleans
+    lu.assertEquals(r.code, 0, r.err)
+    local left = H.sh("ls " .. q(dir))
+    -- 105 old idents, 100 kept: the lonely lock and the 4 least recent go
+    for _, gone_id in ipairs{"lonely", "x104", "x103", "x102", "x101"} do
+      lu.assertNotStrContains(left, "l" .. gone_id .. "\n")
+      lu.assertNotStrContains(left, "s" .. gone_id .. "\n")
+    end
+    for _, kept in ipairs{"x100", "x001", "x050"} do
+      lu.assertStrContains(left, "l" .. kept .. "\n")
+      lu.assertStrContains(left, "s" .. kept .. "\n")
+    end
+    local n = 0
+    for _ in left:gmatch("\ns") do n = n + 1 end
+    lu.assertEquals(n + (left:match("^s") and 1 or 0), 101)  -- and the new one
+  end)
 end
 
 -- }======================================================
