@@ -281,6 +281,31 @@ function Test:test_comma_form_with_interpreter_flags ()
   lu.assertStrContains(l1, " lua5.4 -W " .. D .. "/probe.lua z")
 end
 
+function Test:test_shebang_lines ()
+  os.execute("mkdir " .. q(D .. "/sb"))
+  local function script (name, first, from)
+    H.writefile(D .. "/sb/" .. name, first .. "\n" .. H.readfile(D .. "/" .. from))
+    os.execute("chmod +x " .. q(D .. "/sb/" .. name))
+  end
+  script("server.pl", "#!" .. CLIENT .. " -U,perl,-w", "server.pl")
+  local r = run("sb/server.pl echo 3", "sb\n")
+  lu.assertEquals(r.code, 3, r.err)
+  lu.assertStrContains(r.out, "argv=perl -w sb/server.pl echo 3\nsid=")
+  lu.assertStrContains(r.out, "SB\n")
+  self.idents[#self.idents + 1] = H.readfile(D .. "/sb/setups"):match("^%d+ (%S+)")
+  -- #!/usr/bin/env lua-prefork: the plain form, that is -U lua5.4
+  script("probe.lua", "#!/usr/bin/env lua-prefork", "probe.lua")
+  local dir = CLIENT:match("^(.*)/")
+  r = run("PATH=" .. q(dir) .. ":$PATH sb/probe.lua a")
+  lu.assertEquals(r.code, 127)
+  lu.assertStrContains(r.err, "setup failed")
+  r = run(DEBIAN .. " -U lua5.4 sb/probe.lua a")
+  local l1, l2 = H.readfile(D .. "/sb/probe"):match("^([^\n]*)\n([^\n]*)\n$")
+  lu.assertEquals(l1, l2)
+  lu.assertStrContains(l1, " lua5.4 sb/probe.lua a")
+  self.idents[#self.idents + 1] = l1:match("^%S+")
+end
+
 function Test:test_ident_is_debians_byte_exact_flags_as_f_items ()
   run(DEBIAN .. " -U perl " .. server() .. " 0")
   lu.assertEquals(setups()[1].path, sockpath{interp = "perl", script = server()})
