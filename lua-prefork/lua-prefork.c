@@ -342,7 +342,7 @@ static void parse_combined (const char *word) {
   if (*parse_options(pieces) != NULL)
     badusage("unexpected argument in combined arg");
   if (!unlaundered) {
-    if (rest) badusage("combined arg names an interpreter but lacks -U");
+    if (rest && *rest) badusage("combined arg names an interpreter but lacks -U");
     return;
   }
   if (rest == NULL || *rest == '\0')
