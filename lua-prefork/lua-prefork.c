@@ -342,7 +342,8 @@ static void parse_combined (const char *word) {
   if (*parse_options(pieces) != NULL)
     badusage("unexpected argument in combined arg");
   if (!unlaundered) {
-    if (rest && *rest) badusage("combined arg names an interpreter but lacks -U");
+    if (rest && *rest)
+      badusage("combined arg names an interpreter but lacks -U");
     return;
   }
   if (rest == NULL || *rest == '\0')
@@ -691,9 +692,16 @@ static void send_fd (int sock, int fd) {
 }
 
 
+static char *put (char *p, const char *s) {
+  size_t n = strlen(s) + 1;
+  memcpy(p, s, n);
+  return p + n;
+}
+
+
 /* signalling byte, fds 0 1 2, then length and request in one write */
 static void send_request (int sock) {
-  size_t len = 0, sl;
+  size_t len = 0;
   char *m, *p;
   char **e;
   char **a;
@@ -710,9 +718,9 @@ static void send_request (int sock) {
   *p++ = (char)(len >> 24); *p++ = (char)(len >> 16);
   *p++ = (char)(len >> 8); *p++ = (char)len;
   for (e = environ; *e; e++)
-    if (strchr(*e, '=')) { sl = strlen(*e) + 1; memcpy(p, *e, sl); p += sl; }
+    if (strchr(*e, '=')) p = put(p, *e);
   *p++ = '\0';
-  for (a = exec_argv; *a; a++) { sl = strlen(*a) + 1; memcpy(p, *a, sl); p += sl; }
+  for (a = exec_argv; *a; a++) p = put(p, *a);
   writen(sock, m, len + 4, "request");
   free(m);
 }
