@@ -786,7 +786,7 @@ static void close_others (const int *keep, int n) {
       if (close_range((unsigned)lo, hi, 0) != 0) {
         int fd, top = (int)sysconf(_SC_OPEN_MAX);
         if (top < 0 || top > 65536) top = 65536;
-        for (fd = lo; fd <= (int)hi && fd < top; fd++) close(fd);
+        for (fd = lo; (unsigned)fd <= hi && fd < top; fd++) close(fd);
       }
     }
     if (k[i] >= lo) lo = k[i] == INT_MAX ? INT_MAX : k[i] + 1;
