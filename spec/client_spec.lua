@@ -468,7 +468,10 @@ function Test:test_bad_greetings_are_clear_errors ()
     {"badmagic", "lua%-prefork: got unexpected protocol magic 0x5846490a\n"},
     {"hugexlen", "lua%-prefork: greeting extra data of 65537 bytes is over the limit of 65536\n"},
     {"eofxlen", "lua%-prefork: monitor process quit unexpectedly %(in the greeting%)\n"},
+    {"eofxdata", "lua%-prefork: monitor process quit unexpectedly %(in the greeting%)\n"},
     {"eofstatus", "lua%-prefork: monitor process quit unexpectedly\n"},
+    -- gone before the request: the write fails, or the status read
+    {"eofrequest", "lua%-prefork: [^\n]*\n"},
   }
   for _, c in ipairs(cases) do
     local f, opts = fake(self, c[1])
