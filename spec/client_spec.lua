@@ -64,12 +64,17 @@ local function alive (pid)
 end
 
 
---- PIDs of live processes whose command line mentions s.
+--- PIDs of live processes whose command line mentions s, or whose cwd is
+-- s or under it.
 local function pids_naming (s)
-  local out = {}
+  local out, seen = {}, {}
+  for pid, cwd in H.sh("ls -l /proc/[0-9]*/cwd 2>/dev/null")
+                  :gmatch("/proc/(%d+)/cwd %-> ([^\n]*)") do
+    if cwd == s or cwd:sub(1, #s + 1) == s .. "/" then seen[pid] = true end
+  end
   for pid in H.sh("ls /proc"):gmatch("%d+") do
     local c = H.readfile("/proc/" .. pid .. "/cmdline")
-    if c and c:find(s, 1, true) and alive(pid) and tonumber(pid) ~= nil then
+    if c and (seen[pid] or c:find(s, 1, true)) and alive(pid) then
       out[#out + 1] = tonumber(pid)
     end
   end
@@ -288,9 +293,9 @@ function Test:test_shebang_lines ()
     os.execute("chmod +x " .. q(D .. "/sb/" .. name))
   end
   script("server.pl", "#!" .. CLIENT .. " -U,perl,-w", "server.pl")
-  local r = run("sb/server.pl echo 3", "sb\n")
+  local r = run(D .. "/sb/server.pl echo 3", "sb\n")
   lu.assertEquals(r.code, 3, r.err)
-  lu.assertStrContains(r.out, "argv=perl -w sb/server.pl echo 3\nsid=")
+  lu.assertStrContains(r.out, "argv=perl -w " .. D .. "/sb/server.pl echo 3\nsid=")
   lu.assertStrContains(r.out, "SB\n")
   self.idents[#self.idents + 1] = H.readfile(D .. "/sb/setups"):match("^%d+ (%S+)")
   -- #!/usr/bin/env lua-prefork: the plain form, that is -U lua5.4
