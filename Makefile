@@ -31,17 +31,23 @@ SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua src/prefork/pool.lua
+# the client command: plain C, nettle linked in statically (start-up time)
+CLIENT = $(BUILD)/lua-prefork
+CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
+                $(CFLAGS)
+NETTLE_LIBS = -Wl,-Bstatic -lnettle -Wl,-Bdynamic
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
-           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)" SPEC_FILES="$(SPEC_FILES)"
+           LUA_CPATH="$(CURDIR)/$(BUILD)/?.so;;" LUA="$(LUA)" SPEC_FILES="$(SPEC_FILES)" \
+           LUA_PREFORK_CLIENT="$(CURDIR)/$(CLIENT)"
 SPEC_TIMEOUT = 180
 
 # Debian packages: to build, to test, to measure
 DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
-             gcc make pkg-config
+             gcc make pkg-config nettle-dev
 DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
-            psmisc strace wrk
+            psmisc strace wrk chiark-utils-bin chiark-scripts libio-fdpass-perl
 DEPS_BENCH = python3 wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \
              libio-fdpass-perl gnuplot-nox
@@ -49,7 +55,7 @@ DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 .PHONY: all deps run test test-only asan valgrind fuzz bench chaos install clean
 
-all: $(CORE)
+all: $(CORE) $(CLIENT)
 
 $(BUILD)/obj/%.o: src/%.c src/prefork.h
 	@mkdir -p $(dir $@)
@@ -58,6 +64,10 @@ $(BUILD)/obj/%.o: src/%.c src/prefork.h
 $(CORE): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
+
+$(CLIENT): lua-prefork/lua-prefork.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CLIENT_CFLAGS) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
 
 # installs only what is missing; apt needs root (or sudo)
 deps:
@@ -111,6 +121,8 @@ install: all
 	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
 	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
 	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 $(CLIENT) $(DESTDIR)$(BINDIR)/lua-prefork
 
 clean:
 	rm -rf build build-asan
@@ -118,6 +130,8 @@ clean:
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
 FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame
+# standalone targets (no Lua harness): the lua-prefork command's parsers
+FUZZ_C_TARGETS = interp_greeting
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
@@ -128,7 +142,11 @@ fuzz: deps
 	  $(FUZZ_CC) -std=c11 -D_GNU_SOURCE -I$(LUA_INCDIR) $(FUZZ_FLAGS) \
 	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(SRCS) -llua$(LUA_VERSION) -lev || exit 1; \
 	done
-	@for t in $(FUZZ_TARGETS); do \
+	@for t in $(FUZZ_C_TARGETS); do \
+	  $(FUZZ_CC) -std=c99 -D_GNU_SOURCE $(FUZZ_FLAGS) \
+	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c || exit 1; \
+	done
+	@for t in $(FUZZ_TARGETS) $(FUZZ_C_TARGETS); do \
 	  mkdir -p $(BUILD)/fuzz/corpus-$$t; \
 	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
 	  if ! $(BUILD)/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 \

@@ -19,6 +19,7 @@ dependencies = {
 }
 external_dependencies = {
   LIBEV = {header = "ev.h", library = "ev"},
+  NETTLE = {header = "nettle/sha2.h"},  -- linked statically into lua-prefork
 }
 build = {
   type = "make",

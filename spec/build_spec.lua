@@ -27,7 +27,7 @@ end
 function TestBuild:test_luarocks_make_into_a_tree ()
   local dir = H.tmpname() .. ".d"
   local tree = dir .. "/tree"
-  H.sh("mkdir -p " .. dir .. "/src && cp -r src Makefile rockspec LICENSE "
+  H.sh("mkdir -p " .. dir .. "/src && cp -r src lua-prefork Makefile rockspec LICENSE "
              .. dir .. "/src/")
   local log = H.sh(("cd %s/src && luarocks --lua-version=5.4 make "
                     .. "rockspec/lua-prefork-scm-1.rockspec --tree %s 2>&1; echo EXIT $?")
@@ -45,6 +45,8 @@ function TestBuild:test_luarocks_make_into_a_tree ()
       "lua5.4", tree .. "/share/lua/5.4/?.lua;" .. tree .. "/share/lua/5.4/?/init.lua",
       tree .. "/lib/lua/5.4/?.so"))
   lu.assertEquals(out, tree .. "/lib/lua/5.4/prefork/core.so\nexit\t0\n")
+  -- and the client command, in the tree's bin
+  lu.assertStrContains(H.sh(tree .. "/bin/lua-prefork --help"), "usage: lua-prefork")
   H.sh("rm -rf " .. dir)
 end
 
