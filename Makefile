@@ -27,10 +27,10 @@ ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
-       src/fdpass.c src/serve.c src/serial.c
+       src/fdpass.c src/serve.c src/serial.c src/interp.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
-LUASRC = src/prefork/init.lua
+LUASRC = src/prefork/init.lua src/prefork/interp.lua
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
@@ -110,14 +110,15 @@ chaos: deps all
 install: all
 	install -d $(DESTDIR)$(LIBDIR)/prefork $(DESTDIR)$(LUADIR)/prefork
 	install -m 0755 $(CORE) $(DESTDIR)$(LIBDIR)/prefork/core.so
-	install -m 0644 $(LUASRC) $(DESTDIR)$(LUADIR)/prefork/init.lua
+	install -m 0644 src/prefork/init.lua $(DESTDIR)$(LUADIR)/prefork/init.lua
+	install -m 0644 src/prefork/interp.lua $(DESTDIR)$(LUADIR)/prefork/interp.lua
 
 clean:
 	rm -rf build build-asan
 
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
-FUZZ_TARGETS = http_request conn_read fd_frame serial
+FUZZ_TARGETS = http_request conn_read fd_frame serial interp_request interp_env
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
