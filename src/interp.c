@@ -183,7 +183,6 @@ static struct {
   call *ready;  /* request complete: fork its executor (outside ev_run) */
   ev_io lw, ww;
   ev_timer idle;
-  char *title;  /* the executor's process title */
 } S;
 
 
@@ -676,7 +675,7 @@ static void becomeexec (call *c) {
   for (i = 0; i < c->r.nenv; i++)
     putenv(c->r.env[i]);  /* the request lives as long as the process */
   unsetenv("PREFORK_INTERP");
-  if (S.title != NULL) pf_settitle(S.title);
+  pf_settitlev((const char *const *)c->r.argv, c->r.nargv);
 }
 
 
@@ -812,9 +811,6 @@ static int l_serve (lua_State *L) {
     if (S.syslog) openlog(ident, LOG_NDELAY | LOG_PID, facility);
   }
   lua_pop(L, 1);
-  lua_getfield(L, 2, "title");
-  S.title = lua_isstring(L, -1) ? strdup(lua_tostring(L, -1)) : NULL;
-  lua_pop(L, 1);
   S.base = e.mtime;
   S.listen = e.fd[0];
   S.watchi = e.fd[2];
@@ -942,6 +938,16 @@ static int l_parsereq (lua_State *L) {
 }
 
 
+/* core.interp_sendfd(sock, fd) -> true | fail: one byte with one fd, raw
+** (unframed), as the prefork-interp client sends fds 0, 1 and 2 */
+static int l_sendfd (lua_State *L) {
+  int sock = pf_tofd(L, 1), fd = pf_tofd(L, 2);
+  if (!pf_sendfd(sock, fd)) return pf_fail(L, "sendmsg");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
 /* core.interp_greeting() -> the bytes the server greets with */
 static int l_greeting (lua_State *L) {
   unsigned char g[PF_INTERP_GREETLEN];
@@ -957,6 +963,7 @@ void pf_open_interp (lua_State *L) {
     {"interp_parseenv", l_parseenv},
     {"interp_parsereq", l_parsereq},
     {"interp_greeting", l_greeting},
+    {"interp_sendfd", l_sendfd},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

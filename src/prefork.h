@@ -65,6 +65,7 @@ PF_API int pf_signum (lua_State *L, int idx);
 PF_API const char *pf_signame (int sig);
 PF_API int pf_pushstatus (lua_State *L, int status);
 PF_API void pf_settitle (const char *title);
+PF_API void pf_settitlev (const char *const *argv, int argc);
 PF_API void pf_reaped (pid_t pid, int status);
 PF_API void pf_onreap (int (*hook) (void *ud, pid_t pid, int status),
                        void *ud);

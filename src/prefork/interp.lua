@@ -134,11 +134,6 @@ function interp.initialisation_complete (opts)
   for _, p in ipairs(also) do files[#files + 1] = p end
   local keep = {}
   for i, fd in ipairs(opts.keep_fds or {}) do keep[i] = tostring(fd) end
-  local title = {}
-  local a = rawget(_G, "arg") or {}
-  local lo = 0
-  while a[lo - 1] ~= nil do lo = lo - 1 end
-  for i = lo, #a do title[#title + 1] = tostring(a[i]) end
   local argv = core.interp_serve(env, {
     files = files,
     keep = keep,
@@ -148,7 +143,6 @@ function interp.initialisation_complete (opts)
     log_facility = opts.log_facility,
     ident = "prefork-interp " .. (script or "?"),
     servertitle = (script or "lua") .. " [server]",
-    title = table.concat(title, " "),
   })
   -- only an executor gets here
   _G.arg = makearg(argv, script)
