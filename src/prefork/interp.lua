@@ -16,6 +16,11 @@ local core = require "prefork.core"
 
 local interp = {}
 
+-- made first, finalized last: ends an executor without freeing the heap
+-- it shares with the server (see quickend in src/interp.c)
+local sentinel = core.interp_sentinel()
+interp._sentinel = sentinel
+
 local also = {}  -- prefork_autoreload_also_check paths
 
 
@@ -146,6 +151,11 @@ function interp.initialisation_complete (opts)
   })
   -- only an executor gets here
   _G.arg = makearg(argv, script)
+  local exit = os.exit
+  os.exit = function (code, close)
+    if close then core.interp_setexit(code) end
+    return exit(code, close)
+  end
 end
 
 
