@@ -118,6 +118,7 @@ const char *pf_interp_parsereq (char *buf, size_t len, pf_interp_req *r) {
       if (memchr(buf + start, '=', i - start) == NULL) {
         free(r->env);
         r->env = r->argv = NULL;
+        r->nenv = 0;
         return "environment entry without '='";
       }
       r->env[r->nenv++] = buf + start;
@@ -129,6 +130,7 @@ const char *pf_interp_parsereq (char *buf, size_t len, pf_interp_req *r) {
   if (inenv || r->nargv < 1) {
     free(r->env);
     r->env = r->argv = NULL;
+    r->nenv = r->nargv = 0;
     return inenv ? "no end of the environment" : "no argv";
   }
   r->env[r->nenv] = NULL;
