@@ -931,6 +931,10 @@ static int l_serve (lua_State *L) {
     _exit(127);
   }
   S.L = L;
+  /* a full collection now leaves the collector paused until the heap
+  ** doubles: an executor's own allocations then start no cycle that
+  ** would write to (and copy) every page it shares with the server */
+  lua_gc(L, LUA_GCCOLLECT);
   pf_onfork(forget, NULL);
   ev_io_init(&S.lw, listencb, S.listen, EV_READ);
   ev_io_init(&S.ww, watchcb, S.watche, EV_READ);
