@@ -507,6 +507,20 @@ end
 
 local function body (s) return u32(#s) .. s end
 
+function TestInterp:test_interpreter_flags_before_the_script ()
+  local d = newdir()
+  call(d, "end")
+  local path = assert(sockpath(server(d)))
+  local c = fakecall(path, d, {"lua5.4", "-W", "t.lua", "echo", "9", "x"})
+  lu.assertEquals(readstatus(c), 9 << 8)
+  c:close()
+  local out = H.readfile(d .. "/fake.out")
+  lu.assertStrContains(out, "ARGS -2=lua5.4 -1=-W 0=t.lua 1=echo 2=9 3=x\n")
+  lu.assertStrContains(out, "ENV FOO=fake PI=nil\n")
+  lu.assertStrContains(H.readfile(d .. "/fake.err"), "ERR to stderr")
+end
+
+
 local BAD = {
   {"wrong signalling byte", "\1"},
   {"a message without an fd", "\0", 0, "\0"},

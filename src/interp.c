@@ -185,6 +185,7 @@ static struct {
   call *ready;  /* request complete: fork its executor (outside ev_run) */
   ev_io lw, ww;
   ev_timer idle;
+  char *argv0;  /* this program's argv[0], before the titles */
 } S;
 
 
@@ -438,9 +439,11 @@ static void timeoutcb (struct ev_loop *loop, ev_timer *w, int revents) {
 static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   call *c = (call *)w->data;
   int st = w->rstatus;
+  pid_t pid = c->pid;
   (void)loop; (void)revents;
   ev_child_stop(EV_DEFAULT, w);
-  if (c->state == RUN)  /* read what is there: signals, or EOF */
+  c->pid = 0;  /* reaped: its group is no longer ours to signal */
+  if (c->state == RUN)  /* read what is there: an EOF */
     running(c);
   if (c->state == RUN) {
     unsigned char b[4];
@@ -451,8 +454,7 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   }
   if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0)
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))
-    slog(NULL, LOG_INFO, "executor %ld: status %d", (long)c->pid, st);
-  c->pid = 0;
+    slog(NULL, LOG_INFO, "executor %ld: status %d", (long)pid, st);
   freecall(c);
 }
 
@@ -762,7 +764,12 @@ static void becomeexec (call *c) {
     putenv(c->r.env[i]);  /* the request lives as long as the process */
   unsetenv("PREFORK_INTERP");
   quickend();
-  pf_settitlev((const char *const *)c->r.argv, c->r.nargv);
+  {  /* argv[0] stays this program's (lua.c's progname reads it) */
+    const char *argv0 = c->r.argv[0];
+    c->r.argv[0] = S.argv0 != NULL ? S.argv0 : c->r.argv[0];
+    pf_settitlev((const char *const *)c->r.argv, c->r.nargv);
+    c->r.argv[0] = (char *)(size_t)argv0;
+  }
 }
 
 
@@ -898,6 +905,7 @@ static int l_serve (lua_State *L) {
     if (S.syslog) openlog(ident, LOG_NDELAY | LOG_PID, facility);
   }
   lua_pop(L, 1);
+  S.argv0 = strdup(program_invocation_name);
   S.base = e.mtime;
   S.listen = e.fd[0];
   S.watchi = e.fd[2];
