@@ -297,7 +297,9 @@ function TestInterp:test_the_executor_has_fds_0_1_2_default_signals_its_own_grou
   local spgid, ssid = s:match("%) %a %d+ (%d+) (%d+)")
   lu.assertEquals({spgid, ssid}, {srv, srv})
   lu.assertEquals(H.sh("readlink /proc/" .. srv .. "/fd/1"), "/dev/null\n")
-  lu.assertStrContains(H.cmdline(srv), "t.lua [server]")
+  if not H.valgrind then  -- (under valgrind argv is the tool's: no titles)
+    lu.assertStrContains(H.cmdline(srv), "t.lua [server]")
+  end
 end
 
 
