@@ -27,10 +27,10 @@ ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
-       src/fdpass.c src/serve.c src/serial.c src/pool.c
+       src/fdpass.c src/serve.c src/serial.c src/pool.c src/interp.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
-LUASRC = src/prefork/init.lua src/prefork/pool.lua
+LUASRC = src/prefork/init.lua src/prefork/pool.lua src/prefork/interp.lua
 # the client command: plain C, nettle linked in statically (start-up time)
 CLIENT = $(BUILD)/lua-prefork
 CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
@@ -129,7 +129,7 @@ clean:
 
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
-FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame
+FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame interp_request interp_env
 # standalone targets (no Lua harness): the lua-prefork command's parsers
 FUZZ_C_TARGETS = interp_greeting
 FUZZ_SECONDS = 60

@@ -173,15 +173,116 @@ local function term ()
 end
 
 
+-- prefork.interp: calls through Debian's prefork-interp in 3 loops while
+-- executors and the server are killed with -9 at random. Every caller
+-- gets its answer or a clean error (the wrapper's exit 127, or the
+-- executor's death by KILL passed on); none hangs (each call is bounded
+-- by timeout: 124 would say it hung); afterwards nothing is left.
+local function interp ()
+  local seconds = math.min(SECONDS, 15)
+  local dir = H.sh("mktemp -d /tmp/chaos_interp.XXXXXX"):match("%S+")
+  H.writefile(dir .. "/c.lua", [[
+local interp = require "prefork.interp"
+local prefork = require "prefork"
+interp.initialisation_complete{max_servers = 8}
+local f = io.open("/proc/self/stat")
+local ppid = f:read("a"):match("%) %a (%d+)")
+f:close()
+f = io.open("servers", "a") f:write(ppid, "\n") f:close()
+prefork.sleep(0.02 + (prefork.getpid() % 50) / 1000)
+io.stdout:write("ok\n")
+]])
+  local loops = {}
+  for k = 1, 3 do
+    local sh = dir .. "/loop" .. k .. ".sh"
+    H.writefile(sh, ([[
+cd %s || exit 1
+end=$(($(date +%%s) + %d))
+while [ "$(date +%%s)" -lt "$end" ]; do
+  timeout 20 /usr/bin/prefork-interp -U,lua5.4 c.lua >o.%d 2>e.%d
+  echo "$? $(head -c 2 o.%d)" >>r.%d
+done
+]]):format(dir, seconds, k, k, k, k))
+    loops[k] = H.spawn("sh " .. sh)
+  end
+  local servers, kills = {}, {executor = 0, server = 0}
+  local function current ()
+    local last
+    for l in (H.readfile(dir .. "/servers") or ""):gmatch("%d+") do
+      last = tonumber(l)
+      servers[last] = true
+    end
+    return last
+  end
+  local t_end = H.now() + seconds
+  math.randomseed(os.time())
+  while H.now() < t_end do
+    H.sleep(0.05 + math.random() * 0.2)
+    local s = current()
+    if s and H.cmdline(s):match("c%.lua %[server%]") then
+      if math.random() < 0.25 then
+        H.kill(s, "KILL")
+        kills.server = kills.server + 1
+      else
+        local ex = H.childpids(s)
+        if #ex > 0 then
+          H.kill(ex[math.random(#ex)], "KILL")
+          kills.executor = kills.executor + 1
+        end
+      end
+    end
+  end
+  for _, p in ipairs(loops) do p:wait(40) end
+  current()
+  local counts, bad = {}, 0
+  for k = 1, 3 do
+    for rc, out in (H.readfile(dir .. "/r." .. k) or ""):gmatch("(%d+) ?(%a*)\n") do
+      local key = rc == "0" and (out == "ok" and "answered" or "empty") or ("rc " .. rc)
+      counts[key] = (counts[key] or 0) + 1
+      if not (rc == "0" and out == "ok" or rc == "127" or rc == "137" or rc == "130") then
+        bad = bad + 1
+      end
+    end
+  end
+  -- what is left: the last server and the wrappers' watchers; kill the
+  -- servers by pid, then the watchers must go by themselves
+  local function under ()
+    local t = {}
+    for pid, cwd in H.sh("ls -l /proc/[0-9]*/cwd 2>/dev/null"):gmatch("/proc/(%d+)/cwd %-> ([^\n]+)") do
+      local st = H.pstate(pid)
+      if cwd == dir and st and st ~= "Z" then t[#t + 1] = tonumber(pid) end
+    end
+    return t
+  end
+  for s in pairs(servers) do
+    if H.cmdline(s):match("c%.lua %[server%]") then H.kill(s, "KILL") end
+  end
+  local clean = pcall(H.wait_until, function () return #under() == 0 end, 10)
+  for s in pairs(servers) do prefork.wait(s, "nohang") end
+  local left = under()
+  for _, pid in ipairs(left) do H.kill(pid, "KILL") end
+  H.sh(("cd %s && /usr/bin/prefork-interp --kill,-U,lua5.4 c.lua; cd / && rm -rf %s"):format(dir, dir))
+  local parts = {}
+  for k, v in pairs(counts) do parts[#parts + 1] = k .. " " .. v end
+  table.sort(parts)
+  verdict("interp: kill -9 of executors and servers under calls",
+    bad == 0 and (counts.answered or 0) > 0 and clean,
+    ("%s; %d executors and %d servers killed, %d servers; %d unexpected; %s left")
+      :format(table.concat(parts, ", "), kills.executor, kills.server, H.count(servers), bad,
+              clean and "nothing" or (#left .. " processes")))
+end
+
+
 local ok, err = pcall(function ()
   kills()
   reloads()
   term()
+  interp()
 end)
 H.cleanup()
 if not ok then
   io.stdout:write("FAIL chaos run: ", tostring(err), "\n")
   failed = failed + 1
 end
-io.stdout:write(("chaos: %d passed, %d failed\n"):format(3 - math.min(failed, 3), failed))
+io.stdout:write(("chaos: %d passed, %d failed\n"):format(4 - math.min(failed, 4), failed))
 os.exit(failed == 0 and 0 or 1)

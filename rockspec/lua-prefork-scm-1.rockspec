@@ -9,7 +9,9 @@ description = {
   detailed = [[
 A Lua 5.4 module, written in C on libev: a master that opens the listening
 sockets and keeps a set of forked workers alive (respawn with backoff,
-reload on SIGHUP, scaling on SIGTTIN/SIGTTOU, graceful stop).
+reload on SIGHUP, scaling on SIGTTIN/SIGTTOU, graceful stop). prefork.interp
+serves scripts resident behind chiark-utils' prefork-interp protocol.
+Installs prefork/core.so, prefork/init.lua and prefork/interp.lua (`make install`).
 ]],
   license = "MIT",
   labels = {"server", "fork", "process", "libev"},

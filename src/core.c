@@ -32,6 +32,7 @@ PF_EXPORT int luaopen_prefork_core (lua_State *L) {
   pf_open_serve(L);
   pf_open_serial(L);
   pf_open_pool(L);
+  pf_open_interp(L);
   lua_pushcfunction(L, l_ncpu);
   lua_setfield(L, -2, "ncpu");
   lua_pushliteral(L, PF_VERSION);

@@ -388,6 +388,28 @@ void pf_settitle (const char *title) {
 }
 
 
+/* a title of several NUL-separated words (an argv, as ps shows one):
+** argv[0] reads as the first word again (lua.c's progname is argv[0]) */
+void pf_settitlev (const char *const *argv, int argc) {
+  size_t used = 0;
+  int i;
+  titleinit();
+  if (argc > 0) {
+    char comm[16];
+    snprintf(comm, sizeof(comm), "%s", argv[0]);
+    prctl(PR_SET_NAME, comm, 0, 0, 0);
+  }
+  if (titlebase == NULL || titlecap < 2) return;
+  memset(titlebase, 0, titlecap);
+  for (i = 0; i < argc; i++) {
+    size_t n = strlen(argv[i]);
+    if (used + n + 1 > (size_t)(argend - titlebase)) break;
+    memcpy(titlebase + used, argv[i], n);
+    used += n + 1;
+  }
+}
+
+
 /* prefork.settitle(title) */
 static int l_settitle (lua_State *L) {
   pf_settitle(luaL_checkstring(L, 1));
