@@ -732,4 +732,108 @@ function TestInterp:test_the_example_script ()
 end
 
 
+-- {======================================================
+-- Our own client, build/lua-prefork, against our server: what neither
+-- Debian's wrapper nor Perl's server can show
+-- =======================================================
+
+local CLIENT = os.getenv("LUA_PREFORK_CLIENT") or (ROOT .. "/build/lua-prefork")
+
+--- Start `lua-prefork [words] t.lua args` in d, in the background: the
+-- process (its pid is the client's own: sh execs it).
+local function ourcall (d, args, words)
+  return H.spawn("sh -c " .. q(("cd %s && exec %s %s t.lua %s"):format(q(d), CLIENT,
+                 words or (COMBINED and "" or ("-U " .. H.lua)), args)))
+end
+
+TestOurClient = {}
+function TestOurClient:tearDown ()
+  for _, d in ipairs(dirs) do
+    H.sh(("cd %s && %s --kill %s t.lua >/dev/null 2>&1"):format(q(d), CLIENT,
+         COMBINED and "" or ("-U " .. H.lua)))
+  end
+  cleanup()
+end
+
+function TestOurClient:test_stdio_args_and_status ()
+  local d = newdir()
+  H.writefile(d .. "/.in", "quiet words\n")
+  local rc = tonumber(H.sh(("cd %s && FOO=ours %s t.lua echo 5 a <.in >.out 2>.err; echo $?")
+                          :format(q(d), CLIENT)):match("%d+"))
+  lu.assertEquals(rc, 5)
+  local out = H.readfile(d .. "/.out")
+  lu.assertStrContains(out, "ARGS -1=lua5.4 0=t.lua 1=echo 2=5 3=a\n")
+  lu.assertStrContains(out, "ENV FOO=ours PI=nil\n")
+  lu.assertStrContains(out, "QUIET WORDS\n")
+  lu.assertStrContains(H.readfile(d .. "/.err"), "ERR to stderr")
+end
+
+function TestOurClient:test_signals_to_the_caller_reach_the_executor ()
+  if not COMBINED then return end  -- under valgrind the tool catches them
+  local d = newdir()
+  local p = ourcall(d, "end")
+  p:wait(30)
+  for _, sig in ipairs{"INT", "TERM", "HUP", "QUIT", "USR1", "USR2", "WINCH"} do
+    os.remove(d .. "/ready")
+    os.remove(d .. "/" .. sig)
+    local c = ourcall(d, "trap " .. sig .. " " .. sig)
+    H.wait_until(function () return H.readfile(d .. "/ready") end, 10, "the trap")
+    c:kill(sig)
+    local how, code = c:wait(10)
+    -- the Lua executor ignores INT and QUIT while os.execute waits, and
+    -- WINCH by default: it exits with the trap's status (on INT and QUIT
+    -- dash kills itself with the signal after its trap, which os.exit
+    -- reports as its number);
+    -- the others kill it, and the caller dies of the same signal
+    if how == "exit" then
+      lu.assertTrue(sig == "INT" or sig == "QUIT" or sig == "WINCH", sig)
+      local num = ({INT = 2, QUIT = 3})[sig]
+      lu.assertEquals(code, code == num and num or 7, sig)
+    else
+      lu.assertEquals(prefork.signame(code), sig)
+    end
+    lu.assertEquals(H.readfile(d .. "/" .. sig), sig .. "\n")
+  end
+end
+
+function TestOurClient:test_the_caller_dies_of_the_executors_signal ()
+  if not COMBINED then return end
+  local d = newdir()
+  for _, sig in ipairs{"USR1", "TERM", "SEGV"} do
+    local c = ourcall(d, "kill " .. sig)
+    local how, code = c:wait(20)
+    lu.assertEquals(how, "signal", sig)
+    lu.assertEquals(prefork.signame(code), sig)
+  end
+  -- a signal that does not kill: the executor ends normally
+  local c = ourcall(d, "kill WINCH")
+  lu.assertEquals({c:wait(20)}, {"exit", 0})
+end
+
+function TestOurClient:test_interpreter_flags_in_the_combined_word ()
+  if not COMBINED then return end
+  local d = newdir()
+  local rc = tonumber(H.sh(("cd %s && %s -U,lua5.4,-W t.lua echo 0 z </dev/null >.out 2>.err; echo $?")
+                          :format(q(d), CLIENT)):match("%d+"))
+  lu.assertEquals(rc, 0)
+  lu.assertStrContains(H.readfile(d .. "/.out"), "ARGS -2=lua5.4 -1=-W 0=t.lua 1=echo 2=0 3=z\n")
+  H.sh(("cd %s && %s --kill -U,lua5.4,-W t.lua"):format(q(d), CLIENT))
+end
+
+function TestOurClient:test_both_wrappers_reach_one_server ()
+  if not COMBINED then return end
+  local d = newdir()
+  local a = ourcall(d, "end")
+  lu.assertEquals({a:wait(30)}, {"exit", 0}, a:err())
+  local s = server(d)
+  lu.assertEquals(call(d, "end").rc, 0)  -- Debian's, same ident
+  lu.assertEquals(server(d), s)
+  local b = ourcall(d, "end")
+  lu.assertEquals({b:wait(30)}, {"exit", 0})
+  lu.assertEquals(server(d), s)
+end
+
+-- }======================================================
+
+
 os.exit(lu.LuaUnit.run())
