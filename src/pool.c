@@ -423,6 +423,7 @@ static int sendworker (int sock, pid_t pid, int fd) {
   struct iovec iov;
   struct cmsghdr *cm;
   int32_t p = (int32_t)pid;
+  memset(&ctl, 0, sizeof(ctl));
   memset(&msg, 0, sizeof(msg));
   iov.iov_base = &p;
   iov.iov_len = sizeof(p);
