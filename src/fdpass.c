@@ -349,12 +349,12 @@ static int l_recvfds (lua_State *L) {
 ** One connection at a time (accept = "master"): one byte, one fd
 ** ======================================================= */
 
-static void onefd (struct msghdr *msg, struct iovec *iov, char *byte,
-                   char *ctl, size_t ctllen) {
+static void onefd (struct msghdr *msg, struct iovec *iov, void *data,
+                   size_t n, char *ctl, size_t ctllen) {
   memset(msg, 0, sizeof(*msg));
   memset(ctl, 0, ctllen);
-  iov->iov_base = byte;
-  iov->iov_len = 1;
+  iov->iov_base = data;
+  iov->iov_len = n;
   msg->msg_iov = iov;
   msg->msg_iovlen = 1;
   msg->msg_control = ctl;
@@ -362,21 +362,57 @@ static void onefd (struct msghdr *msg, struct iovec *iov, char *byte,
 }
 
 
-/* send fd on sock, never blocking: 1 sent, 0 would block (or the peer
-** is gone) */
-int pf_sendfd (int sock, int fd) {
+/* send n bytes of data with fd attached (fd < 0: none): the bytes sent,
+** or -1 with errno; flags as sendmsg's (MSG_NOSIGNAL is added) */
+ssize_t pf_sendfdmsg (int sock, int fd, const void *data, size_t n,
+                      int flags) {
+  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  ssize_t r;
+  onefd(&msg, &iov, (void *)(size_t)data, n, ctl.buf, sizeof(ctl.buf));
+  if (fd >= 0) {
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+  }
+  else
+    msg.msg_controllen = 0;
+  do r = sendmsg(sock, &msg, flags | MSG_NOSIGNAL);
+  while (r < 0 && errno == EINTR);
+  return r;
+}
+
+
+/* receive up to n bytes and the fd that came with them (*fd, -1 none;
+** close-on-exec; an fd that did not fit is closed by the kernel and
+** sets *trunc): the bytes, 0 at end of stream, -1 with errno */
+ssize_t pf_recvfdmsg (int sock, int *fd, void *data, size_t n, int flags,
+                      int *trunc) {
   union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
   struct msghdr msg;
   struct iovec iov;
   struct cmsghdr *cm;
-  char byte = 'c';
-  onefd(&msg, &iov, &byte, ctl.buf, sizeof(ctl.buf));
-  cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-  return sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL) == 1;
+  ssize_t r;
+  onefd(&msg, &iov, data, n, ctl.buf, sizeof(ctl.buf));
+  *fd = -1;
+  do r = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC);
+  while (r < 0 && errno == EINTR);
+  cm = r > 0 ? CMSG_FIRSTHDR(&msg) : NULL;
+  if (cm != NULL && cm->cmsg_level == SOL_SOCKET
+      && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+    memcpy(fd, CMSG_DATA(cm), sizeof(int));
+  if (trunc != NULL) *trunc = r > 0 && (msg.msg_flags & MSG_CTRUNC);
+  return r;
+}
+
+
+/* send fd on sock, never blocking: 1 sent, 0 would block (or the peer
+** is gone) */
+int pf_sendfd (int sock, int fd) {
+  return pf_sendfdmsg(sock, fd, "c", 1, MSG_DONTWAIT) == 1;
 }
 
 
@@ -384,21 +420,8 @@ int pf_sendfd (int sock, int fd) {
 ** exec), never blocking: 1, 0 at end of stream, -1 with errno (EAGAIN:
 ** nothing there) */
 int pf_recvfd (int sock, int *fd) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
   char byte;
-  ssize_t n;
-  onefd(&msg, &iov, &byte, ctl.buf, sizeof(ctl.buf));
-  *fd = -1;
-  do n = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
-  cm = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL;
-  if (cm != NULL && cm->cmsg_level == SOL_SOCKET
-      && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
-    memcpy(fd, CMSG_DATA(cm), sizeof(int));
-  return (int)n;
+  return (int)pf_recvfdmsg(sock, fd, &byte, 1, MSG_DONTWAIT, NULL);
 }
 
 /* }====================================================== */

@@ -288,33 +288,7 @@ static void callerror (call *c, const char *what, int en) {
 
 /* one byte, and an fd when it brings one: 1, 0 EOF, -1 errno */
 static int recvbyte (int fd, unsigned char *b, int *got) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
-  ssize_t n;
-  memset(&msg, 0, sizeof(msg));
-  iov.iov_base = b;
-  iov.iov_len = 1;
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl.buf;
-  msg.msg_controllen = sizeof(ctl.buf);
-  *got = -1;
-  do n = recvmsg(fd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-  while (n < 0 && errno == EINTR);
-  if (n <= 0) return (int)n;
-  for (cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-      int k = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int)), i, fds[1];
-      for (i = 0; i < k && i < 1; i++) {
-        memcpy(fds, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-        if (*got < 0) *got = fds[0];
-        else close(fds[0]);
-      }
-    }
-  }
-  return 1;
+  return (int)pf_recvfdmsg(fd, got, b, 1, MSG_DONTWAIT, NULL);
 }
 
 

@@ -418,58 +418,23 @@ static int writeall (int fd, const void *p, size_t n) {
 
 /* a pid and an fd in one message */
 static int sendworker (int sock, pid_t pid, int fd) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
   int32_t p = (int32_t)pid;
-  memset(&ctl, 0, sizeof(ctl));
-  memset(&msg, 0, sizeof(msg));
-  iov.iov_base = &p;
-  iov.iov_len = sizeof(p);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl.buf;
-  msg.msg_controllen = sizeof(ctl.buf);
-  cm = CMSG_FIRSTHDR(&msg);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(sizeof(int));
-  memcpy(CMSG_DATA(cm), &fd, sizeof(int));
-  while (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
-    if (errno != EINTR) return -1;
-  return 0;
+  return pf_sendfdmsg(sock, fd, &p, sizeof(p), 0) == (ssize_t)sizeof(p) ? 0 : -1;
 }
 
 
-/* receive what sendworker sent (blocking): 1, 0 at EOF, -1 */
+/* receive what sendworker sent (blocking): 1, 0 at EOF, -1, -2 when the
+** template says making the worker failed (errno its errno) */
 static int recvworker (int sock, pid_t *pid, int *fd) {
-  union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr a; } ctl;
-  struct msghdr msg;
-  struct iovec iov;
-  struct cmsghdr *cm;
   int32_t p = 0;
-  ssize_t n;
-  memset(&msg, 0, sizeof(msg));
-  iov.iov_base = &p;
-  iov.iov_len = sizeof(p);
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  msg.msg_control = ctl.buf;
-  msg.msg_controllen = sizeof(ctl.buf);
-  *fd = -1;
-  do n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
-  while (n < 0 && errno == EINTR);
+  int trunc;
+  ssize_t n = pf_recvfdmsg(sock, fd, &p, sizeof(p), MSG_WAITALL, &trunc);
   if (n <= 0) return (int)n;
-  cm = CMSG_FIRSTHDR(&msg);
-  if (cm != NULL && cm->cmsg_level == SOL_SOCKET
-      && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
-    memcpy(fd, CMSG_DATA(cm), sizeof(int));
   if (n == (ssize_t)sizeof(p) && p < 0 && *fd < 0) {  /* it failed */
     errno = (int)-p;
     return -2;
   }
-  if (n != (ssize_t)sizeof(p) || *fd < 0 || (msg.msg_flags & MSG_CTRUNC)) {
+  if (n != (ssize_t)sizeof(p) || *fd < 0 || trunc) {
     if (*fd >= 0) close(*fd);
     errno = EPROTO;
     return -1;

@@ -198,6 +198,10 @@ PF_API void pf_open_serial (lua_State *L);
 
 /* fdpass.c */
 PF_API int pf_tofd (lua_State *L, int idx);
+PF_API ssize_t pf_sendfdmsg (int sock, int fd, const void *data, size_t n,
+                             int flags);
+PF_API ssize_t pf_recvfdmsg (int sock, int *fd, void *data, size_t n,
+                             int flags, int *trunc);
 PF_API int pf_sendfd (int sock, int fd);
 PF_API int pf_recvfd (int sock, int *fd);
 PF_API void pf_open_fdpass (lua_State *L);
