@@ -218,19 +218,27 @@ static void freetask (task *t) {
 }
 
 
-static void start (void) {
-  lua_State *L = sv.L;
+/* a live task for the connection (or nil) on top of sv.L's stack
+** (popped); NULL when there is no memory */
+static task *addtask (void) {
   task *t = newtask();
-  lua_State *co;
-  if (t == NULL) {  /* no memory: the connection goes */
-    lua_pop(L, 1);
-    return;
+  if (t == NULL) {
+    lua_pop(sv.L, 1);
+    return NULL;
   }
-  t->connref = luaL_ref(L, LUA_REGISTRYINDEX);
-  co = t->co;
+  t->connref = luaL_ref(sv.L, LUA_REGISTRYINDEX);
   t->next = sv.tasks;
   if (sv.tasks) sv.tasks->prev = t;
   sv.tasks = t;
+  return t;
+}
+
+
+static void start (void) {
+  task *t = addtask();
+  lua_State *co;
+  if (t == NULL) return;  /* no memory: the connection goes */
+  co = t->co;
   lua_rawgeti(co, LUA_REGISTRYINDEX, sv.handler);
   lua_rawgeti(co, LUA_REGISTRYINDEX, t->connref);
   resume(t, 1);
@@ -342,6 +350,24 @@ static int exclusive (const struct pollfd *fds, int n) {
 }
 
 
+/* after serve or run: the kept coroutines, the loop, the handler go */
+static void endloop (void) {
+  sv.running = 0;
+  while (sv.pool != NULL) {
+    task *t = sv.pool;
+    sv.pool = t->next;
+    freetask(t);
+  }
+  sv.npool = 0;
+  if (sv.xep >= 0) close(sv.xep);
+  sv.xep = -1;
+  ev_loop_destroy(sv.loop);
+  sv.loop = NULL;
+  if (sv.handler != LUA_NOREF) luaL_unref(sv.L, LUA_REGISTRYINDEX, sv.handler);
+  sv.handler = LUA_NOREF;
+}
+
+
 /*
 ** worker:serve(handler): run handler(conn) in a coroutine for each
 ** connection, until a graceful stop has seen every one end. Returns true.
@@ -376,19 +402,7 @@ static int l_serve (lua_State *L) {
   pf_worker_ready();
   if (pf_worker_stopping()) stopserving();
   else ev_run(sv.loop, 0);
-  sv.running = 0;
-  while (sv.pool != NULL) {
-    task *t = sv.pool;
-    sv.pool = t->next;
-    freetask(t);
-  }
-  sv.npool = 0;
-  close(sv.xep);
-  sv.xep = -1;
-  ev_loop_destroy(sv.loop);
-  sv.loop = NULL;
-  luaL_unref(L, LUA_REGISTRYINDEX, sv.handler);
-  sv.handler = LUA_NOREF;
+  endloop();
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -415,28 +429,15 @@ static int l_run (lua_State *L) {
   sv.stopping = 0;
   lua_pushvalue(L, 1);
   lua_pushnil(L);  /* no connection */
-  if ((t = newtask()) == NULL) {
-    lua_pop(L, 2);
-    sv.running = 0;
-    ev_loop_destroy(sv.loop);
+  if ((t = addtask()) == NULL) {
+    lua_pop(L, 1);
+    endloop();
     return luaL_error(L, "not enough memory");
   }
-  t->connref = luaL_ref(L, LUA_REGISTRYINDEX);
-  t->next = sv.tasks;
-  if (sv.tasks) sv.tasks->prev = t;
-  sv.tasks = t;
   lua_xmove(L, t->co, 1);
   resume(t, 0);
   if (sv.tasks != NULL) ev_run(sv.loop, 0);
-  sv.running = 0;
-  while (sv.pool != NULL) {
-    t = sv.pool;
-    sv.pool = t->next;
-    freetask(t);
-  }
-  sv.npool = 0;
-  ev_loop_destroy(sv.loop);
-  sv.loop = NULL;
+  endloop();
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -452,15 +453,11 @@ static int l_go (lua_State *L) {
   lua_settop(L, 1);
   lua_xmove(L, sv.L, 1);
   lua_pushnil(sv.L);
-  if ((t = newtask()) == NULL) {
-    lua_pop(sv.L, 2);
+  if ((t = addtask()) == NULL) {
+    lua_pop(sv.L, 1);
     return luaL_error(L, "not enough memory");
   }
-  t->connref = luaL_ref(sv.L, LUA_REGISTRYINDEX);
   lua_xmove(sv.L, t->co, 1);
-  t->next = sv.tasks;
-  if (sv.tasks) sv.tasks->prev = t;
-  sv.tasks = t;
   ev_timer_set(&t->timer, 0., 0.);
   ev_timer_start(sv.loop, &t->timer);
   lua_pushboolean(L, 1);
