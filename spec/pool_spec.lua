@@ -18,6 +18,16 @@ end
 
 local function pid () return prefork.getpid() end
 
+--- A job that holds its call until the file exists (5 s at most), so
+-- that calls stay in flight together; the worker's pid.
+local function hold (path)
+  for _ = 1, 500 do
+    local f = io.open(path) if f then f:close() break end
+    prefork.sleep(0.01)
+  end
+  return prefork.getpid()
+end
+
 TestPool = {}
 
 function TestPool:tearDown ()
@@ -122,14 +132,7 @@ end
 
 function TestPool:test_least_loaded_and_max ()
   local flag = H.tmpname()
-  self.pool = prefork.pool{function (path)
-    -- hold the call until the file exists: all calls are in flight at once
-    for _ = 1, 500 do
-      local f = io.open(path) if f then f:close() break end
-      prefork.sleep(0.01)
-    end
-    return prefork.getpid()
-  end, max = 3, load = 2}
+  self.pool = prefork.pool{hold, max = 3, load = 2}
   local pids = {}
   for _ = 1, 6 do
     self.pool:call(flag, function (ok, p) lu.assertTrue(ok) pids[#pids + 1] = p end)
@@ -152,13 +155,7 @@ function TestPool:test_min_processes_and_idle_ones_stop ()
   lu.assertEquals(#self.pool:workers(), 1)  -- min runs from the start
   local flag = H.tmpname()
   -- four calls in flight start four processes
-  local busy = prefork.pool{function (path)
-    for _ = 1, 500 do
-      local f = io.open(path) if f then f:close() break end
-      prefork.sleep(0.01)
-    end
-    return prefork.getpid()
-  end, min = 0, max = 4, idle_time = 0.2, max_idle = 4, load = 1}
+  local busy = prefork.pool{hold, min = 0, max = 4, idle_time = 0.2, max_idle = 4, load = 1}
   for _ = 1, 4 do busy:call(flag, function () end) end
   lu.assertEquals(#busy:workers(), 4)
   H.writefile(flag, "go")
@@ -172,12 +169,7 @@ end
 
 function TestPool:test_max_idle_stops_the_extra_idle_ones_at_once ()
   local flag = H.tmpname()
-  local busy = prefork.pool{function (path)
-    for _ = 1, 500 do
-      local f = io.open(path) if f then f:close() break end
-      prefork.sleep(0.01)
-    end
-  end, max = 3, idle_time = 100, max_idle = 1, load = 1}
+  local busy = prefork.pool{hold, max = 3, idle_time = 100, max_idle = 1, load = 1}
   for _ = 1, 3 do busy:call(flag, function () end) end
   lu.assertEquals(#busy:workers(), 3)
   H.writefile(flag, "go")
