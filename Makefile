@@ -31,11 +31,15 @@ SRCS = src/core.c src/loop.c src/proc.c src/sock.c src/worker.c src/master.c \
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua src/prefork/pool.lua src/prefork/interp.lua
-# the client command: plain C, nettle linked in statically (start-up time)
+# the client command: plain C, linked statically (start-up time: no
+# dynamic loader, no NSS); CLIENT_STATIC= links it dynamically, but for
+# nettle (the sanitizer builds do)
 CLIENT = $(BUILD)/lua-prefork
 CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
                 $(CFLAGS)
-NETTLE_LIBS = -Wl,-Bstatic -lnettle -Wl,-Bdynamic
+CLIENT_STATIC = -static
+NETTLE_STATIC = -Wl,-Bstatic -lnettle -Wl,-Bdynamic
+NETTLE_LIBS = $(if $(CLIENT_STATIC),-lnettle,$(NETTLE_STATIC))
 
 # the suite runs from the checkout
 TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec/?.lua;;" \
@@ -67,7 +71,7 @@ $(CORE): $(OBJS)
 
 $(CLIENT): lua-prefork/lua-prefork.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CLIENT_CFLAGS) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
+	$(CC) $(CLIENT_CFLAGS) $(CLIENT_STATIC) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
 
 # installs only what is missing; apt needs root (or sudo)
 deps:
@@ -91,7 +95,7 @@ test: deps all
 # into the uninstrumented lua5.4)
 asan: deps
 	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	  LDFLAGS="-fsanitize=address,undefined" all
+	  LDFLAGS="-fsanitize=address,undefined" CLIENT_STATIC= all
 	ASAN_OPTIONS=detect_leaks=1:exitcode=99 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:exitcode=99 \
 	SPEC_LUA="env LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) $(LUA)" \

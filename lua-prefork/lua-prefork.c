@@ -452,19 +452,47 @@ static void make_run_base (uid_t us, const char *parent) {
 }
 
 
+/*
+** The home directory of uid, as getpwuid gives it for a local user, but
+** read from /etc/passwd itself (fgetpwent): the command is linked
+** statically, without NSS. A user from a directory service (not in
+** /etc/passwd) gets $HOME.
+*/
+static char *home_of (uid_t us) {
+  FILE *f = fopen("/etc/passwd", "re");
+  const char *home;
+  if (f != NULL) {
+    struct passwd *pw;
+    while ((pw = fgetpwent(f)) != NULL) {
+      if (pw->pw_uid == us) {
+        char *h = xasprintf("%s", pw->pw_dir);
+        fclose(f);
+        return h;
+      }
+    }
+    fclose(f);
+  }
+  home = getenv("HOME");
+  if (home == NULL || home[0] != '/')
+    die("uid %lu is not in /etc/passwd and $HOME is not set",
+        (unsigned long)us);
+  return xasprintf("%s", home);
+}
+
+
 static void find_socket_path (void) {
   uid_t us = getuid();
   char *parent = NULL;
   int maxident;
   if (!var_run_ok(us)) {
-    struct passwd *pw = getpwuid(us);
+    char *home = home_of(us);
     struct utsname uts;
     char *dot;
-    if (pw == NULL) diee("getpwent(uid)");
     if (uname(&uts) != 0) diee("uname(2)");
     if ((dot = strchr(uts.nodename, '.')) != NULL) *dot = '\0';
     uts.nodename[32] = '\0';
-    parent = xasprintf("%s/." RUNNAME, pw->pw_dir);
+    parent = xasprintf("%s/." RUNNAME, home);
+    free(home);
     run_base = xasprintf("%s/%s", parent, uts.nodename);
   }
   maxident = (int)sizeof(sockaddr.sun_path) - (int)strlen(run_base) - 12;
