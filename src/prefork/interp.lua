@@ -148,6 +148,7 @@ function interp.initialisation_complete (opts)
     log_facility = opts.log_facility,
     ident = "prefork-interp " .. (script or "?"),
     servertitle = (script or "lua") .. " [server]",
+    sparetitle = (script or "lua") .. " [spare]",
   })
   -- only an executor gets here
   _G.arg = makearg(argv, script)
