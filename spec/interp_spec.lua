@@ -329,6 +329,14 @@ function TestInterp:test_keep_fds_keeps_a_file_of_the_initialisation ()
 end
 
 
+function TestInterp:test_keep_fds_must_be_open ()
+  local d = newdir()
+  local r = call(d, "end", {env = "T_KEEPCLOSED=1"})
+  lu.assertNotEquals(r.rc, 0)
+  lu.assertStrContains(r.err, "keep_fds: fd 999 is not open")
+end
+
+
 function TestInterp:test_many_calls_one_server ()
   local d = newdir()
   for i = 1, 30 do
@@ -372,6 +380,14 @@ function TestInterp:test_a_spare_executor_takes_the_next_call ()
   lu.assertEquals(tonumber(r.out:match("PGID (%d+)")), sp)
   lu.assertEquals(fdlist(r.out), "0 1 2")
   H.wait_until(function () return #spares() == 1 and spares()[1] ~= sp end, 5, "a new spare")
+  -- a signal sent to the waiting spare acts there, not on the next call
+  sp = spares()[1]
+  H.kill(sp, "TERM")
+  H.wait_until(function () return #spares() == 0 end, 5, "the TERMed spare reaped")
+  r = call(d, "echo 2", {input = "next"})
+  lu.assertEquals(r.rc, 2)
+  lu.assertStrContains(r.out, "NEXT")
+  H.wait_until(function () return #spares() == 1 end, 5, "a spare again")
   -- a spare that dies: the next call is forked as before, then a new spare
   sp = spares()[1]
   H.kill(sp, "KILL")

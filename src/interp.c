@@ -32,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <dirent.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -925,9 +926,8 @@ static void dropspare (void) {
 static int forkspare (void) {
   int sv[2];
   pid_t pid;
-  struct timeval tv = {1, 0};
   S.wantspare = 0;
-  if (S.spare > 0 || S.draining || S.listen < 0
+  if (S.spare > 0 || S.draining || S.listen < 0 || S.idle_timeout == 0
       || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
     return 0;
   pid = pf_fork();
@@ -943,7 +943,6 @@ static int forkspare (void) {
     return 0;
   }
   setpgid(pid, pid);
-  setsockopt(sv[0], SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   S.spare = pid;
   S.sparefd = sv[0];
   ev_child_set(&S.sparew, pid, 0);
@@ -952,14 +951,27 @@ static int forkspare (void) {
 }
 
 
-/* the call to the spare: 1 sent, 0 no spare (or it failed) */
+/*
+** The call to the spare: 1 when the spare has it, 0 when there is no
+** spare or it failed (then the call is forked as before). The send does
+** not block: a request too large for the socket buffer goes the forking
+** way. The spare answers one byte once it has the whole request; without
+** it (a spare killed a moment ago keeps its socket while the kernel takes
+** its memory apart) the call was not taken. That wait is bounded (1 s: a
+** stopped spare).
+*/
 static int handoff (call *c) {
-  unsigned char ctl[CMSG_SPACE(3 * sizeof(int))];
+  union {
+    struct cmsghdr h;
+    unsigned char b[CMSG_SPACE(3 * sizeof(int))];
+  } ctl;
   uint32_t len = (uint32_t)c->mlen;
-  struct iovec iov[2], *v = iov;
+  struct iovec iov[2];
   struct msghdr m;
   struct cmsghdr *cm;
-  size_t sent = 0, total = sizeof(len) + c->mlen;
+  struct pollfd p;
+  ssize_t n;
+  char ack = 0;
   pid_t pid = S.spare;
   int fd = S.sparefd;
   if (pid <= 0) return 0;
@@ -967,42 +979,35 @@ static int handoff (call *c) {
   S.spare = 0;
   S.sparefd = -1;
   memset(&m, 0, sizeof(m));
-  memset(ctl, 0, sizeof(ctl));
+  memset(&ctl, 0, sizeof(ctl));
   iov[0].iov_base = &len;
   iov[0].iov_len = sizeof(len);
   iov[1].iov_base = c->req;
   iov[1].iov_len = c->mlen;
   m.msg_iov = iov;
   m.msg_iovlen = 2;
-  m.msg_control = ctl;
-  m.msg_controllen = sizeof(ctl);
+  m.msg_control = ctl.b;
+  m.msg_controllen = sizeof(ctl.b);
   cm = CMSG_FIRSTHDR(&m);
   cm->cmsg_level = SOL_SOCKET;
   cm->cmsg_type = SCM_RIGHTS;
   cm->cmsg_len = CMSG_LEN(3 * sizeof(int));
   memcpy(CMSG_DATA(cm), c->fds, 3 * sizeof(int));
-  for (;;) {
-    ssize_t n = sendmsg(fd, &m, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) break;
-    sent += (size_t)n;
-    if (sent >= total) break;
-    m.msg_control = NULL;  /* the fds went with the first bytes */
-    m.msg_controllen = 0;
-    while ((size_t)n >= v->iov_len) {  /* (sent < total: one is left) */
-      n -= (ssize_t)v->iov_len;
-      v++;
-      m.msg_iovlen--;
-    }
-    v->iov_base = (char *)v->iov_base + n;
-    v->iov_len -= (size_t)n;
-    m.msg_iov = v;
+  do n = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+  while (n < 0 && errno == EINTR);
+  p.fd = fd;
+  p.events = POLLIN;
+  if (n == (ssize_t)(sizeof(len) + c->mlen)) {
+    int r;
+    do r = poll(&p, 1, 1000);
+    while (r < 0 && errno == EINTR);
+    if (r == 1) n = recv(fd, &ack, 1, MSG_DONTWAIT);
   }
   close(fd);
-  if (sent < total) {
-    slog(NULL, LOG_WARNING, "spare executor %ld: %s", (long)pid,
-         strerror(errno));
-    kill(pid, SIGKILL);
+  if (ack != 'A') {
+    slog(NULL, LOG_WARNING, "spare executor %ld: did not take the call",
+         (long)pid);
+    kill(pid, SIGKILL);  /* reaped by the loop */
     return 0;
   }
   started(c, pid);
@@ -1012,11 +1017,15 @@ static int handoff (call *c) {
 
 /* in the spare: wait for a call, and become its executor */
 static call *sparewait (void) {
-  unsigned char ctl[CMSG_SPACE(8 * sizeof(int))];
+  union {
+    struct cmsghdr h;
+    unsigned char b[CMSG_SPACE(8 * sizeof(int))];
+  } ctl;
   uint32_t len;
   struct iovec iov;
   struct msghdr m;
   struct cmsghdr *cm;
+  sigset_t none;
   size_t got = 0;
   ssize_t n;
   call *c = (call *)calloc(1, sizeof(call));
@@ -1026,13 +1035,17 @@ static call *sparewait (void) {
   closeabove(S.sparefd);
   if (S.sparetitle != NULL) pf_settitle(S.sparetitle);
   prctl(PR_SET_NAME, "spare executor", 0, 0, 0);  /* (ps -o comm) */
+  /* default signals, unblocked: one sent to the spare acts now (most
+  ** kill it), not on the call it would take next */
+  sigemptyset(&none);
+  sigprocmask(SIG_SETMASK, &none, NULL);
   memset(&m, 0, sizeof(m));
   iov.iov_base = &len;
   iov.iov_len = sizeof(len);
   m.msg_iov = &iov;
   m.msg_iovlen = 1;
-  m.msg_control = ctl;
-  m.msg_controllen = sizeof(ctl);
+  m.msg_control = ctl.b;
+  m.msg_controllen = sizeof(ctl.b);
   do n = recvmsg(S.sparefd, &m, MSG_CMSG_CLOEXEC | MSG_WAITALL);
   while (n < 0 && errno == EINTR);
   if (n != (ssize_t)sizeof(len)) _exit(0);  /* the server is gone */
@@ -1057,7 +1070,9 @@ static call *sparewait (void) {
     if (n <= 0) _exit(127);
     got += (size_t)n;
   }
-  if (pf_interp_parsereq(c->req, c->mlen, &c->r) != NULL) _exit(127);
+  if (pf_interp_parsereq(c->req, c->mlen, &c->r) != NULL
+      || send(S.sparefd, "A", 1, MSG_NOSIGNAL) != 1)
+    _exit(127);
   enterexec(c);  /* (closes the channel) */
   return c;
 }
@@ -1145,16 +1160,20 @@ static double optnum (lua_State *L, int t, const char *field, double def) {
 static void hugeheap (void) {
   const unsigned long huge = 2UL << 20;
   char line[512];
+  int whole = 1;  /* line starts a line of the file */
   FILE *f = fopen("/proc/self/maps", "re");
   if (f == NULL) return;
   while (fgets(line, sizeof(line), f) != NULL) {
     unsigned long a, b, off, ino;
     char perm[8], dev[16];
-    int n = 0;
-    if (sscanf(line, "%lx-%lx %7s %lx %15s %lu %n", &a, &b, perm, &off, dev,
-               &ino, &n) < 6 || strncmp(perm, "rw-p", 4) != 0 || ino != 0)
+    int n = 0, start = whole;
+    whole = strchr(line, '\n') != NULL;  /* (else the next one goes on) */
+    if (!start || sscanf(line, "%lx-%lx %7s %lx %15s %lu %n", &a, &b, perm,
+                         &off, dev, &ino, &n) < 6
+        || strncmp(perm, "rw-p", 4) != 0 || ino != 0)
       continue;
-    if (line[n] != '\n' && line[n] != '\0' && strncmp(line + n, "[heap]", 6) != 0)
+    if (line[n] != '\n' && line[n] != '\0'
+        && strncmp(line + n, "[heap]", 6) != 0)
       continue;  /* the stack, vdso data and the like */
     a = (a + huge - 1) & ~(huge - 1);
     b &= ~(huge - 1);
@@ -1202,6 +1221,10 @@ static int l_serve (lua_State *L) {
     free(k);
     if (S.keep == NULL) return luaL_error(L, "out of memory");
     qsort(S.keep, (size_t)S.nkeep, sizeof(int), cmpint);
+    for (i = 0; i < S.nkeep; i++)  /* (a closed one would pass on whatever
+                                   ** the server opens there later) */
+      if (S.keep[i] < 3 || fcntl(S.keep[i], F_GETFD) < 0)
+        return luaL_error(L, "keep_fds: fd %d is not open", S.keep[i]);
   }
   S.max_servers = (long)optnum(L, 2, "max_servers", 4);
   S.idle_timeout = optnum(L, 2, "idle_timeout", 1e6);
