@@ -49,7 +49,8 @@ local function hello (conn)
       prefork.sleep(delay)
       answer = answer:sub(2)
     end
-    if not write(conn, answer) or close then return end
+    if close then return conn:close(answer) end  -- the answer leaves with the FIN
+    if not write(conn, answer) then return end
   end
 end
 

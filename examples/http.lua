@@ -24,10 +24,14 @@ local function escape (s)
 end
 
 
+-- the answer; unless the connection is kept, it closes with it (the last
+-- bytes leave with the FIN)
 local function respond (conn, status, body, keep)
-  return conn:write(("HTTP/1.1 %s\r\nContent-Type: text/html; charset=utf-8\r\n"
-                     .. "Content-Length: %d\r\nConnection: %s\r\n\r\n%s"):format(
-                    status, #body, keep and "keep-alive" or "close", body))
+  local answer = ("HTTP/1.1 %s\r\nContent-Type: text/html; charset=utf-8\r\n"
+                  .. "Content-Length: %d\r\nConnection: %s\r\n\r\n%s"):format(
+                 status, #body, keep and "keep-alive" or "close", body)
+  if keep then return conn:write(answer) end
+  return conn:close(answer)
 end
 
 

@@ -46,6 +46,38 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
 end
 
 
+-- close(data) in a coroutine: a large answer to a slow reader yields
+-- until it is all out (the worker serves others meanwhile), then closes
+function TestServe:test_close_with_data_yields_until_written ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c)
+      local what = c:read("l")
+      if what == "big" then return c:close(("z"):rep(4 * 1024 * 1024), "END") end
+      c:close("small ", prefork.getpid(), "\n")
+    end)
+  end}
+]])
+  local big = connect(p.port)
+  big:send("big\n")
+  H.sleep(0.2)  -- the big answer fills the socket: its coroutine waits
+  local small = connect(p.port)
+  small:send("s\n")
+  lu.assertStrMatches(assert(small:receive("*l")), "small %d+")
+  local function rest (c)  -- all the peer has left to read, once it closed
+    local all, _, partial = c:receive("*a")
+    return all or partial
+  end
+  lu.assertEquals(rest(small), "")  -- closed after it
+  small:close()
+  local all = rest(big)
+  lu.assertEquals(#all, 4 * 1024 * 1024 + 3)
+  lu.assertEquals(all:sub(-3), "END")
+  big:close()
+end
+
+
 function TestServe:test_keepalive_and_pipelining ()
   local p = H.master([[
 prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,

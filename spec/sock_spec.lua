@@ -231,6 +231,51 @@ function TestConn:test_close_gc_and_tostring ()
   client:close()
 end
 
+function TestConn:test_close_with_data_writes_then_closes ()
+  local function rest (c)
+    local all, _, partial = c:receive("*a")
+    return all or partial
+  end
+  local conn, client = pair()
+  lu.assertTrue(conn:close("last", " words", 1, "\n"))
+  lu.assertEquals(conn:getfd(), -1)
+  lu.assertEquals(rest(client), "last words1\n")  -- then the end of stream
+  lu.assertTrue(conn:close())  -- twice is fine
+  lu.assertErrorMsgContains("attempt to use a closed connection", conn.close, conn, "x")
+  client:close()
+  conn, client = pair()
+  lu.assertErrorMsgContains("string expected", conn.close, conn, {})
+  conn:close()
+  client:close()
+  -- a peer that went away: the write fails, the connection is closed anyway
+  conn, client = pair()
+  client:close()
+  local ok, msg
+  for _ = 1, 50 do
+    ok, msg = conn:write(("x"):rep(65536))
+    if not ok then break end
+  end
+  lu.assertNil(ok, msg)
+  ok, msg = conn:close(("x"):rep(65536))
+  lu.assertNil(ok)
+  lu.assertStrMatches(msg, "write: .*")
+  lu.assertEquals(conn:getfd(), -1)
+  -- a Unix socket pair too
+  local a, b = prefork.socketpair()
+  lu.assertTrue(a:close("over\n"))
+  lu.assertEquals(b:read("a"), "over\n")
+  b:close()
+  -- __close writes nothing (its second argument is the error)
+  conn, client = pair()
+  lu.assertFalse(pcall(function ()
+    local _ <close> = conn
+    error("boom")
+  end))
+  lu.assertEquals(conn:getfd(), -1)
+  lu.assertEquals(rest(client), "")
+  client:close()
+end
+
 function TestConn:test_maxline_bounds_a_line ()
   local a, b = prefork.socketpair()
   lu.assertIs(b:setmaxline(8), b)

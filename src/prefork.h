@@ -88,6 +88,7 @@ typedef struct pf_conn {
   size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
   double dl;  /* deadline of the call under way (monotonic); < 0: none */
   int wrote;  /* an answer went out and no byte came since: idle */
+  int closing;  /* close(data): writing, then closing */
   char *buf;  /* read buffer; unread bytes are buf[r..w) */
   size_t cap, r, w;
 } pf_conn;

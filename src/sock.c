@@ -631,46 +631,72 @@ static int c_read (lua_State *L) {
 
 static int writeloop (lua_State *L, pf_conn *c, size_t off);
 
-static int write_k (lua_State *L, int status, lua_KContext ctx) {
-  (void)status;
-  if (pf_wakereason(L) != PF_READY) {
+/* the connection goes: closing twice is fine */
+static void closeconn (pf_conn *c) {
+  if (c->fd >= 0) {
+    close(c->fd);
+    c->fd = -1;
+    if (c->counted) pf_worker_closed();
+  }
+  free(c->buf);
+  c->buf = NULL;
+  c->cap = c->r = c->w = 0;
+  c->closing = 0;
+}
+
+
+/* a write that failed (the fail triple is pushed first: close may change
+** errno); a closing one closes anyway */
+static int writefailed (lua_State *L, pf_conn *c, int timedout) {
+  int n;
+  if (timedout) {
     luaL_pushfail(L);
     lua_pushliteral(L, "timeout");
-    return 2;
+    n = 2;
   }
+  else
+    n = pf_fail(L, "write");
+  if (c->closing) closeconn(c);
+  return n;
+}
+
+
+static int write_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  if (pf_wakereason(L) != PF_READY)
+    return writefailed(L, (pf_conn *)lua_touserdata(L, 1), 1);
   return writeloop(L, (pf_conn *)lua_touserdata(L, 1), (size_t)ctx);
 }
 
 
-/* send the string on top of the stack from byte off on */
+/* send the string on top of the stack from byte off on; for close(data),
+** with MSG_MORE: the last bytes wait for the FIN that close sends, and
+** leave with it */
 static int writeloop (lua_State *L, pf_conn *c, size_t off) {
   size_t len;
   const char *s = lua_tolstring(L, -1, &len);
+  int flags = MSG_NOSIGNAL | (c->closing ? MSG_MORE : 0);
   while (off < len) {
-    ssize_t k = send(c->fd, s + off, len - off, MSG_NOSIGNAL);
+    ssize_t k = send(c->fd, s + off, len - off, flags);
     if (k >= 0)
       off += (size_t)k;
     else if (errno == EINTR)
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
-      return pf_fail(L, "write");
+      return writefailed(L, c, 0);
     else if (pf_waitk(L, c->fd, POLLOUT, c->dl, 0, (lua_KContext)off,
-                      write_k) != PF_READY) {
-      luaL_pushfail(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
-    }
+                      write_k) != PF_READY)
+      return writefailed(L, c, 1);
   }
   c->wrote = 1;  /* an answer went out: reading next waits for a request */
+  if (c->closing) closeconn(c);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 
-/* conn:write(...) -> true | nil, "timeout" | nil, "write: err", errno;
-** in a serve coroutine it yields while the socket is full */
-static int c_write (lua_State *L) {
-  pf_conn *c = checkconn(L);
+/* the strings from index 2 on, as one on top of the stack */
+static void pushdata (lua_State *L) {
   int n = lua_gettop(L), i;
   if (n == 2) {
     luaL_checkstring(L, 2);
@@ -686,8 +712,44 @@ static int c_write (lua_State *L) {
     }
     luaL_pushresult(&b);
   }
+}
+
+
+/* conn:write(...) -> true | nil, "timeout" | nil, "write: err", errno;
+** in a serve coroutine it yields while the socket is full */
+static int c_write (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  pushdata(L);
   c->dl = deadline(c);
   return writeloop(L, c, 0);
+}
+
+
+/*
+** conn:close([data...]) -> true | as write: with data, write it and
+** close, so that the last bytes leave with the end of stream (in one TCP
+** segment when they fit: Node's socket.end(data)); the connection is
+** closed whether the write succeeded or not. Closing twice is fine.
+*/
+static int c_close (lua_State *L) {
+  pf_conn *c;
+  if (lua_gettop(L) < 2) {
+    closeconn((pf_conn *)luaL_checkudata(L, 1, PF_CONN));
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  c = checkconn(L);
+  pushdata(L);
+  c->dl = deadline(c);
+  c->closing = 1;
+  return writeloop(L, c, 0);
+}
+
+
+/* __close and __gc */
+static int c_gc (lua_State *L) {
+  closeconn((pf_conn *)luaL_checkudata(L, 1, PF_CONN));
+  return 0;
 }
 
 
@@ -746,22 +808,6 @@ static int c_peer (lua_State *L) {
     lua_pushinteger(L, ntohs(in->sin_port));
   }
   return 2;
-}
-
-
-/* close, __close and __gc: closing twice is fine */
-static int c_close (lua_State *L) {
-  pf_conn *c = (pf_conn *)luaL_checkudata(L, 1, PF_CONN);
-  if (c->fd >= 0) {
-    close(c->fd);
-    c->fd = -1;
-    if (c->counted) pf_worker_closed();
-  }
-  free(c->buf);
-  c->buf = NULL;
-  c->cap = c->r = c->w = 0;
-  lua_pushboolean(L, 1);
-  return 1;
 }
 
 
@@ -843,7 +889,7 @@ void pf_open_sock (lua_State *L) {
     {NULL, NULL}
   };
   static const luaL_Reg cmetameth[] = {
-    {"__gc", c_close}, {"__close", c_close}, {"__tostring", c_tostring},
+    {"__gc", c_gc}, {"__close", c_gc}, {"__tostring", c_tostring},
     {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
