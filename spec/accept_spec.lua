@@ -204,6 +204,32 @@ prefork.start{workers = 4, listen = "127.0.0.1:0", on_start = announce,
 end
 
 
+function TestAccept:test_shared_serve_wakes_one_worker ()
+  local p = H.master([[
+prefork.start{workers = 4, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    w:serve(function (c) c:write("x") c:close() end)
+  end}
+]])
+  local kids = H.nworkers(p, 4)
+  lu.assertEquals(H.request_ok(p.port), "x")
+  H.sleep(0.3)
+  local function switches ()
+    local n = 0
+    for _, k in ipairs(kids) do
+      local s = H.readfile("/proc/" .. k .. "/status") or ""
+      n = n + tonumber(s:match("\nvoluntary_ctxt_switches:%s*(%d+)") or 0)
+    end
+    return n
+  end
+  local before = switches()
+  for _ = 1, 10 do lu.assertEquals(H.request(p.port), "x") end
+  H.sleep(0.2)
+  -- one wake-up per connection (a herd would wake all 4: 40)
+  lu.assertTrue(switches() - before <= 20, "wake-ups: " .. switches() - before)
+end
+
+
 function TestAccept:test_mutex_serve_load_reaches_every_worker ()
   reaches_both("mutex")
 end

@@ -22,6 +22,9 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <dirent.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <sys/epoll.h>
 
 #include <ev.h>
@@ -46,11 +49,18 @@ typedef struct task {
 } task;
 
 
+/* listeners watched straight in libev's set at most (more: nested) */
+#define MAXLISTEN	16
+
 static struct {
   struct ev_loop *loop;
   lua_State *L;  /* the thread that called serve */
   int handler;  /* registry ref */
   int xep;  /* epoll set of the listeners (EPOLLEXCLUSIVE), -1 none */
+  int ep;  /* or libev's own set, holding them (see direct); -1 none */
+  ev_io acc[MAXLISTEN];  /* the listeners, in direct */
+  uint64_t accdata[MAXLISTEN];
+  int nacc;
   int stopping;
   int running;
   task *tasks;  /* every live coroutine */
@@ -295,6 +305,8 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
 }
 
 
+static void stopaccepting (void);
+
 static void stopserving (void) {
   task *t, *next;
   if (pf_worker_drains()) {  /* take what waits for this worker alone */
@@ -309,7 +321,7 @@ static void stopserving (void) {
     }
   }
   sv.stopping = 1;
-  ev_io_stop(sv.loop, &sv.accept);
+  stopaccepting();
   ev_io_stop(sv.loop, &sv.wake);
   pf_worker_stoplistening();
   for (t = sv.tasks; t != NULL; t = next) {  /* idle ones: "stopping" */
@@ -350,6 +362,86 @@ static int exclusive (const struct pollfd *fds, int n) {
 }
 
 
+/*
+** The listeners straight in the loop's own epoll set, each one
+** EPOLLEXCLUSIVE, so that a connection wakes one idle worker. In a set of
+** their own watched by the loop's (the fallback below) EPOLLEXCLUSIVE
+** wakes every worker: the kernel counts a wake-up as done only for a task
+** that sleeps on that very set, and nothing sleeps on a nested one. libev
+** has no flag for it, so its watchers are started as usual, the loop turns
+** once without waiting (libev adds the fds), and each entry is added again,
+** exclusive, with the data libev gave it, read from /proc/self/fdinfo of
+** the one epoll set here that holds the listener. libev leaves an entry
+** alone while its watcher stays started; stopserving removes them. 0 when
+** any step fails (the entries as libev made them stay: still correct).
+*/
+static int direct (const struct pollfd *fds, int n) {
+  int i, found = 0;
+  DIR *d;
+  struct dirent *e;
+  if (n > MAXLISTEN || ev_backend(sv.loop) != EVBACKEND_EPOLL) return 0;
+  for (i = 0; i < n; i++) {
+    ev_io_init(&sv.acc[i], onaccept, fds[i].fd, EV_READ);
+    ev_io_start(sv.loop, &sv.acc[i]);
+  }
+  sv.nacc = n;
+  ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds them */
+  if (sv.stopping) return 1;  /* (a stop came: the listeners are closed) */
+  if ((d = opendir("/proc/self/fdinfo")) == NULL) return 0;
+  while (found < n && (e = readdir(d)) != NULL) {
+    char path[64], line[256];
+    FILE *f;
+    int ep = atoi(e->d_name);
+    if (e->d_name[0] == '.' || ep == dirfd(d)) continue;
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", ep);
+    if ((f = fopen(path, "re")) == NULL) continue;
+    found = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+      int tfd;
+      unsigned ev;
+      unsigned long long data;
+      if (sscanf(line, "tfd: %d events: %x data: %llx", &tfd, &ev, &data) != 3)
+        continue;
+      for (i = 0; i < n; i++)  /* (libev's data: the fd, a generation) */
+        if (tfd == fds[i].fd && (uint32_t)data == (uint32_t)tfd
+            && (data >> 32) != 0) {
+          sv.accdata[i] = (uint64_t)data;
+          found++;
+        }
+    }
+    fclose(f);
+    if (found == n) sv.ep = ep;
+  }
+  closedir(d);
+  if (sv.ep < 0) return 0;
+  for (i = 0; i < n; i++) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    ev.data.u64 = sv.accdata[i];
+    if (epoll_ctl(sv.ep, EPOLL_CTL_DEL, fds[i].fd, NULL) != 0
+        || epoll_ctl(sv.ep, EPOLL_CTL_ADD, fds[i].fd, &ev) != 0) {
+      ev.events = EPOLLIN;  /* as libev had it */
+      (void)epoll_ctl(sv.ep, EPOLL_CTL_ADD, fds[i].fd, &ev);
+      return 0;
+    }
+  }
+  return 1;
+}
+
+
+/* stop watching the listeners (before they are closed) */
+static void stopaccepting (void) {
+  int i;
+  for (i = 0; i < sv.nacc; i++) {
+    if (sv.ep >= 0)  /* the exclusive entries are not libev's to remove */
+      (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
+    ev_io_stop(sv.loop, &sv.acc[i]);
+  }
+  ev_io_stop(sv.loop, &sv.accept);
+}
+
+
 /* after serve or run: the kept coroutines, the loop, the handler go */
 static void endloop (void) {
   sv.running = 0;
@@ -383,11 +475,8 @@ static int l_serve (lua_State *L) {
   sv.loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
   if (sv.loop == NULL)
     return luaL_error(L, "serve: libev cannot make a loop");
-  sv.xep = exclusive(fds, n);
-  if (sv.xep < 0) {
-    ev_loop_destroy(sv.loop);
-    return pf_fail(L, "epoll");
-  }
+  sv.xep = sv.ep = -1;
+  sv.nacc = 0;
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS);
   lua_pushvalue(L, 2);
@@ -395,13 +484,23 @@ static int l_serve (lua_State *L) {
   sv.L = L;
   sv.running = 1;
   sv.stopping = 0;
-  ev_io_init(&sv.accept, onaccept, sv.xep, EV_READ);
   ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
-  ev_io_start(sv.loop, &sv.accept);
   ev_io_start(sv.loop, &sv.wake);
   pf_worker_ready();
-  if (pf_worker_stopping()) stopserving();
-  else ev_run(sv.loop, 0);
+  if (!direct(fds, n)) {  /* the nested set */
+    int i;
+    for (i = 0; i < sv.nacc; i++) ev_io_stop(sv.loop, &sv.acc[i]);
+    sv.nacc = 0;
+    sv.ep = -1;
+    if ((sv.xep = exclusive(fds, n)) < 0) {
+      endloop();
+      return pf_fail(L, "epoll");
+    }
+    ev_io_init(&sv.accept, onaccept, sv.xep, EV_READ);
+    ev_io_start(sv.loop, &sv.accept);
+  }
+  if (!sv.stopping && pf_worker_stopping()) stopserving();
+  if (!sv.stopping || sv.tasks != NULL) ev_run(sv.loop, 0);
   endloop();
   lua_pushboolean(L, 1);
   return 1;
