@@ -49,24 +49,21 @@ typedef struct task {
 } task;
 
 
-/* listeners watched straight in libev's set at most (more: nested) */
-#define MAXLISTEN	16
-
 static struct {
   struct ev_loop *loop;
   lua_State *L;  /* the thread that called serve */
   int handler;  /* registry ref */
-  int xep;  /* epoll set of the listeners (EPOLLEXCLUSIVE), -1 none */
-  int ep;  /* or libev's own set, holding them (see direct); -1 none */
-  ev_io acc[MAXLISTEN];  /* the listeners, in direct */
-  uint64_t accdata[MAXLISTEN];
+  ev_io *acc;  /* a watcher for each listener */
+  uint64_t *accdata;  /* libev's data of its epoll entry */
   int nacc;
+  int exclusive;  /* the entries are made exclusive (see flip) */
+  int ep;  /* libev's epoll set, once found; -1 */
+  double lastflip;
   int stopping;
   int running;
   task *tasks;  /* every live coroutine */
   task *pool;  /* finished ones kept for the next connections */
   int npool;
-  ev_io accept;
   ev_io wake;  /* the worker's stop pipe */
 } sv;  /* all zero: not running */
 
@@ -286,10 +283,11 @@ static void finish (task *t, int reusable) {
 ** The loop
 ** ======================================================= */
 
+static void flip (void);
+
 static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
   int n;
-  (void)loop; (void)io; (void)revents;
-  /* the set needs no draining: its readiness is its listeners' */
+  (void)io; (void)revents;
   for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
     pf_conn *c = pf_newconn(sv.L);
     int st = pf_worker_accept(c);
@@ -298,6 +296,8 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
       if (st < 0)
         pf_log(sv.L, "error", "worker %ld: accept: %s", (long)getpid(),
                strerror(errno));
+      else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
+        flip();  /* woken for nothing: are the entries still exclusive? */
       break;
     }
     start();
@@ -344,102 +344,119 @@ static void onwake (struct ev_loop *loop, ev_io *io, int revents) {
 }
 
 
-/* the listeners in an epoll set of this worker's, each EPOLLEXCLUSIVE */
-static int exclusive (const struct pollfd *fds, int n) {
-  int i, ep = epoll_create1(EPOLL_CLOEXEC);
-  if (ep < 0) return -1;
-  for (i = 0; i < n; i++) {
-    struct epoll_event ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-    ev.data.fd = fds[i].fd;
-    if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i].fd, &ev) != 0) {
-      close(ep);
-      return -1;
+/* {------------------------------------------------------
+** Exclusive wake-ups. Each listener has a watcher of its own in the loop;
+** for the shared sockets (strategies "shared" and "mutex"), its entry in
+** libev's epoll set is then made EPOLLEXCLUSIVE, so that a connection
+** wakes one idle worker. (In a set of their own, watched by the loop's,
+** EPOLLEXCLUSIVE wakes every worker: the kernel counts an exclusive
+** wake-up only for a task that sleeps on that very set.) libev has no
+** flag for it: flip() finds libev's set, the one epoll set here whose
+** entries for the wake pipe and every listener carry libev's data (the
+** fd, and a generation above it), read from /proc/self/fdinfo, and adds
+** each listener again, exclusive, with the same data. libev leaves such
+** an entry alone while its watcher stays started, but rebuilds its whole
+** set after some errors (plain entries again): a wake-up that finds no
+** connection flips again, at most once a second. Where a step fails the
+** entries stay as libev made them: a herd, but correct.
+** ------------------------------------------------------- */
+
+#define EXCLUSIVEBIT	0x10000000u  /* EPOLLEXCLUSIVE, as fdinfo shows it */
+
+/* fd's entry in the set of fdinfo file f: 1 with *data, *events */
+static int findentry (FILE *f, int fd, uint64_t *data, unsigned *events) {
+  char line[256];
+  rewind(f);
+  while (fgets(line, sizeof(line), f) != NULL) {
+    int tfd;
+    unsigned ev;
+    unsigned long long d;
+    if (sscanf(line, "tfd: %d events: %x data: %llx", &tfd, &ev, &d) == 3
+        && tfd == fd && (uint32_t)d == (uint32_t)fd && (d >> 32) != 0) {
+      *data = (uint64_t)d;
+      *events = ev;
+      return 1;
     }
   }
-  return ep;
+  return 0;
 }
 
 
-/*
-** The listeners straight in the loop's own epoll set, each one
-** EPOLLEXCLUSIVE, so that a connection wakes one idle worker. In a set of
-** their own watched by the loop's (the fallback below) EPOLLEXCLUSIVE
-** wakes every worker: the kernel counts a wake-up as done only for a task
-** that sleeps on that very set, and nothing sleeps on a nested one. libev
-** has no flag for it, so its watchers are started as usual, the loop turns
-** once without waiting (libev adds the fds), and each entry is added again,
-** exclusive, with the data libev gave it, read from /proc/self/fdinfo of
-** the one epoll set here that holds the listener. libev leaves an entry
-** alone while its watcher stays started; stopserving removes them. 0 when
-** any step fails (the entries as libev made them stay: still correct).
-*/
-static int direct (const struct pollfd *fds, int n) {
-  int i, found = 0;
-  DIR *d;
+static void flip (void) {
+  DIR *d = opendir("/proc/self/fdinfo");
   struct dirent *e;
-  if (n > MAXLISTEN || ev_backend(sv.loop) != EVBACKEND_EPOLL) return 0;
+  sv.lastflip = ev_now(sv.loop);
+  if (d == NULL) return;
+  while ((e = readdir(d)) != NULL) {
+    char path[64];
+    FILE *f;
+    int ep = atoi(e->d_name), i, all;
+    uint64_t data;
+    unsigned events;
+    if (e->d_name[0] == '.' || ep == dirfd(d)) continue;
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", ep);
+    if ((f = fopen(path, "re")) == NULL) continue;
+    all = findentry(f, sv.wake.fd, &data, &events);
+    for (i = 0; all && i < sv.nacc; i++)
+      all = findentry(f, sv.acc[i].fd, &sv.accdata[i], &events);
+    for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: flip */
+      struct epoll_event ev;
+      (void)findentry(f, sv.acc[i].fd, &data, &events);
+      if (events & EXCLUSIVEBIT) continue;
+      memset(&ev, 0, sizeof(ev));
+      ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+      ev.data.u64 = data;
+      if (epoll_ctl(ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) == 0
+          && epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) != 0) {
+        ev.events = EPOLLIN;  /* as libev had it */
+        (void)epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev);
+      }
+    }
+    fclose(f);
+    if (all) {
+      sv.ep = ep;
+      break;
+    }
+  }
+  closedir(d);
+}
+
+
+/* a watcher for each listener (fds[0..n-1]; fds[n] is the wake pipe),
+** exclusive where that helps; 0 without memory */
+static int watchlisteners (const struct pollfd *fds, int n) {
+  int i;
+  sv.acc = (ev_io *)calloc((size_t)n, sizeof(ev_io));
+  sv.accdata = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
+  if (sv.acc == NULL || sv.accdata == NULL) return 0;
   for (i = 0; i < n; i++) {
     ev_io_init(&sv.acc[i], onaccept, fds[i].fd, EV_READ);
     ev_io_start(sv.loop, &sv.acc[i]);
   }
   sv.nacc = n;
-  ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds them */
-  if (sv.stopping) return 1;  /* (a stop came: the listeners are closed) */
-  if ((d = opendir("/proc/self/fdinfo")) == NULL) return 0;
-  while (found < n && (e = readdir(d)) != NULL) {
-    char path[64], line[256];
-    FILE *f;
-    int ep = atoi(e->d_name);
-    if (e->d_name[0] == '.' || ep == dirfd(d)) continue;
-    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", ep);
-    if ((f = fopen(path, "re")) == NULL) continue;
-    found = 0;
-    while (fgets(line, sizeof(line), f) != NULL) {
-      int tfd;
-      unsigned ev;
-      unsigned long long data;
-      if (sscanf(line, "tfd: %d events: %x data: %llx", &tfd, &ev, &data) != 3)
-        continue;
-      for (i = 0; i < n; i++)  /* (libev's data: the fd, a generation) */
-        if (tfd == fds[i].fd && (uint32_t)data == (uint32_t)tfd
-            && (data >> 32) != 0) {
-          sv.accdata[i] = (uint64_t)data;
-          found++;
-        }
-    }
-    fclose(f);
-    if (found == n) sv.ep = ep;
-  }
-  closedir(d);
-  if (sv.ep < 0) return 0;
-  for (i = 0; i < n; i++) {
-    struct epoll_event ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-    ev.data.u64 = sv.accdata[i];
-    if (epoll_ctl(sv.ep, EPOLL_CTL_DEL, fds[i].fd, NULL) != 0
-        || epoll_ctl(sv.ep, EPOLL_CTL_ADD, fds[i].fd, &ev) != 0) {
-      ev.events = EPOLLIN;  /* as libev had it */
-      (void)epoll_ctl(sv.ep, EPOLL_CTL_ADD, fds[i].fd, &ev);
-      return 0;
-    }
+  sv.exclusive = !pf_worker_drains()  /* (not a socket of its own) */
+                 && ev_backend(sv.loop) == EVBACKEND_EPOLL;
+  if (sv.exclusive) {
+    ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries */
+    if (!sv.stopping) flip();
   }
   return 1;
 }
 
 
-/* stop watching the listeners (before they are closed) */
+/* stop watching the listeners (before they are closed: libev's lazy
+** removal would leave the entries of sockets that stay open elsewhere) */
 static void stopaccepting (void) {
   int i;
   for (i = 0; i < sv.nacc; i++) {
-    if (sv.ep >= 0)  /* the exclusive entries are not libev's to remove */
+    if (sv.ep >= 0)
       (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
     ev_io_stop(sv.loop, &sv.acc[i]);
   }
-  ev_io_stop(sv.loop, &sv.accept);
+  sv.nacc = 0;
 }
+
+/* }------------------------------------------------------ */
 
 
 /* after serve or run: the kept coroutines, the loop, the handler go */
@@ -451,8 +468,12 @@ static void endloop (void) {
     freetask(t);
   }
   sv.npool = 0;
-  if (sv.xep >= 0) close(sv.xep);
-  sv.xep = -1;
+  free(sv.acc);
+  free(sv.accdata);
+  sv.acc = NULL;
+  sv.accdata = NULL;
+  sv.nacc = 0;
+  sv.ep = -1;
   ev_loop_destroy(sv.loop);
   sv.loop = NULL;
   if (sv.handler != LUA_NOREF) luaL_unref(sv.L, LUA_REGISTRYINDEX, sv.handler);
@@ -475,7 +496,7 @@ static int l_serve (lua_State *L) {
   sv.loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
   if (sv.loop == NULL)
     return luaL_error(L, "serve: libev cannot make a loop");
-  sv.xep = sv.ep = -1;
+  sv.ep = -1;
   sv.nacc = 0;
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS);
@@ -487,19 +508,11 @@ static int l_serve (lua_State *L) {
   ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
   ev_io_start(sv.loop, &sv.wake);
   pf_worker_ready();
-  if (!direct(fds, n)) {  /* the nested set */
-    int i;
-    for (i = 0; i < sv.nacc; i++) ev_io_stop(sv.loop, &sv.acc[i]);
-    sv.nacc = 0;
-    sv.ep = -1;
-    if ((sv.xep = exclusive(fds, n)) < 0) {
-      endloop();
-      return pf_fail(L, "epoll");
-    }
-    ev_io_init(&sv.accept, onaccept, sv.xep, EV_READ);
-    ev_io_start(sv.loop, &sv.accept);
+  if (pf_worker_stopping()) stopserving();
+  else if (!watchlisteners(fds, n)) {
+    endloop();
+    return luaL_error(L, "not enough memory");
   }
-  if (!sv.stopping && pf_worker_stopping()) stopserving();
   if (!sv.stopping || sv.tasks != NULL) ev_run(sv.loop, 0);
   endloop();
   lua_pushboolean(L, 1);
@@ -521,7 +534,8 @@ static int l_run (lua_State *L) {
     return luaL_error(L, "run: libev cannot make a loop");
   lua_newtable(L);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &TASKS);
-  sv.xep = -1;
+  sv.ep = -1;
+  sv.nacc = 0;
   sv.handler = LUA_NOREF;
   sv.L = L;
   sv.running = 1;
@@ -568,10 +582,11 @@ static int l_go (lua_State *L) {
 ** goes, with its fds */
 void pf_serve_forget (void) {
   if (!sv.running) return;
-  if (sv.xep >= 0) close(sv.xep);
   ev_loop_destroy(sv.loop);
+  free(sv.acc);
+  free(sv.accdata);
   memset(&sv, 0, sizeof(sv));
-  sv.xep = -1;
+  sv.ep = -1;
 }
 
 /* }====================================================== */
