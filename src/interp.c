@@ -172,7 +172,7 @@ typedef struct call {
   char *req;
   pf_interp_req r;
   pid_t pid;
-  int reported, rstatus;  /* its status went to the client early */
+  int early;  /* the status sent to the client early, or -1 */
 } call;
 
 
@@ -459,11 +459,11 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   (void)loop; (void)revents;
   ev_child_stop(EV_DEFAULT, w);
   c->pid = 0;  /* reaped: its group is no longer ours to signal */
-  if (!c->reported)
+  if (c->early < 0)
     answer(c, st);
-  else if (c->rstatus != st)
+  else if (c->early != st)
     slog(NULL, LOG_WARNING, "executor %ld: reported status %d, ended with %d",
-         (long)pid, c->rstatus, st);
+         (long)pid, c->early, st);
   if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0)
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))
     slog(NULL, LOG_INFO, "executor %ld: status %d", (long)pid, st);
@@ -489,10 +489,9 @@ static void reportcb (struct ev_loop *loop, ev_io *w, int revents) {
     if (si.ssi_code != SI_QUEUE || si.ssi_uid != (uint32_t)getuid())
       continue;
     for (c = S.calls; c != NULL; c = c->next) {
-      if (c->pid > 0 && c->pid == (pid_t)si.ssi_pid && !c->reported) {
-        c->reported = 1;
-        c->rstatus = (si.ssi_int & 0xff) << 8;  /* W_EXITCODE(code, 0) */
-        answer(c, c->rstatus);
+      if (c->pid > 0 && c->pid == (pid_t)si.ssi_pid && c->early < 0) {
+        c->early = (si.ssi_int & 0xff) << 8;  /* W_EXITCODE(code, 0) */
+        answer(c, c->early);
         break;
       }
     }
@@ -513,6 +512,7 @@ static call *newcall (int fd, int init) {
   }
   c->fd = fd;
   c->init = init;
+  c->early = -1;
   c->state = SIGBYTE;
   c->next = S.calls;
   S.calls = c;
@@ -679,17 +679,20 @@ static void forget (void *ud) {
 }
 
 
+static int cmpint (const void *a, const void *b) {
+  int x = *(const int *)a, y = *(const int *)b;
+  return (x > y) - (x < y);
+}
+
+
 /* close every fd from 3 up, but those in S.keep and also (if >= 0) */
 static void closeabove (int also) {
-  int i, lo = 3, n = 0;
-  int *keep = (int *)malloc(((size_t)S.nkeep + 1) * sizeof(int));
+  int i, lo = 3, n = S.nkeep;
+  int *keep = (int *)malloc(((size_t)n + 1) * sizeof(int));
   if (keep == NULL) _exit(127);
-  for (i = 0; i < S.nkeep; i++) {
-    if (also >= 0 && also < S.keep[i] && (n == 0 || keep[n - 1] < also))
-      keep[n++] = also;
-    keep[n++] = S.keep[i];
-  }
-  if (also >= 0 && (n == 0 || keep[n - 1] < also)) keep[n++] = also;
+  memcpy(keep, S.keep, (size_t)n * sizeof(int));
+  if (also >= 0) keep[n++] = also;
+  qsort(keep, (size_t)n, sizeof(int), cmpint);
   for (i = 0; i <= n; i++) {
     int hi = i < n ? keep[i] - 1 : INT_MAX;
     if (hi >= lo && close_range((unsigned)lo, (unsigned)hi, 0) != 0) {
@@ -893,32 +896,35 @@ static int spawn (call *c) {
 ** (the page tables of its heap are copied: a millisecond for 20 MB), so
 ** once a call is answered the server forks the next call's executor
 ** ahead. The spare does the half of becoming an executor that needs no
-** call, then waits on a socketpair; a complete request goes to it as a
-** u32 length (host order) and the request, with the caller's three fds
-** attached (SCM_RIGHTS). A call that finds no spare (calls at once, or a
-** spare gone) is forked as before. The spare dies with the server.
+** call, then waits on a socketpair; a complete request goes to it: a u32
+** length (host order) and the request, with the caller's three fds
+** (SCM_RIGHTS). A call that finds no spare (calls at once, or a spare
+** gone) is forked as before. The spare dies with the server.
 ** ------------------------------------------------------- */
+
+/* the spare is no longer the server's to watch */
+static void forgetspare (void) {
+  ev_child_stop(EV_DEFAULT, &S.sparew);
+  if (S.sparefd >= 0) close(S.sparefd);
+  S.spare = 0;
+  S.sparefd = -1;
+}
+
 
 static void sparecb (struct ev_loop *loop, ev_child *w, int revents) {
   (void)loop; (void)revents;
-  ev_child_stop(EV_DEFAULT, w);
   slog(NULL, LOG_WARNING, "spare executor %ld: status %d", (long)S.spare,
        w->rstatus);
-  S.spare = 0;
-  if (S.sparefd >= 0) close(S.sparefd);
-  S.sparefd = -1;
+  forgetspare();
 }
 
 
 static void dropspare (void) {
   if (S.spare > 0) {
-    ev_child_stop(EV_DEFAULT, &S.sparew);
     kill(S.spare, SIGKILL);  /* reaped by the loop, or before the exit */
     S.dropped = S.spare;
   }
-  if (S.sparefd >= 0) close(S.sparefd);
-  S.spare = 0;
-  S.sparefd = -1;
+  forgetspare();
 }
 
 
@@ -953,57 +959,31 @@ static int forkspare (void) {
 
 /*
 ** The call to the spare: 1 when the spare has it, 0 when there is no
-** spare or it failed (then the call is forked as before). The send does
-** not block: a request too large for the socket buffer goes the forking
-** way. The spare answers one byte once it has the whole request; without
-** it (a spare killed a moment ago keeps its socket while the kernel takes
-** its memory apart) the call was not taken. That wait is bounded (1 s: a
-** stopped spare).
+** spare or it failed (then the call is forked as before). The caller's
+** fds go one a message (pf_sendfdmsg), the first with the request's
+** length, then the request; nothing blocks: a request too large for the
+** socket buffer goes the forking way. The spare answers one byte once it
+** has it all; without it (a spare killed a moment ago keeps its socket
+** while the kernel takes its memory apart) the call was not taken. That
+** wait is bounded (1 s: a stopped spare).
 */
 static int handoff (call *c) {
-  union {
-    struct cmsghdr h;
-    unsigned char b[CMSG_SPACE(3 * sizeof(int))];
-  } ctl;
   uint32_t len = (uint32_t)c->mlen;
-  struct iovec iov[2];
-  struct msghdr m;
-  struct cmsghdr *cm;
   struct pollfd p;
-  ssize_t n;
   char ack = 0;
   pid_t pid = S.spare;
-  int fd = S.sparefd;
   if (pid <= 0) return 0;
-  ev_child_stop(EV_DEFAULT, &S.sparew);
-  S.spare = 0;
-  S.sparefd = -1;
-  memset(&m, 0, sizeof(m));
-  memset(&ctl, 0, sizeof(ctl));
-  iov[0].iov_base = &len;
-  iov[0].iov_len = sizeof(len);
-  iov[1].iov_base = c->req;
-  iov[1].iov_len = c->mlen;
-  m.msg_iov = iov;
-  m.msg_iovlen = 2;
-  m.msg_control = ctl.b;
-  m.msg_controllen = sizeof(ctl.b);
-  cm = CMSG_FIRSTHDR(&m);
-  cm->cmsg_level = SOL_SOCKET;
-  cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(3 * sizeof(int));
-  memcpy(CMSG_DATA(cm), c->fds, 3 * sizeof(int));
-  do n = sendmsg(fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-  while (n < 0 && errno == EINTR);
-  p.fd = fd;
+  p.fd = S.sparefd;
   p.events = POLLIN;
-  if (n == (ssize_t)(sizeof(len) + c->mlen)) {
-    int r;
-    do r = poll(&p, 1, 1000);
-    while (r < 0 && errno == EINTR);
-    if (r == 1) n = recv(fd, &ack, 1, MSG_DONTWAIT);
-  }
-  close(fd);
+  if (pf_sendfdmsg(p.fd, c->fds[0], &len, sizeof(len), MSG_DONTWAIT)
+        == (ssize_t)sizeof(len)
+      && pf_sendfdmsg(p.fd, c->fds[1], "", 1, MSG_DONTWAIT) == 1
+      && pf_sendfdmsg(p.fd, c->fds[2], "", 1, MSG_DONTWAIT) == 1
+      && pf_sendfdmsg(p.fd, -1, c->req, c->mlen, MSG_DONTWAIT)
+           == (ssize_t)c->mlen
+      && poll(&p, 1, 1000) == 1)
+    (void)!recv(p.fd, &ack, 1, MSG_DONTWAIT);
+  forgetspare();
   if (ack != 'A') {
     slog(NULL, LOG_WARNING, "spare executor %ld: did not take the call",
          (long)pid);
@@ -1017,17 +997,11 @@ static int handoff (call *c) {
 
 /* in the spare: wait for a call, and become its executor */
 static call *sparewait (void) {
-  union {
-    struct cmsghdr h;
-    unsigned char b[CMSG_SPACE(8 * sizeof(int))];
-  } ctl;
   uint32_t len;
-  struct iovec iov;
-  struct msghdr m;
-  struct cmsghdr *cm;
   sigset_t none;
   size_t got = 0;
-  ssize_t n;
+  char b;
+  int i;
   call *c = (call *)calloc(1, sizeof(call));
   prepexec();
   prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -1039,33 +1013,19 @@ static call *sparewait (void) {
   ** kill it), not on the call it would take next */
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
-  memset(&m, 0, sizeof(m));
-  iov.iov_base = &len;
-  iov.iov_len = sizeof(len);
-  m.msg_iov = &iov;
-  m.msg_iovlen = 1;
-  m.msg_control = ctl.b;
-  m.msg_controllen = sizeof(ctl.b);
-  do n = recvmsg(S.sparefd, &m, MSG_CMSG_CLOEXEC | MSG_WAITALL);
-  while (n < 0 && errno == EINTR);
-  if (n != (ssize_t)sizeof(len)) _exit(0);  /* the server is gone */
-  for (cm = CMSG_FIRSTHDR(&m); cm != NULL; cm = CMSG_NXTHDR(&m, cm)) {
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
-      size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int), i;
-      for (i = 0; i < k; i++) {
-        int fd;
-        memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
-        if (c->nfds < 3) c->fds[c->nfds++] = fd;
-        else close(fd);
-      }
-    }
-  }
-  if (c->nfds != 3 || len > PF_INTERP_MAXREQ
+  if (pf_recvfdmsg(S.sparefd, &c->fds[0], &len, sizeof(len), MSG_WAITALL,
+                   NULL) != (ssize_t)sizeof(len))
+    _exit(0);  /* the server is gone */
+  for (i = 1; i < 3; i++)
+    if (pf_recvfdmsg(S.sparefd, &c->fds[i], &b, 1, 0, NULL) != 1) _exit(127);
+  c->nfds = 3;
+  if (c->fds[0] < 0 || c->fds[1] < 0 || c->fds[2] < 0
+      || len > PF_INTERP_MAXREQ
       || (c->req = (char *)malloc((size_t)len + 1)) == NULL)
     _exit(127);
   c->mlen = len;
   while (got < c->mlen) {
-    n = recv(S.sparefd, c->req + got, c->mlen - got, MSG_WAITALL);
+    ssize_t n = recv(S.sparefd, c->req + got, c->mlen - got, MSG_WAITALL);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) _exit(127);
     got += (size_t)n;
@@ -1076,6 +1036,7 @@ static call *sparewait (void) {
   enterexec(c);  /* (closes the channel) */
   return c;
 }
+
 
 /* }------------------------------------------------------ */
 
@@ -1125,12 +1086,6 @@ static char **checkstrings (lua_State *L, int t, const char *field, int *n) {
   }
   lua_pop(L, 1);
   return v;
-}
-
-
-static int cmpint (const void *a, const void *b) {
-  int x = *(const int *)a, y = *(const int *)b;
-  return (x > y) - (x < y);
 }
 
 

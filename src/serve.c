@@ -54,7 +54,6 @@ static struct {
   lua_State *L;  /* the thread that called serve */
   int handler;  /* registry ref */
   ev_io *acc;  /* a watcher for each listener */
-  uint64_t *accdata;  /* libev's data of its epoll entry */
   int nacc;
   int exclusive;  /* the entries are made exclusive (see flip) */
   int ep;  /* libev's epoll set, once found; -1 */
@@ -398,11 +397,12 @@ static void flip (void) {
     if ((f = fopen(path, "re")) == NULL) continue;
     all = findentry(f, sv.wake.fd, &data, &events);
     for (i = 0; all && i < sv.nacc; i++)
-      all = findentry(f, sv.acc[i].fd, &sv.accdata[i], &events);
+      all = findentry(f, sv.acc[i].fd, &data, &events);
     for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: flip */
       struct epoll_event ev;
-      (void)findentry(f, sv.acc[i].fd, &data, &events);
-      if (events & EXCLUSIVEBIT) continue;
+      if (!findentry(f, sv.acc[i].fd, &data, &events)
+          || (events & EXCLUSIVEBIT))
+        continue;
       memset(&ev, 0, sizeof(ev));
       ev.events = EPOLLIN | EPOLLEXCLUSIVE;
       ev.data.u64 = data;
@@ -427,8 +427,7 @@ static void flip (void) {
 static int watchlisteners (const struct pollfd *fds, int n) {
   int i;
   sv.acc = (ev_io *)calloc((size_t)n, sizeof(ev_io));
-  sv.accdata = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
-  if (sv.acc == NULL || sv.accdata == NULL) return 0;
+  if (sv.acc == NULL) return 0;
   for (i = 0; i < n; i++) {
     ev_io_init(&sv.acc[i], onaccept, fds[i].fd, EV_READ);
     ev_io_start(sv.loop, &sv.acc[i]);
@@ -469,9 +468,7 @@ static void endloop (void) {
   }
   sv.npool = 0;
   free(sv.acc);
-  free(sv.accdata);
   sv.acc = NULL;
-  sv.accdata = NULL;
   sv.nacc = 0;
   sv.ep = -1;
   ev_loop_destroy(sv.loop);
@@ -584,7 +581,6 @@ void pf_serve_forget (void) {
   if (!sv.running) return;
   ev_loop_destroy(sv.loop);
   free(sv.acc);
-  free(sv.accdata);
   memset(&sv, 0, sizeof(sv));
   sv.ep = -1;
 }

@@ -439,10 +439,6 @@ static double deadline (const pf_conn *c) {
 #define AGAIN	(-2)  /* would block: wait for the fd, then try again */
 
 
-/*
-** Read more into the buffer: 1 when bytes came, 0 at end of stream,
-** AGAIN when none are there yet, -1 with errno on failure.
-*/
 /* read buffers of PF_BUFSIZE kept for the next connections: a worker
 ** takes one per connection, and 16 KiB is beyond glibc's caches (its
 ** malloc and free were 3 % of a worker's time in the Connection: close
@@ -460,6 +456,10 @@ static void putbuf (char *b, size_t cap) {
 }
 
 
+/*
+** Read more into the buffer: 1 when bytes came, 0 at end of stream,
+** AGAIN when none are there yet, -1 with errno on failure.
+*/
 static int fill (pf_conn *c) {
   if (c->r == c->w) c->r = c->w = 0;
   if (c->cap == 0 && nsparebuf > 0) {
