@@ -294,6 +294,13 @@ function H.ask (port, n, line)
 end
 
 
+--- All that a LuaSocket client c has left to read, once its peer closed.
+function H.rest (c)
+  local all, _, partial = c:receive("*a")
+  return all or partial
+end
+
+
 --- Connect to 127.0.0.1:port, send data, read until the server closes.
 function H.request (port, data, timeout, host)
   local c = socket.tcp()

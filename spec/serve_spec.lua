@@ -65,13 +65,9 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
   local small = connect(p.port)
   small:send("s\n")
   lu.assertStrMatches(assert(small:receive("*l")), "small %d+")
-  local function rest (c)  -- all the peer has left to read, once it closed
-    local all, _, partial = c:receive("*a")
-    return all or partial
-  end
-  lu.assertEquals(rest(small), "")  -- closed after it
+  lu.assertEquals(H.rest(small), "")  -- closed after it
   small:close()
-  local all = rest(big)
+  local all = H.rest(big)
   lu.assertEquals(#all, 4 * 1024 * 1024 + 3)
   lu.assertEquals(all:sub(-3), "END")
   big:close()

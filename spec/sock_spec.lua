@@ -14,6 +14,16 @@ local function pair ()
   return conn, client, l
 end
 
+--- write until a write fails (the peer closed): its results
+local function fillup (conn)
+  local ok, msg
+  for _ = 1, 50 do
+    ok, msg = conn:write(("x"):rep(65536))
+    if not ok then break end
+  end
+  return ok, msg
+end
+
 TestListen = {}
 
 function TestListen:tearDown () H.cleanup() end
@@ -184,11 +194,7 @@ function TestConn:test_write_and_peer ()
   lu.assertErrorMsgContains("string expected", conn.write, conn, {})
   client:close()
   -- writing to a closed peer fails, never kills the process (no SIGPIPE)
-  local ok, msg
-  for _ = 1, 50 do
-    ok, msg = conn:write(("x"):rep(65536))
-    if not ok then break end
-  end
+  local ok, msg = fillup(conn)
   lu.assertNil(ok)
   lu.assertStrMatches(msg, "write: .*")
   conn:close()
@@ -216,30 +222,22 @@ function TestConn:test_close_gc_and_tostring ()
   lu.assertEquals(conn:getfd(), -1)
   lu.assertEquals(tostring(conn), "prefork.conn (closed)")
   lu.assertErrorMsgContains("attempt to use a closed connection", conn.read, conn)
-  local function rest (c)  -- all the peer has left to read, once it closed
-    local all, _, partial = c:receive("*a")
-    return all or partial
-  end
-  lu.assertEquals(rest(client), "")  -- the peer saw the close
+  lu.assertEquals(H.rest(client), "")  -- the peer saw the close
   client:close()
   do
     local c2, cl2 = pair()
     local _ <close> = c2
     client = cl2
   end
-  lu.assertEquals(rest(client), "")  -- __close closed it
+  lu.assertEquals(H.rest(client), "")  -- __close closed it
   client:close()
 end
 
 function TestConn:test_close_with_data_writes_then_closes ()
-  local function rest (c)
-    local all, _, partial = c:receive("*a")
-    return all or partial
-  end
   local conn, client = pair()
   lu.assertTrue(conn:close("last", " words", 1, "\n"))
   lu.assertEquals(conn:getfd(), -1)
-  lu.assertEquals(rest(client), "last words1\n")  -- then the end of stream
+  lu.assertEquals(H.rest(client), "last words1\n")  -- then the end of stream
   lu.assertTrue(conn:close())  -- twice is fine
   lu.assertErrorMsgContains("attempt to use a closed connection", conn.close, conn, "x")
   client:close()
@@ -250,11 +248,7 @@ function TestConn:test_close_with_data_writes_then_closes ()
   -- a peer that went away: the write fails, the connection is closed anyway
   conn, client = pair()
   client:close()
-  local ok, msg
-  for _ = 1, 50 do
-    ok, msg = conn:write(("x"):rep(65536))
-    if not ok then break end
-  end
+  local ok, msg = fillup(conn)
   lu.assertNil(ok, msg)
   ok, msg = conn:close(("x"):rep(65536))
   lu.assertNil(ok)
@@ -272,7 +266,7 @@ function TestConn:test_close_with_data_writes_then_closes ()
     error("boom")
   end))
   lu.assertEquals(conn:getfd(), -1)
-  lu.assertEquals(rest(client), "")
+  lu.assertEquals(H.rest(client), "")
   client:close()
 end
 
