@@ -61,7 +61,7 @@ DEPS = $(DEPS_BUILD) $(DEPS_TEST)
 
 all: $(CORE) $(CLIENT)
 
-$(BUILD)/obj/%.o: src/%.c src/prefork.h
+$(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 

@@ -17,6 +17,7 @@
 #include <sys/un.h>
 
 #include "prefork.h"
+#include "wire.h"
 #include "lualib.h"
 
 
@@ -105,8 +106,7 @@ static int l_sendfds (lua_State *L) {
     fds[i] = pf_tofd(L, -1);
     lua_pop(L, 1);
   }
-  head[0] = (unsigned char)(len >> 24); head[1] = (unsigned char)(len >> 16);
-  head[2] = (unsigned char)(len >> 8); head[3] = (unsigned char)len;
+  pf_put32(head, (uint32_t)len);
   memset(&msg, 0, sizeof(msg));
   iov[0].iov_base = head; iov[0].iov_len = HEADER;
   iov[1].iov_base = (void *)(size_t)data; iov[1].iov_len = len;
@@ -321,8 +321,7 @@ static int l_recvfds (lua_State *L) {
   st = recvall(sock, (char *)head, HEADER, box->fds, &box->n, (int)maxfds,
                &trunc, dl);
   if (st <= 0) return recvfail(L, st, box);
-  len = ((size_t)head[0] << 24) | ((size_t)head[1] << 16)
-        | ((size_t)head[2] << 8) | (size_t)head[3];
+  len = pf_get32(head);
   if (len > PF_MAXFDMSG) {
     errno = EPROTO;
     return recvfail(L, -1, box);

@@ -36,6 +36,7 @@
 #include <sys/syscall.h>
 
 #include "prefork.h"
+#include "wire.h"
 
 
 #if !defined(PF_MAXMSG)
@@ -92,18 +93,6 @@ static char *room (lua_State *L, buf *b, size_t n) {
 }
 
 
-static void put32 (unsigned char *p, uint32_t v) {
-  p[0] = (unsigned char)(v >> 24); p[1] = (unsigned char)(v >> 16);
-  p[2] = (unsigned char)(v >> 8); p[3] = (unsigned char)v;
-}
-
-
-static uint32_t get32 (const unsigned char *p) {
-  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8
-         | (uint32_t)p[3];
-}
-
-
 /* core.chan(fd | conn) -> a channel on fd, or on the connection's fd
 ** (taken over: the channel closes it; the connection is left closed) */
 static int l_chan (lua_State *L) {
@@ -134,9 +123,9 @@ static int l_send (lua_State *L) {
   unsigned char *p;
   luaL_argcheck(L, n <= PF_MAXMSG, 4, "message too large");
   p = (unsigned char *)room(L, &c->out, HEAD + n);
-  put32(p, (uint32_t)(n + 5));
+  pf_put32(p, (uint32_t)(n + 5));
   p[4] = (unsigned char)kind;
-  put32(p + 5, (uint32_t)id);
+  pf_put32(p + 5, (uint32_t)id);
   memcpy(p + HEAD, s, n);
   c->out.w += HEAD + n;
   return 0;
@@ -198,7 +187,7 @@ static int l_recv (lua_State *L) {
   }
   while (b->w - b->r >= HEAD) {
     const unsigned char *h = (const unsigned char *)b->p + b->r;
-    uint32_t len = get32(h);
+    uint32_t len = pf_get32(h);
     if (len < 5 || len - 5 > PF_MAXMSG) {
       luaL_pushfail(L);
       lua_pushfstring(L, "corrupt message: a frame of %I bytes",
@@ -209,7 +198,7 @@ static int l_recv (lua_State *L) {
       break;
     lua_pushvalue(L, 2);
     lua_pushinteger(L, h[4]);
-    lua_pushinteger(L, (lua_Integer)get32(h + 5));
+    lua_pushinteger(L, (lua_Integer)pf_get32(h + 5));
     lua_pushlstring(L, (const char *)h + HEAD, len - 5);
     b->r += 4 + (size_t)len;
     lua_call(L, 3, 0);
@@ -236,7 +225,7 @@ static int l_buffered (lua_State *L) {
   buf *b = &c->in;
   int yes = 0;
   if (b->w - b->r >= HEAD) {
-    uint32_t len = get32((const unsigned char *)b->p + b->r);
+    uint32_t len = pf_get32((const unsigned char *)b->p + b->r);
     yes = len < 5 || len - 5 > PF_MAXMSG || b->w - b->r >= 4 + (size_t)len;
   }
   lua_pushboolean(L, yes);
