@@ -118,9 +118,18 @@ function H.zombies (pid)
 end
 
 
+-- The fds of pid as `ls -l` lists them, but for the pipe of the popen
+-- that lists them: in this process its other end closes only as the
+-- listing may already run (glibc's popen closes it after the exec).
+local function lsfds (pid)
+  return H.sh(("p=$(readlink /proc/$$/fd/1); ls -l /proc/%d/fd 2>/dev/null"
+               .. " | grep -vF \"$p\""):format(pid))
+end
+
+
 function H.fdcount (pid)
   local n = 0
-  for fd in H.sh("ls /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%d+") do
+  for fd in lsfds(pid):gmatch(" (%d+) %->") do
     if tonumber(fd) < 1000 then n = n + 1 end  -- valgrind keeps its own above
   end
   return n
@@ -130,7 +139,7 @@ end
 --- What the fds of pid point to: a set of "pipe:[123]", "/dev/null", ...
 function H.fdtargets (pid)
   local t = {}
-  for target in H.sh("ls -l /proc/" .. pid .. "/fd 2>/dev/null"):gmatch("%-> ([^\n]+)") do
+  for target in lsfds(pid):gmatch("%-> ([^\n]+)") do
     t[target] = true
   end
   return t

@@ -18,7 +18,6 @@
 
 #include "prefork.h"
 #include "wire.h"
-#include "lualib.h"
 
 
 /* most data in one message: a longer frame is refused as corrupt */
@@ -30,43 +29,6 @@
 #define HEADER	4
 
 
-/*
-** The fd of the value at idx: an integer, a connection or listener, a
-** LuaSocket object (its getfd method), a Lua file handle. Raises for
-** anything else, or for a closed one.
-*/
-int pf_tofd (lua_State *L, int idx) {
-  int fd = -1;
-  idx = lua_absindex(L, idx);
-  if (lua_type(L, idx) == LUA_TNUMBER) {
-    lua_Integer n = luaL_checkinteger(L, idx);
-    luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, idx, "not an fd");
-    return (int)n;
-  }
-  else if (luaL_testudata(L, idx, PF_CONN))
-    fd = ((pf_conn *)lua_touserdata(L, idx))->fd;
-  else if (luaL_testudata(L, idx, PF_LISTENER))
-    fd = pf_listener_fd((pf_listener *)lua_touserdata(L, idx));
-  else if (luaL_testudata(L, idx, LUA_FILEHANDLE)) {
-    luaL_Stream *s = (luaL_Stream *)lua_touserdata(L, idx);
-    fd = s->closef != NULL ? fileno(s->f) : -1;
-  }
-  else if (luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
-    lua_pop(L, 1);  /* LuaSocket: obj:getfd() */
-    if (lua_getfield(L, idx, "getfd") != LUA_TFUNCTION)
-      return luaL_argerror(L, idx, "not an fd (no getfd method)");
-    lua_pushvalue(L, idx);
-    lua_call(L, 1, 1);
-    fd = (int)luaL_optinteger(L, -1, -1);
-    lua_pop(L, 1);
-  }
-  else
-    return luaL_typeerror(L, idx, "fd, connection, socket or file");
-  luaL_argcheck(L, fd >= 0, idx, "closed");
-  return fd;
-}
-
-
 /* the socket argument, and its connection object if it is one */
 static int checksock (lua_State *L, pf_conn **c) {
   *c = (pf_conn *)luaL_testudata(L, 1, PF_CONN);
@@ -74,11 +36,6 @@ static int checksock (lua_State *L, pf_conn **c) {
     luaL_argcheck(L, (*c)->r == (*c)->w, 1,
                   "connection has buffered data (read with conn:read)");
   return pf_tofd(L, 1);
-}
-
-
-static double deadline (pf_conn *c) {
-  return c == NULL || c->timeout < 0 ? -1 : pf_now() + c->timeout;
 }
 
 
@@ -96,7 +53,7 @@ static int l_sendfds (lua_State *L) {
   } ctl;
   struct iovec iov[2];
   struct msghdr msg;
-  double dl = deadline(c);
+  double dl = pf_deadline(c != NULL ? c->timeout : -1);
   luaL_checktype(L, 3, LUA_TTABLE);
   n = (int)luaL_len(L, 3);
   luaL_argcheck(L, n <= MAXFDS, 3, "more than 253 fds");
@@ -297,7 +254,7 @@ static int l_recvfds (lua_State *L) {
   lua_Integer maxfds = luaL_optinteger(L, 2, 16);
   unsigned char head[HEADER];
   size_t len;
-  double dl = deadline(c);
+  double dl = pf_deadline(c != NULL ? c->timeout : -1);
   luaL_Buffer b;
   fdbox *box;
   char *p;

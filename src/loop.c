@@ -210,6 +210,19 @@ void pf_log (lua_State *L, const char *level, const char *fmt, ...) {
 }
 
 
+/* a metatable name for userdata with methods meth (its __index) and
+** metamethods metameth */
+void pf_newclass (lua_State *L, const char *name, const luaL_Reg *meth,
+                  const luaL_Reg *metameth) {
+  luaL_newmetatable(L, name);
+  luaL_setfuncs(L, metameth, 0);
+  lua_newtable(L);
+  luaL_setfuncs(L, meth, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+}
+
+
 /* core.setlog([fn]): the sink of every log line, nil for stderr */
 static int l_setlog (lua_State *L) {
   if (!lua_isnoneornil(L, 1))

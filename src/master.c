@@ -16,9 +16,11 @@
 ** first, and the worker it replaces is retired when it is ready.
 **
 ** Lua decides (the front computes which contexts run); this file does:
-** it forks, reaps, times, signals and logs. Calls into Lua happen last
-** in each callback, through pf_pcall, and nothing touches a worker after
-** one unless the worker is held.
+** it forks, reaps, times, signals and logs. Every function that may call
+** Lua takes the thread to call it on (L): the loop's own (m->L) in libev
+** callbacks, the caller's in a method. Calls into Lua happen last in each
+** callback, through pf_pcall, and nothing touches a worker after one
+** unless the worker is held.
 */
 
 #include <errno.h>
@@ -32,16 +34,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 
-#include <ev.h>
+#include "table.h"
 
-#include "prefork.h"
-
-
-#define READYAFTER	1.0  /* seconds alive that make a worker ready */
-#define BACKOFF0	0.1  /* first delay after a death before ready */
-#define BACKOFFMAX	10.0  /* the cap of the doubling delay */
-
-enum wstate { W_PENDING, W_STARTING, W_RUNNING, W_STOPPING };
 
 static const char *const statenames[] =
   {"starting", "starting", "running", "stopping"};
@@ -50,282 +44,38 @@ static const char *const statenames[] =
 static const int msigs[] = {SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU};
 #define NSIGS	((int)(sizeof(msigs) / sizeof(msigs[0])))
 
-
-typedef struct master master;
-
-typedef struct worker {
-  struct worker *next;
-  master *m;
-  enum wstate state;
-  pid_t pid;  /* 0 while pending */
-  int ctx;  /* its context: a ref in the master's context table */
-  int respawn;  /* replace it when it exits */
-  int hold;  /* in a Lua call that may retire it: free it afterwards */
-  int fails;  /* deaths before ready, in a row */
-  int exits;  /* of this id, since the master started */
-  int slot;  /* its scoreboard slot, -1 none */
-  int ctl;  /* read end of its readiness pipe, -1 none */
-  double started;
-  struct worker *replaces;  /* retire that one when this one is ready */
-  int stolen;  /* reaped by prefork.wait in a hook: status is its exit */
-  int status;
-  unsigned long sent;  /* connections handed over (accept = "master") */
-  int ls;  /* its listeners (accept = "reuseport"): a ref to a list that
-           ** the workers of its id share across respawns and reloads */
-  char name[40];  /* its id, for the log */
-  ev_timer timer;  /* spawn (PENDING), ready (STARTING), kill (STOPPING) */
-  ev_io ready;  /* readiness pipe */
-} worker;
-
-
-struct master {
-  lua_State *L;  /* the thread that runs the loop */
-  worker *list;
-  int stopping;  /* 0, 1 graceful, 2 immediate */
-  int running;
-  pid_t pid;
-  int opts;  /* registry refs: the options (callbacks, listeners, ...) */
-  int ctxs;  /* and the contexts of the workers */
-  double graceful;  /* seconds a stopping worker gets before KILL */
-  int channel;  /* accept = "master": the master accepts and hands over */
-  int reuseport;  /* accept = "reuseport": a SO_REUSEPORT socket per id */
-  int mutex;  /* accept = "mutex": the workers accept under a lock */
-  int lockfd;  /* then: the lock file, already unlinked */
-  int nlw;  /* then: its watchers of the listeners */
-  ev_io *lw;
-  pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
-  unsigned char used[PF_MAXPROCS];
-  ev_signal sig[NSIGS];
-  struct sigaction saved[NSIGS];  /* what the signals did before run */
-  ev_child reaper;  /* every child of the process */
-  ev_timer later;  /* handles the exits that prefork.wait took */
-};
-
-
-static void spawn (master *m, worker *w);
-
 /* the master running in this process: there is one default loop */
 static master *runningmaster = NULL;
-
-
-/* {======================================================
-** Calls into Lua
-** ======================================================= */
-
-/* push opts[name] if it is a function [-0, +(0|1), -] */
-static int pushcb (master *m, const char *name) {
-  lua_State *L = m->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  if (lua_getfield(L, -1, name) == LUA_TFUNCTION) {
-    lua_remove(L, -2);
-    return 1;
-  }
-  lua_pop(L, 2);
-  return 0;
-}
-
-
-/* call the function under nargs arguments; log if it raises */
-static void callcb (master *m, const char *name, int nargs) {
-  if (pf_pcall(m->L, nargs, 0) != LUA_OK) {
-    pf_log(m->L, "error", "%s failed: %s", name, lua_tostring(m->L, -1));
-    lua_pop(m->L, 1);
-  }
-}
-
-
-static void pushctx (master *m, worker *w) {
-  lua_rawgeti(m->L, LUA_REGISTRYINDEX, m->ctxs);
-  lua_rawgeti(m->L, -1, w->ctx);
-  lua_remove(m->L, -2);
-}
-
-/* }====================================================== */
-
-
-/* {======================================================
-** The worker list
-** ======================================================= */
-
-/* {======================================================
-** accept = "reuseport": the sockets of each id, kept by the master
-** ======================================================= */
-
-/* a new list of listeners for an id: a SO_REUSEPORT sibling of each TCP
-** template, the Unix ones shared; raises when one cannot be bound */
-static int newsockets (master *m) {
-  lua_State *L = m->L;
-  int i, n;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  lua_getfield(L, -1, "listeners");
-  n = (int)luaL_len(L, -1);
-  lua_createtable(L, n, 0);
-  for (i = 1; i <= n; i++) {
-    pf_listener *tpl;
-    lua_rawgeti(L, -2, i);
-    tpl = pf_checklistener(L, -1);
-    if (pf_listener_template(tpl)) {
-      if (pf_listener_clone(L, tpl) == NULL)
-        return luaL_error(L, "reuseport: bind: %s", strerror(errno));
-      lua_remove(L, -2);
-    }
-    lua_rawseti(L, -2, i);
-  }
-  lua_remove(L, -2);
-  lua_remove(L, -2);
-  return luaL_ref(L, LUA_REGISTRYINDEX);
-}
-
-
-/* is the list of listeners of w also another worker's? */
-static int shared (master *m, worker *w) {
-  lua_State *L = m->L;
-  worker *x;
-  int same = 0;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->ls);
-  for (x = m->list; x != NULL && !same; x = x->next) {
-    if (x == w || x->ls == LUA_NOREF) continue;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, x->ls);
-    same = lua_rawequal(L, -1, -2);
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  return same;
-}
-
-
-/* close the sockets of w's list that are its own (not a shared Unix one)
-** [-0, +0, -] */
-static void closeown (lua_State *L, int list) {
-  int i, n = (int)luaL_len(L, list);
-  for (i = 1; i <= n; i++) {
-    pf_listener *l;
-    lua_rawgeti(L, list, i);
-    l = pf_checklistener(L, -1);
-    if (pf_listener_reuseport(l)) pf_listener_close(l);
-    lua_pop(L, 1);
-  }
-}
-
-
-/* the id of w goes: the master's copies of its sockets close now, so
-** that they die with the worker's copies (their queue is drained by the
-** worker; net.ipv4.tcp_migrate_req=1 moves what comes in between) */
-static void slotclose (master *m, worker *w) {
-  if (w->ls == LUA_NOREF || shared(m, w)) return;
-  lua_rawgeti(m->L, LUA_REGISTRYINDEX, w->ls);
-  closeown(m->L, lua_gettop(m->L));
-  lua_pop(m->L, 1);
-}
-
-/* }====================================================== */
-
-
-static void freeworker (master *m, worker *w) {
-  worker **p;
-  struct ev_loop *loop = EV_DEFAULT;
-  for (p = &m->list; *p != NULL; p = &(*p)->next) {
-    if ((*p)->replaces == w) (*p)->replaces = NULL;
-  }
-  for (p = &m->list; *p != w; p = &(*p)->next) {}
-  *p = w->next;
-  ev_timer_stop(loop, &w->timer);
-  lua_rawgeti(m->L, LUA_REGISTRYINDEX, m->ctxs);
-  luaL_unref(m->L, -1, w->ctx);
-  lua_pop(m->L, 1);
-  *p = w;  /* still listed while shared() looks */
-  slotclose(m, w);
-  *p = w->next;
-  luaL_unref(m->L, LUA_REGISTRYINDEX, w->ls);
-  free(w);
-  if (m->stopping && m->list == NULL)
-    ev_break(loop, EVBREAK_ALL);
-}
-
-
-/* w's timer in delay seconds from now: libev's cached time may be as old
-** as the Lua hook that ran before, so it is brought up to date first */
-static void arm (worker *w, double delay) {
-  struct ev_loop *loop = EV_DEFAULT;
-  ev_now_update(loop);
-  ev_timer_stop(loop, &w->timer);
-  ev_timer_set(&w->timer, delay, 0);
-  ev_timer_start(loop, &w->timer);
-}
-
-
-/* the next spawn of w in delay seconds */
-static void schedule (master *m, worker *w, double delay) {
-  w->state = W_PENDING;
-  w->pid = 0;
-  if (m->running) arm(w, delay);
-}
-
-
-static double backoff (worker *w) {
-  double d = BACKOFF0;
-  int i;
-  for (i = 1; i < w->fails && d < BACKOFFMAX; i++) d *= 2;
-  return d < BACKOFFMAX ? d : BACKOFFMAX;
-}
-
-
-/* told to TERM (graceful) or KILL: it goes, and is not respawned */
-static void retire (master *m, worker *w, int sig) {
-  w->respawn = 0;
-  slotclose(m, w);  /* unless a successor shares them */
-  if (w->state == W_PENDING) {
-    if (!w->hold) freeworker(m, w);
-    return;
-  }
-  if (sig == SIGTERM && w->state == W_STOPPING) return;
-  kill(w->pid, sig);
-  if (w->state != W_STOPPING && m->running) arm(w, m->graceful);
-  w->state = W_STOPPING;
-}
-
-
-static void listening (master *m, int on);
-
-static void becameready (master *m, worker *w) {
-  worker *old = w->replaces;
-  if (m->channel && !m->stopping) listening(m, 1);
-  w->state = W_RUNNING;
-  w->fails = 0;
-  ev_timer_stop(EV_DEFAULT, &w->timer);
-  w->replaces = NULL;
-  if (old != NULL) retire(m, old, SIGTERM);
-}
-
-
-static int newslot (master *m) {
-  int i;
-  for (i = 0; i < PF_MAXPROCS; i++) {
-    if (!m->used[i]) {
-      m->used[i] = 1;
-      memset(&m->score[i], 0, sizeof(m->score[i]));
-      return i;
-    }
-  }
-  return -1;
-}
-
-/* }====================================================== */
 
 
 /* {======================================================
 ** libev callbacks
 ** ======================================================= */
 
+static void becameready (lua_State *L, master *m, worker *w) {
+  worker *old = w->replaces;
+  w->state = W_RUNNING;
+  w->fails = 0;
+  ev_timer_stop(EV_DEFAULT, &w->timer);
+  if (m->strategy == PF_ACCEPT_MASTER && w->ctl >= 0 && w->respawn
+      && pf_handoff_add(m->handoff, w->ctl, &m->score[w->slot].accepted,
+                        &m->score[w->slot].inflight))
+    w->target = 1;
+  w->replaces = NULL;
+  if (old != NULL) pf_retire(L, m, old, SIGTERM);
+}
+
+
 static void ontimer (struct ev_loop *loop, ev_timer *t, int revents) {
   worker *w = (worker *)t->data;
+  master *m = w->m;
   (void)loop; (void)revents;
   switch (w->state) {
-    case W_PENDING: spawn(w->m, w); break;
-    case W_STARTING: becameready(w->m, w); break;
+    case W_PENDING: pf_spawn(m->L, m, w); break;
+    case W_STARTING: becameready(m->L, m, w); break;
     case W_STOPPING:
-      pf_log(w->m->L, "warn", "worker %s (pid %ld) still running after "
-             "%.3gs: KILL", w->name, (long)w->pid, w->m->graceful);
+      pf_log(m->L, "warn", "worker %s (pid %ld) still running after "
+             "%.3gs: KILL", w->name, (long)w->pid, m->graceful);
       kill(w->pid, SIGKILL);
       break;
     default: break;
@@ -333,7 +83,8 @@ static void ontimer (struct ev_loop *loop, ev_timer *t, int revents) {
 }
 
 
-static void closectl (worker *w) {
+static void closectl (master *m, worker *w) {
+  pf_untarget(m, w);
   if (w->ctl >= 0) {
     ev_io_stop(EV_DEFAULT, &w->ready);
     close(w->ctl);
@@ -344,13 +95,14 @@ static void closectl (worker *w) {
 
 static void onready (struct ev_loop *loop, ev_io *io, int revents) {
   worker *w = (worker *)io->data;
+  master *m = w->m;
   char c;
   ssize_t n = read(w->ctl, &c, 1);
   (void)loop; (void)revents;
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  if (n != 1 || !w->m->channel)
-    closectl(w);  /* one byte is all it says; the channel stays */
-  if (n == 1 && w->state == W_STARTING) becameready(w->m, w);
+  if (n != 1 || m->strategy != PF_ACCEPT_MASTER)
+    closectl(m, w);  /* one byte is all it says; the channel stays */
+  if (n == 1 && w->state == W_STARTING) becameready(m->L, m, w);
 }
 
 
@@ -366,12 +118,11 @@ static void fmtstatus (int status, char *buf, size_t size) {
 
 
 /* on_exit(info): info = {id, pid, how, code, respawn_in} */
-static void tellexit (master *m, worker *w, pid_t pid, int status,
-                      double delay) {
-  lua_State *L = m->L;
-  if (!pushcb(m, "on_exit")) return;
+static void tellexit (lua_State *L, master *m, worker *w, pid_t pid,
+                      int status, double delay) {
+  if (!pf_pushcb(L, m, "on_exit")) return;
   lua_createtable(L, 0, 5);
-  pushctx(m, w);
+  pf_pushctx(L, m, w);
   lua_getfield(L, -1, "id");
   lua_setfield(L, -3, "id");
   lua_pop(L, 1);
@@ -384,43 +135,49 @@ static void tellexit (master *m, worker *w, pid_t pid, int status,
     lua_pushnumber(L, delay);
     lua_setfield(L, -2, "respawn_in");
   }
-  callcb(m, "on_worker_exit", 1);
+  pf_callhook(L, "on_worker_exit", 1);
 }
 
 
-static void exited (master *m, worker *w, int status) {
-  char how[32];
-  pid_t pid = w->pid;
-  double delay = -1;
+/* w's process is gone: the readiness it said, its slot, its pipe */
+static void gone (master *m, worker *w) {
   if (w->state == W_STARTING && w->ctl >= 0) {  /* said ready, then died? */
     char c;  /* the writer is gone: this read cannot block */
     if (read(w->ctl, &c, 1) == 1) w->state = W_RUNNING;
   }
-  closectl(w);
+  closectl(m, w);
   ev_timer_stop(EV_DEFAULT, &w->timer);
   if (w->slot >= 0) m->used[w->slot] = 0;
   w->slot = -1;
   w->exits++;
+}
+
+
+static void exited (lua_State *L, master *m, worker *w, int status) {
+  char how[32];
+  pid_t pid = w->pid;
+  double delay = -1;
+  gone(m, w);
   fmtstatus(status, how, sizeof(how));
   w->hold = 1;  /* the log sink and the hook are Lua: they may retire w */
   if (w->respawn && !m->stopping) {
     int early = w->state != W_RUNNING;
     w->fails = early ? w->fails + 1 : 0;
-    delay = early ? backoff(w) : 0;
-    schedule(m, w, delay);
-    pf_log(m->L, early ? "warn" : "info",
+    delay = early ? pf_backoff(w) : 0;
+    pf_schedule(m, w, delay);
+    pf_log(L, early ? "warn" : "info",
            "worker %s (pid %ld) exited: %s%s; respawn in %.3gs", w->name,
            (long)pid, how, early ? " before it was ready" : "", delay);
   }
   else {
     w->state = W_PENDING;
     w->pid = 0;
-    pf_log(m->L, "info", "worker %s (pid %ld) stopped: %s", w->name,
+    pf_log(L, "info", "worker %s (pid %ld) stopped: %s", w->name,
            (long)pid, how);
   }
-  tellexit(m, w, pid, status, w->respawn && !m->stopping ? delay : -1);
+  tellexit(L, m, w, pid, status, delay);
   w->hold = 0;
-  if (!w->respawn || m->stopping) freeworker(m, w);
+  if (!w->respawn || m->stopping) pf_freeworker(L, m, w);
 }
 
 
@@ -431,7 +188,7 @@ static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
   (void)loop; (void)revents;
   for (w = m->list; w != NULL; w = w->next) {
     if (w->pid == c->rpid && w->state != W_PENDING) {
-      exited(m, w, c->rstatus);
+      exited(m->L, m, w, c->rstatus);
       return;
     }
   }
@@ -464,145 +221,43 @@ static void onlater (struct ev_loop *loop, ev_timer *t, int revents) {
     for (w = m->list; w != NULL && !w->stolen; w = w->next) {}
     if (w != NULL) {
       w->stolen = 0;
-      exited(m, w, w->status);
+      exited(m->L, m, w, w->status);
     }
   } while (w != NULL);
 }
 
 
-/* {======================================================
-** accept = "master": the master accepts, the least loaded worker serves
-** ======================================================= */
-
-/* connections a worker holds or has not taken yet */
-static unsigned long load (master *m, worker *w) {
-  pf_score *sc = &m->score[w->slot];
-  unsigned long taken = __atomic_load_n(&sc->accepted, __ATOMIC_RELAXED);
-  long inflight = __atomic_load_n(&sc->inflight, __ATOMIC_RELAXED);
-  return (inflight > 0 ? (unsigned long)inflight : 0)
-         + (w->sent > taken ? w->sent - taken : 0);
-}
-
-
-/* the running worker with the least load, not in tried[] (of n) */
-static worker *leastloaded (master *m, worker **tried, int n) {
-  worker *w, *best = NULL;
-  unsigned long bl = 0;
-  for (w = m->list; w != NULL; w = w->next) {
-    int i, skip = w->state != W_RUNNING || !w->respawn || w->ctl < 0;
-    for (i = 0; i < n && !skip; i++) skip = tried[i] == w;
-    if (!skip) {
-      unsigned long l = load(m, w);
-      /* a tie goes to the one handed fewer so far: idle workers share */
-      if (best == NULL || l < bl || (l == bl && w->sent < best->sent)) {
-        best = w;
-        bl = l;
-      }
-    }
-  }
-  return best;
-}
-
-
-/* a new connection to the least loaded worker that takes it; a worker
-** that is busy (its channel full) or dying is passed over */
-static void dispatch (master *m, int fd) {
-  worker *tried[8];
-  int n = 0;
-  for (;;) {
-    worker *w = leastloaded(m, tried, n);
-    if (w == NULL || n == 8) break;
-    if (pf_sendfd(w->ctl, fd)) {
-      w->sent++;
-      break;
-    }
-    tried[n++] = w;
-  }
-  close(fd);  /* the worker has its copy, or nobody could take it */
-}
-
-
-static void onlisten (struct ev_loop *loop, ev_io *io, int revents) {
-  master *m = (master *)io->data;
-  int i;
-  (void)loop; (void)revents;
-  for (i = 0; i < 64; i++) {
-    int fd;
-    if (leastloaded(m, NULL, 0) == NULL) {  /* nobody to serve: wait */
-      listening(m, 0);
-      return;
-    }
-    fd = accept4(io->fd, NULL, NULL, SOCK_CLOEXEC);
-    if (fd < 0) return;  /* EAGAIN, or a connection that went */
-    dispatch(m, fd);
-  }
-}
-
-
-/* watch the listeners (accept = "master") or stop watching them */
-static void listening (master *m, int on) {
-  int i;
-  for (i = 0; i < m->nlw; i++) {
-    if (on) ev_io_start(EV_DEFAULT, &m->lw[i]);
-    else ev_io_stop(EV_DEFAULT, &m->lw[i]);
-  }
-}
-
-
-static void startlistening (master *m) {
-  lua_State *L = m->L;
-  int i;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  lua_getfield(L, -1, "listeners");
-  m->nlw = (int)luaL_len(L, -1);
-  m->lw = (ev_io *)calloc((size_t)m->nlw + 1, sizeof(ev_io));
-  if (m->lw == NULL) m->nlw = 0;
-  for (i = 0; i < m->nlw; i++) {
-    lua_rawgeti(L, -1, i + 1);
-    ev_io_init(&m->lw[i], onlisten, pf_listener_fd(pf_checklistener(L, -1)),
-               EV_READ);
-    m->lw[i].data = m;
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 2);
-}
-
-/* }====================================================== */
-
-
 /* the master's copies of the listeners: closed at a stop's start (the
 ** workers close theirs as they stop; a Unix socket's file goes now) */
-static void closelisteners (master *m) {
-  lua_State *L = m->L;
+static void closelisteners (lua_State *L, master *m) {
   int i, n;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  lua_getfield(L, -1, "listeners");
+  pf_pushlisteners(L, m);
   n = (int)luaL_len(L, -1);
   for (i = 1; i <= n; i++) {
     lua_rawgeti(L, -1, i);
     pf_listener_close(pf_checklistener(L, -1));
     lua_pop(L, 1);
   }
-  lua_pop(L, 2);
+  lua_pop(L, 1);
 }
 
 
-static void stop (master *m, int how) {
+static void stop (lua_State *L, master *m, int how) {
   worker *w, *next;
   int n = 0;
   if (how <= m->stopping) return;
   m->stopping = how;
   for (w = m->list; w != NULL; w = w->next) n++;
   if (how == 1)
-    pf_log(m->L, "info", "graceful stop: %d workers get up to %.3gs", n,
+    pf_log(L, "info", "graceful stop: %d workers get up to %.3gs", n,
            m->graceful);
   else
-    pf_log(m->L, "info", "immediate stop: %d workers get KILL", n);
-  listening(m, 0);
-  closelisteners(m);
+    pf_log(L, "info", "immediate stop: %d workers get KILL", n);
+  if (m->handoff != NULL) pf_handoff_pause(m->handoff);
+  closelisteners(L, m);
   for (w = m->list; w != NULL; w = next) {
     next = w->next;
-    retire(m, w, how == 1 ? SIGTERM : SIGKILL);
+    pf_retire(L, m, w, how == 1 ? SIGTERM : SIGKILL);
   }
   if (m->list == NULL && m->running)
     ev_break(EV_DEFAULT, EVBREAK_ALL);
@@ -611,15 +266,16 @@ static void stop (master *m, int how) {
 
 static void onsignal (struct ev_loop *loop, ev_signal *s, int revents) {
   master *m = (master *)s->data;
+  lua_State *L = m->L;
   (void)loop; (void)revents;
   switch (s->signum) {
-    case SIGTERM: stop(m, 1); break;
-    case SIGINT: stop(m, m->stopping ? 2 : 1); break;  /* twice: now */
-    case SIGQUIT: stop(m, 2); break;
+    case SIGTERM: stop(L, m, 1); break;
+    case SIGINT: stop(L, m, m->stopping ? 2 : 1); break;  /* twice: now */
+    case SIGQUIT: stop(L, m, 2); break;
     default:  /* HUP, TTIN, TTOU: the front's policy */
-      if (!m->stopping && pushcb(m, "on_signal")) {
-        lua_pushstring(m->L, pf_signame(s->signum));
-        callcb(m, "on_signal", 1);
+      if (!m->stopping && pf_pushcb(L, m, "on_signal")) {
+        lua_pushstring(L, pf_signame(s->signum));
+        pf_callhook(L, "on_signal", 1);
       }
   }
 }
@@ -653,144 +309,6 @@ static void forget (void *ud) {
 }
 
 
-/* what a new worker needs to know, for childmain */
-typedef struct childargs {
-  master *m;
-  worker *w;
-  int ctl, slot;
-} childargs;
-
-
-/* the body of a new worker, run protected: the worker side set up over
-** the listeners, the title, then opts.child(context) */
-static int childmain (lua_State *L) {
-  childargs *a = (childargs *)lua_touserdata(L, 1);
-  master *m = a->m;
-  pf_listener **ls;
-  int i, n;
-  m->L = L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  if (m->reuseport) {  /* its own sockets; the others' are not its */
-    worker *x;
-    for (x = m->list; x != NULL; x = x->next) {
-      if (x->ls == LUA_NOREF || x->ls == a->w->ls) continue;
-      lua_rawgeti(L, LUA_REGISTRYINDEX, x->ls);
-      lua_rawgeti(L, LUA_REGISTRYINDEX, a->w->ls);
-      if (!lua_rawequal(L, -1, -2)) closeown(L, lua_gettop(L) - 1);
-      lua_pop(L, 2);
-    }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, a->w->ls);
-  }
-  else
-    lua_getfield(L, -1, "listeners");
-  n = (int)luaL_len(L, -1);
-  ls = (pf_listener **)lua_newuserdatauv(L, sizeof(pf_listener *)
-                                            * ((size_t)n + 1), 0);
-  lua_setfield(L, LUA_REGISTRYINDEX, "prefork.worker.listeners");
-  for (i = 0; i < n; i++) {
-    lua_rawgeti(L, -1, i + 1);
-    ls[i] = pf_checklistener(L, -1);
-    lua_pop(L, 1);
-  }
-  pf_worker_setup(ls, n, a->ctl,
-                  m->channel ? PF_CHANNEL : m->reuseport ? PF_OWN
-                  : m->mutex ? PF_MUTEX : PF_SHARED,
-                  &m->score[a->slot], m->pid);
-  if (m->mutex && pf_worker_lock(m->lockfd) < 0)
-    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
-  if (lua_getfield(L, -2, "title") == LUA_TSTRING) {
-    char title[256];
-    snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
-             a->w->name);
-    pf_settitle(title);
-  }
-  lua_pop(L, 3);
-  if (!pushcb(m, "child"))
-    return luaL_error(L, "no worker body");
-  pushctx(m, a->w);
-  lua_call(L, 1, 0);
-  return 0;
-}
-
-
-/* the new worker: its body, then exit; it never returns */
-static void child (master *m, worker *w, int ctl, int slot) {
-  childargs a;
-  a.m = m; a.w = w; a.ctl = ctl; a.slot = slot;
-  lua_pushcfunction(m->L, childmain);
-  lua_pushlightuserdata(m->L, &a);
-  pf_child_run(m->L, 1);
-}
-
-
-/* the spawn failed: retry with backoff. The log sink is Lua, which may
-** retire w: it is held meanwhile, and freed after if it was. */
-static void forkfailed (master *m, worker *w, const char *what) {
-  int en = errno;
-  w->fails++;
-  schedule(m, w, backoff(w));
-  w->hold = 1;
-  pf_log(m->L, "error", "worker %s: %s failed: %s; retry in %.3gs",
-         w->name, what, strerror(en), backoff(w));
-  w->hold = 0;
-  if (!w->respawn || m->stopping) freeworker(m, w);
-}
-
-
-static void spawn (master *m, worker *w) {
-  struct ev_loop *loop = EV_DEFAULT;
-  int fds[2], slot;
-  pid_t pid;
-  w->hold = 1;
-  if (pushcb(m, "before_fork")) {
-    pushctx(m, w);
-    callcb(m, "before_fork", 1);
-  }
-  w->hold = 0;
-  if (!w->respawn || m->stopping) {  /* the hook stopped it */
-    freeworker(m, w);
-    return;
-  }
-  if ((slot = newslot(m)) < 0) {
-    errno = EAGAIN;
-    forkfailed(m, w, "scoreboard");
-    return;
-  }
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-    m->used[slot] = 0;
-    forkfailed(m, w, "socketpair");
-    return;
-  }
-  /* never block on it: a process the worker forked may hold the other
-  ** end after the worker is gone */
-  fcntl(fds[0], F_SETFL, O_NONBLOCK);
-  pid = pf_fork();
-  if (pid == 0) {
-    close(fds[0]);
-    child(m, w, fds[1], slot);
-  }
-  close(fds[1]);
-  if (pid < 0) {
-    close(fds[0]);
-    m->used[slot] = 0;
-    forkfailed(m, w, "fork");
-    return;
-  }
-  w->pid = pid;
-  w->sent = 0;
-  w->slot = slot;
-  w->state = W_STARTING;
-  w->started = pf_now();
-  w->ctl = fds[0];
-  ev_io_set(&w->ready, fds[0], EV_READ);
-  ev_io_start(loop, &w->ready);
-  arm(w, READYAFTER);
-  pf_log(m->L, "info", "worker %s (pid %ld) started", w->name, (long)pid);
-}
-
-/* }====================================================== */
-
-
 /* {======================================================
 ** Lua interface
 ** ======================================================= */
@@ -817,13 +335,12 @@ static int sameid (lua_State *L, int a, int b) {
 
 
 /* the worker that currently serves the id of the context at idx */
-static worker *current (master *m, int idx) {
-  lua_State *L = m->L;
+static worker *current (lua_State *L, master *m, int idx) {
   worker *w;
   for (w = m->list; w != NULL; w = w->next) {
     int same;
     if (!w->respawn) continue;
-    pushctx(m, w);
+    pf_pushctx(L, m, w);
     same = sameid(L, idx, -1);
     lua_pop(L, 1);
     if (same) return w;
@@ -832,32 +349,29 @@ static worker *current (master *m, int idx) {
 }
 
 
-/*
-** m:want(context): a worker runs this context (a table with an id). If
-** one runs another context under the same id, the new one replaces it:
-** started first, the old one retired when the new one is ready.
-*/
-static int m_want (lua_State *L) {
-  master *m = checkmaster(L);
-  worker *w, *old, **p;
-  int ls = LUA_NOREF;
-  lua_State *saved = m->L;
-  luaL_checktype(L, 2, LUA_TTABLE);
-  luaL_argcheck(L, !m->stopping, 1, "master is stopping");
-  m->L = L;
-  old = current(m, 2);
-  if (m->reuseport && old == NULL) ls = newsockets(m);  /* may raise */
-  else if (m->reuseport) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, old->ls);
-    ls = luaL_ref(L, LUA_REGISTRYINDEX);  /* the same sockets */
-  }
-  w = (worker *)calloc(1, sizeof(worker));
+/* the reuseport sockets for a worker of the id that old serves (NULL: a
+** new id); may raise */
+static int wantports (lua_State *L, master *m, worker *old) {
+  int ref;
+  if (m->strategy != PF_ACCEPT_REUSEPORT) return LUA_NOREF;
+  if (old != NULL) return pf_ports_share(L, old->ports);
+  pf_pushlisteners(L, m);
+  ref = pf_ports_new(L, -1);
+  lua_pop(L, 1);
+  return ref;
+}
+
+
+/* a new worker for the context at index 2, at the list's tail: spawned
+** and listed in the order wanted */
+static worker *newworker (lua_State *L, master *m, int ports) {
+  worker *w = (worker *)calloc(1, sizeof(worker)), **p;
   if (w == NULL) {
-    luaL_unref(L, LUA_REGISTRYINDEX, ls);
-    return luaL_error(L, "not enough memory");
+    pf_ports_release(L, ports);
+    luaL_error(L, "not enough memory");
   }
   w->m = m;
-  w->ls = ls;
+  w->ports = ports;
   w->slot = w->ctl = -1;
   w->respawn = 1;
   lua_getfield(L, 2, "id");
@@ -871,16 +385,31 @@ static int m_want (lua_State *L) {
   ev_init(&w->ready, onready);
   w->timer.data = w->ready.data = w;
   for (p = &m->list; *p != NULL; p = &(*p)->next) {}
-  *p = w;  /* at the tail: spawned and listed in the order wanted */
+  *p = w;
+  return w;
+}
+
+
+/*
+** m:want(context): a worker runs this context (a table with an id). If
+** one runs another context under the same id, the new one replaces it:
+** started first, the old one retired when the new one is ready.
+*/
+static int m_want (lua_State *L) {
+  master *m = checkmaster(L);
+  worker *w, *old;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_argcheck(L, !m->stopping, 1, "master is stopping");
+  old = current(L, m, 2);
+  w = newworker(L, m, wantports(L, m, old));
   if (old != NULL) {
     w->exits = old->exits;
     w->replaces = old->replaces;  /* the one still serving, if any */
     old->replaces = NULL;
     if (old->state == W_RUNNING) w->replaces = old, old->respawn = 0;
-    else retire(m, old, SIGTERM);  /* not serving yet: no wait */
+    else pf_retire(L, m, old, SIGTERM);  /* not serving yet: no wait */
   }
-  schedule(m, w, 0);
-  m->L = saved;
+  pf_schedule(m, w, 0);
   return 0;
 }
 
@@ -889,21 +418,18 @@ static int m_want (lua_State *L) {
 static int m_drop (lua_State *L) {
   master *m = checkmaster(L);
   worker *w, *next;
-  lua_State *saved = m->L;
   lua_settop(L, 2);
-  m->L = L;
   lua_createtable(L, 0, 1);  /* a context-shaped key: {id = id} */
   lua_pushvalue(L, 2);
   lua_setfield(L, -2, "id");
   for (w = m->list; w != NULL; w = next) {
     int same;
     next = w->next;
-    pushctx(m, w);
+    pf_pushctx(L, m, w);
     same = sameid(L, 3, -1);
     lua_pop(L, 1);
-    if (same) retire(m, w, SIGTERM);
+    if (same) pf_retire(L, m, w, SIGTERM);
   }
-  m->L = saved;
   return 0;
 }
 
@@ -911,11 +437,36 @@ static int m_drop (lua_State *L) {
 /* m:stop([graceful]) */
 static int m_stop (lua_State *L) {
   master *m = checkmaster(L);
-  lua_State *saved = m->L;
-  m->L = L;
-  stop(m, lua_isnoneornil(L, 2) || lua_toboolean(L, 2) ? 1 : 2);
-  m->L = saved;
+  stop(L, m, lua_isnoneornil(L, 2) || lua_toboolean(L, 2) ? 1 : 2);
   return 0;
+}
+
+
+/* a counter of w's scoreboard slot, 0 without one */
+#define scored(m, w, field) ((lua_Integer)((w)->slot < 0 ? 0 \
+  : __atomic_load_n(&(m)->score[(w)->slot].field, __ATOMIC_RELAXED)))
+
+/* the entry of m:workers() for w */
+static void pushworker (lua_State *L, master *m, worker *w) {
+  lua_createtable(L, 0, 8);
+  pf_pushctx(L, m, w);
+  lua_getfield(L, -1, "id");
+  lua_setfield(L, -3, "id");
+  lua_setfield(L, -2, "context");
+  if (w->pid > 0) {
+    lua_pushinteger(L, w->pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushnumber(L, w->started);
+    lua_setfield(L, -2, "started");
+  }
+  lua_pushstring(L, statenames[w->state]);
+  lua_setfield(L, -2, "state");
+  lua_pushinteger(L, w->exits);
+  lua_setfield(L, -2, "exits");
+  lua_pushinteger(L, scored(m, w, accepted));
+  lua_setfield(L, -2, "accepted");
+  lua_pushinteger(L, scored(m, w, inflight));
+  lua_setfield(L, -2, "inflight");
 }
 
 
@@ -923,37 +474,12 @@ static int m_stop (lua_State *L) {
 static int m_workers (lua_State *L) {
   master *m = checkmaster(L);
   worker *w;
-  lua_State *saved = m->L;
   int i = 0;
-  m->L = L;
   lua_newtable(L);
   for (w = m->list; w != NULL; w = w->next) {
-    lua_createtable(L, 0, 8);
-    pushctx(m, w);
-    lua_getfield(L, -1, "id");
-    lua_setfield(L, -3, "id");
-    lua_setfield(L, -2, "context");
-    if (w->pid > 0) {
-      lua_pushinteger(L, w->pid);
-      lua_setfield(L, -2, "pid");
-      lua_pushnumber(L, w->started);
-      lua_setfield(L, -2, "started");
-    }
-    lua_pushstring(L, statenames[w->state]);
-    lua_setfield(L, -2, "state");
-    lua_pushinteger(L, w->exits);
-    lua_setfield(L, -2, "exits");
-    lua_pushinteger(L, w->slot < 0 ? 0
-                    : (lua_Integer)__atomic_load_n(&m->score[w->slot].accepted,
-                                                   __ATOMIC_RELAXED));
-    lua_setfield(L, -2, "accepted");
-    lua_pushinteger(L, w->slot < 0 ? 0
-                    : (lua_Integer)__atomic_load_n(&m->score[w->slot].inflight,
-                                                   __ATOMIC_RELAXED));
-    lua_setfield(L, -2, "inflight");
+    pushworker(L, m, w);
     lua_rawseti(L, -2, ++i);
   }
-  m->L = saved;
   return 1;
 }
 
@@ -996,23 +522,27 @@ static void stopsignals (master *m) {
 }
 
 
-/* accept = "mutex": the lock file. Made in a fresh directory that only
-** we may write (mode 0700), then unlinked with it: it lives on as an open
-** file only, which nobody else can reach, swap or leave behind. */
-static int makelock (master *m) {
-  const char *base = getenv("XDG_RUNTIME_DIR");
-  char dir[256], path[300];
-  int en;
-  snprintf(dir, sizeof(dir), "%s/prefork-XXXXXX",
-           base != NULL && base[0] == '/' ? base : "/tmp");
-  if (mkdtemp(dir) == NULL) return -1;
-  snprintf(path, sizeof(path), "%s/accept.lock", dir);
-  m->lockfd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  en = errno;
-  unlink(path);
-  rmdir(dir);
-  errno = en;
-  return m->lockfd < 0 ? -1 : 0;
+/* what the strategy needs before the first fork: the lock file, or the
+** hand-over; raises */
+static void startstrategy (lua_State *L, master *m) {
+  if (m->strategy == PF_ACCEPT_MUTEX && m->lockfd < 0
+      && (m->lockfd = pf_accept_makelock()) < 0)
+    luaL_error(L, "mutex: lock file: %s", strerror(errno));
+  if (m->strategy == PF_ACCEPT_MASTER && m->handoff == NULL) {
+    pf_pushlisteners(L, m);
+    m->handoff = pf_handoff_new(L, lua_gettop(L));
+    lua_pop(L, 1);
+    if (m->handoff == NULL) luaL_error(L, "not enough memory");
+  }
+}
+
+
+/* after the run: what startstrategy made goes */
+static void endstrategy (master *m) {
+  pf_handoff_free(m->handoff);
+  m->handoff = NULL;
+  if (m->lockfd >= 0) close(m->lockfd);
+  m->lockfd = -1;
 }
 
 
@@ -1026,8 +556,7 @@ static int m_run (lua_State *L) {
   luaL_argcheck(L, !m->running, 1, "master is running already");
   if (runningmaster != NULL)
     return luaL_error(L, "another master runs in this process");
-  if (m->mutex && m->lockfd < 0 && makelock(m) != 0)
-    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
+  startstrategy(L, m);
   if (pf_loop() == NULL)
     return luaL_error(L, "libev: cannot make the default loop");
   m->L = L;
@@ -1035,24 +564,18 @@ static int m_run (lua_State *L) {
   runningmaster = m;
   startsignals(m);
   pf_onfork(forget, m);
-  if (m->channel) startlistening(m);
   while ((w = unspawned(m)) != NULL)  /* a hook may change the list */
-    spawn(m, w);
-  if (!m->stopping && pushcb(m, "on_start"))
-    callcb(m, "on_start", 0);
+    pf_spawn(L, m, w);
+  if (!m->stopping && pf_pushcb(L, m, "on_start"))
+    pf_callhook(L, "on_start", 0);
   if (!m->stopping || m->list != NULL)
     ev_run(EV_DEFAULT, 0);
   m->running = 0;
   runningmaster = NULL;
-  listening(m, 0);
-  free(m->lw);
-  m->lw = NULL;
-  m->nlw = 0;
+  endstrategy(m);
   pf_onfork(NULL, NULL);
   stopsignals(m);
   pf_loop_close();
-  if (m->lockfd >= 0) close(m->lockfd);
-  m->lockfd = -1;
   pf_log(L, "info", "stopped");
   lua_pushboolean(L, 1);
   return 1;
@@ -1060,13 +583,15 @@ static int m_run (lua_State *L) {
 
 
 static int m_gc (lua_State *L) {
-  master *m = checkmaster(L);
+  master *m = (master *)luaL_checkudata(L, 1, PF_MASTER);
+  if (m->pid != getpid()) return 0;  /* a worker's copy */
   while (m->list != NULL) {
     worker *w = m->list;
     m->list = w->next;
-    luaL_unref(L, LUA_REGISTRYINDEX, w->ls);
+    pf_ports_release(L, w->ports);
     free(w);
   }
+  endstrategy(m);
   if (m->score != NULL) {
     munmap(m->score, sizeof(pf_score) * PF_MAXPROCS);
     m->score = NULL;
@@ -1079,9 +604,10 @@ static int m_gc (lua_State *L) {
 
 
 /*
-** core.master(opts) -> master. opts: listeners (list), graceful_timeout,
-** title, and the callbacks child(context) (in the new worker),
-** before_fork(context), on_exit(info), on_signal(name), on_start().
+** core.master(opts) -> master | fail. opts: listeners (list),
+** graceful_timeout, accept (the strategy), title, and the callbacks
+** child(context) (in the new worker), before_fork(context),
+** on_exit(info), on_signal(name), on_start().
 */
 static int l_master (lua_State *L) {
   master *m;
@@ -1090,19 +616,13 @@ static int l_master (lua_State *L) {
   memset(m, 0, sizeof(*m));
   m->opts = m->ctxs = LUA_NOREF;
   m->lockfd = -1;
-  luaL_setmetatable(L, PF_MASTER);
   m->pid = getpid();
   m->L = L;
   lua_getfield(L, 1, "graceful_timeout");
   m->graceful = luaL_optnumber(L, -1, 30);
-  lua_pop(L, 1);
   lua_getfield(L, 1, "accept");
-  if (lua_isstring(L, -1)) {
-    m->channel = strcmp(lua_tostring(L, -1), "master") == 0;
-    m->reuseport = strcmp(lua_tostring(L, -1), "reuseport") == 0;
-    m->mutex = strcmp(lua_tostring(L, -1), "mutex") == 0;
-  }
-  lua_pop(L, 1);
+  m->strategy = pf_checkstrategy(L, -1);
+  lua_pop(L, 2);
   m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,
                               PROT_READ | PROT_WRITE,
                               MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -1110,6 +630,7 @@ static int l_master (lua_State *L) {
     m->score = NULL;
     return pf_fail(L, "mmap");
   }
+  luaL_setmetatable(L, PF_MASTER);
   lua_pushvalue(L, 1);
   m->opts = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_newtable(L);
@@ -1124,17 +645,15 @@ void pf_open_master (lua_State *L) {
     {"workers", m_workers},
     {NULL, NULL}
   };
+  static const luaL_Reg metameth[] = {
+    {"__gc", m_gc},
+    {NULL, NULL}
+  };
   static const luaL_Reg funcs[] = {
     {"master", l_master},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, PF_MASTER);
-  lua_pushcfunction(L, m_gc);
-  lua_setfield(L, -2, "__gc");
-  luaL_newlibtable(L, meth);
-  luaL_setfuncs(L, meth, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+  pf_newclass(L, PF_MASTER, meth, metameth);
   luaL_setfuncs(L, funcs, 0);
 }
 

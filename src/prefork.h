@@ -1,6 +1,23 @@
 /*
 ** lua-prefork: the internal API shared by the files of prefork.core.
 ** Nothing here is exported from the shared object: only luaopen_prefork_core is.
+**
+** The files, in layers: each calls only files of the layers below it
+** (docs/architecture.md draws them).
+**
+**   6  core.c                     registers the rest
+**   5  master.c  pool.c  interp.c the three programs: a master's state
+**                                  machine, a process pool, the
+**                                  prefork-interp server
+**   4  serve.c                    worker:serve, the worker's accept loop
+**   3  worker.c                   the worker side of a master
+**   2  accept.c                   the accept strategies, both sides
+**   1  fdpass.c                   SCM_RIGHTS, peer credentials
+**      listen.c                   listening sockets (uses conn.c)
+**      conn.c                     connection objects, fds of Lua values
+**   0  task.c                     the coroutine scheduler (uses loop.c)
+**      loop.c  proc.c  serial.c   libev and logging; processes; values
+**      wire.h                     byte-level encodings (no Lua)
 */
 
 #if !defined(prefork_h)
@@ -33,6 +50,10 @@
 #define PF_MAXPROCS	1024
 #endif
 
+/* add d to a counter in shared memory that only this process writes */
+#define pf_add(c, d)  __atomic_store_n(&(c), __atomic_load_n(&(c), \
+                        __ATOMIC_RELAXED) + (d), __ATOMIC_RELAXED)
+
 
 /* {======================================================
 ** loop.c: the one libev binding, protected calls, logging
@@ -50,6 +71,8 @@ PF_API void pf_log (lua_State *L, const char *level, const char *fmt, ...)
   PF_PRINTF(3, 4);
 PF_API int pf_fail (lua_State *L, const char *what);
 PF_API double pf_now (void);
+PF_API void pf_newclass (lua_State *L, const char *name,
+                         const luaL_Reg *meth, const luaL_Reg *metameth);
 PF_API void pf_open_loop (lua_State *L);
 /* }====================================================== */
 
@@ -74,16 +97,46 @@ PF_API void pf_open_proc (lua_State *L);
 /* }====================================================== */
 
 
+/* serial.c: the serialiser of Lua values */
+PF_API void pf_open_serial (lua_State *L);
+
+
 /* {======================================================
-** sock.c: listeners and connection objects
+** task.c: the coroutine scheduler
 ** ======================================================= */
 
-typedef struct pf_listener pf_listener;
+/* how a wait ended */
+#define PF_READY	1
+#define PF_TIMEOUT	0
+#define PF_STOPPING	(-1)
+
+PF_API double pf_deadline (double timeout);
+PF_API int pf_waitfd (int fd, int events, double deadline);
+PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
+                     int idle, lua_KContext ctx, lua_KFunction k);
+PF_API int pf_wakereason (lua_State *L);
+PF_API int pf_intask (lua_State *L);
+PF_API int pf_pushwait (lua_State *L, int how);
+PF_API struct ev_loop *pf_task_open (lua_State *L);
+PF_API int pf_task_spawn (lua_State *L, int nargs, int own, int now);
+PF_API void pf_task_run (void);
+PF_API void pf_task_stop (void);
+PF_API int pf_task_stopping (void);
+PF_API void pf_task_close (void);
+PF_API void pf_task_forget (void);
+PF_API void pf_open_task (lua_State *L);
+/* }====================================================== */
+
+
+/* {======================================================
+** conn.c: connection objects; the fds of Lua values
+** ======================================================= */
 
 /* a connection object: a stream socket with a read buffer */
 typedef struct pf_conn {
   int fd;  /* -1 once closed */
-  int counted;  /* a worker's accepted connection: in its inflight count */
+  long *counter;  /* decremented once it is closed (a worker's count of
+                  ** open connections), or NULL */
   double timeout;  /* seconds for each read or write call; < 0: none */
   size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
   double dl;  /* deadline of the call under way (monotonic); < 0: none */
@@ -93,20 +146,82 @@ typedef struct pf_conn {
   size_t cap, r, w;
 } pf_conn;
 
-PF_API pf_listener *pf_checklistener (lua_State *L, int idx);
-PF_API int pf_listener_fd (const pf_listener *l);
-PF_API void pf_listener_close (pf_listener *l);
-PF_API int pf_listener_template (const pf_listener *l);
-PF_API int pf_listener_reuseport (const pf_listener *l);
-PF_API pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl);
 PF_API pf_conn *pf_newconn (lua_State *L);
-PF_API int pf_waitfd (int fd, int events, double deadline);
-PF_API void pf_open_sock (lua_State *L);
+PF_API int pf_tofd (lua_State *L, int idx);
+PF_API void pf_open_conn (lua_State *L);
 /* }====================================================== */
 
 
 /* {======================================================
-** worker.c: the worker side of a master (accept, stop flag, counters)
+** listen.c: listening sockets
+** ======================================================= */
+
+typedef struct pf_listener pf_listener;
+
+PF_API pf_listener *pf_checklistener (lua_State *L, int idx);
+PF_API int pf_listener_fd (const pf_listener *l);
+PF_API void pf_listener_close (pf_listener *l);
+PF_API int pf_listener_template (const pf_listener *l);
+PF_API int pf_listener_sibling (const pf_listener *l);
+PF_API pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl);
+PF_API void pf_open_listen (lua_State *L);
+/* }====================================================== */
+
+
+/* {======================================================
+** fdpass.c: SCM_RIGHTS, peer credentials
+** ======================================================= */
+
+PF_API ssize_t pf_sendfdmsg (int sock, int fd, const void *data, size_t n,
+                             int flags);
+PF_API ssize_t pf_recvfdmsg (int sock, int *fd, void *data, size_t n,
+                             int flags, int *trunc);
+PF_API int pf_sendfd (int sock, int fd);
+PF_API int pf_recvfd (int sock, int *fd);
+PF_API void pf_open_fdpass (lua_State *L);
+/* }====================================================== */
+
+
+/* {======================================================
+** accept.c: the accept strategies, the worker's side and the master's
+** ======================================================= */
+
+/* the strategies (accept = "...") */
+#define PF_ACCEPT_SHARED	0  /* listeners shared by the workers */
+#define PF_ACCEPT_MUTEX	1  /* shared, accepted under a lock */
+#define PF_ACCEPT_REUSEPORT	2  /* SO_REUSEPORT sockets of each worker id */
+#define PF_ACCEPT_MASTER	3  /* the master accepts and hands over */
+
+typedef struct pf_handoff pf_handoff;
+
+PF_API int pf_checkstrategy (lua_State *L, int idx);
+PF_API void pf_accept_setup (pf_listener **ls, int n, int ctl, int mode);
+PF_API int pf_accept_fds (int *fds);
+PF_API int pf_accept_round (pf_conn *c, int *gone);
+PF_API int pf_accept_lock (int wait);
+PF_API void pf_accept_unlock (void);
+PF_API int pf_accept_openlock (int inherited);
+PF_API int pf_accept_drains (void);
+PF_API void pf_accept_drained (void);
+PF_API void pf_accept_close (void);
+PF_API void pf_accept_forget (void);
+PF_API int pf_accept_makelock (void);
+PF_API int pf_ports_new (lua_State *L, int idx);
+PF_API int pf_ports_share (lua_State *L, int ref);
+PF_API void pf_ports_release (lua_State *L, int ref);
+PF_API void pf_ports_only (lua_State *L, int ref);
+PF_API pf_handoff *pf_handoff_new (lua_State *L, int idx);
+PF_API int pf_handoff_add (pf_handoff *h, int fd,
+                           const unsigned long *accepted,
+                           const long *inflight);
+PF_API void pf_handoff_remove (pf_handoff *h, int fd);
+PF_API void pf_handoff_pause (pf_handoff *h);
+PF_API void pf_handoff_free (pf_handoff *h);
+/* }====================================================== */
+
+
+/* {======================================================
+** worker.c: the worker side of a master (stop flag, readiness, counters)
 ** ======================================================= */
 
 /* one slot of the scoreboard the master shares with its workers */
@@ -115,17 +230,8 @@ typedef struct pf_score {
   long inflight;  /* connections accepted and not closed yet */
 } pf_score;
 
-/* where a worker's connections come from */
-#define PF_SHARED	0  /* listeners shared with the other workers */
-#define PF_CHANNEL	1  /* handed over by the master (accept = "master") */
-#define PF_OWN	2  /* listeners of its own (accept = "reuseport") */
-#define PF_MUTEX	3  /* shared, accepted under a lock (accept = "mutex") */
-
 PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
                              pf_score *score, pid_t master);
-PF_API int pf_worker_lock (int inherited);
-PF_API int pf_worker_drains (void);
-PF_API void pf_worker_closed (void);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);
 PF_API void pf_worker_stoplistening (void);
@@ -136,22 +242,9 @@ PF_API void pf_open_worker (lua_State *L);
 /* }====================================================== */
 
 
-/* {======================================================
-** serve.c: the event loop inside a worker
-** ======================================================= */
-
-/* how a wait ended */
-#define PF_READY	1
-#define PF_TIMEOUT	0
-#define PF_STOPPING	(-1)
-
-PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
-                     int idle, lua_KContext ctx, lua_KFunction k);
-PF_API int pf_wakereason (lua_State *L);
-PF_API int pf_intask (lua_State *L);
+/* serve.c: worker:serve */
 PF_API void pf_serve_forget (void);
 PF_API void pf_open_serve (lua_State *L);
-/* }====================================================== */
 
 
 /* {======================================================
@@ -193,18 +286,5 @@ PF_API void pf_open_master (lua_State *L);
 
 /* pool.c */
 PF_API void pf_open_pool (lua_State *L);
-
-/* serial.c */
-PF_API void pf_open_serial (lua_State *L);
-
-/* fdpass.c */
-PF_API int pf_tofd (lua_State *L, int idx);
-PF_API ssize_t pf_sendfdmsg (int sock, int fd, const void *data, size_t n,
-                             int flags);
-PF_API ssize_t pf_recvfdmsg (int sock, int *fd, void *data, size_t n,
-                             int flags, int *trunc);
-PF_API int pf_sendfd (int sock, int fd);
-PF_API int pf_recvfd (int sock, int *fd);
-PF_API void pf_open_fdpass (lua_State *L);
 
 #endif

@@ -1,21 +1,19 @@
 /*
 ** worker.c: the worker side of a master: the stop flag that TERM sets,
-** accept over the inherited listeners, readiness, and the counters the
-** master reads from the shared scoreboard.
+** readiness, the counters the master reads from the shared scoreboard,
+** and worker:accept, which blocks until a connection comes (the accept
+** strategies themselves are accept.c's).
 */
 
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/epoll.h>
-#include <sys/file.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 
 #include "prefork.h"
 
@@ -27,23 +25,12 @@ static struct {
   int wake[2];  /* self-pipe: the stop handler writes, accept polls */
   int ctl;  /* socket to the master: readiness; -1 once told */
   int channel;  /* accept = "master": connections come on ctl */
-  int mode;  /* PF_SHARED, PF_CHANNEL or PF_OWN */
-  int drained;  /* connections taken after the stop began */
-  int lockfd;  /* accept = "mutex": the lock file, opened by this worker */
   int ep;  /* what accept waits on: an epoll set (listeners EPOLLEXCLUSIVE) */
-  int locked;  /* accept holds the lock */
   int told;  /* the master knows we are ready */
   pf_score *score;  /* our slot of the master's scoreboard */
-  pf_listener **ls;  /* the inherited listeners */
-  int nls;
-  int next;  /* listener to try first: none is starved */
-  struct pollfd *pfd;  /* the listeners (or ctl) and wake[0] */
-} self = {0, 0, {-1, -1}, -1, 0, 0, 0, 0, -1, -1, 0, NULL, NULL, 0, 0, NULL};
-
-
-/* a counter in shared memory: one writer (us), read by the master */
-#define bump(p, d)  __atomic_store_n(&(p), __atomic_load_n(&(p), \
-                      __ATOMIC_RELAXED) + (d), __ATOMIC_RELAXED)
+  struct pollfd *pfd;  /* the listeners (or ctl), then wake[0] */
+  int npfd;  /* the listeners' */
+} self = {0, 0, {-1, -1}, -1, 0, -1, 0, NULL, NULL, 0};
 
 
 static void onstop (int sig) {
@@ -56,65 +43,67 @@ static void onstop (int sig) {
 }
 
 
-/*
-** In a new worker, with signals still blocked: TERM and INT set the stop
-** flag (a worker busy outside accept finishes its work), the worker gets
-** TERM when the master dies, and accept watches the listeners.
-*/
 /* in a process a worker forks: it is no worker, and holds none of its
 ** pipes (a held readiness pipe would tell the master nothing) */
 static void forget (void *ud) {
   (void)ud;
   if (self.ctl >= 0) close(self.ctl);
-  if (self.lockfd >= 0) close(self.lockfd);  /* or it could hold the lock */
   if (self.ep >= 0) close(self.ep);
-  self.lockfd = self.ep = -1;
+  pf_accept_forget();  /* or it could hold the lock */
   close(self.wake[0]);
   close(self.wake[1]);
-  self.ctl = self.wake[0] = self.wake[1] = -1;
+  self.ctl = self.ep = self.wake[0] = self.wake[1] = -1;
   self.inworker = 0;
   self.score = NULL;
 }
 
 
+/* the epoll set accept waits on: a connection wakes one waiting worker,
+** not all (EPOLLEXCLUSIVE; under "mutex" the lock holder alone waits);
+** the stop pipe wakes every one. -1: poll(2) will do. */
+static int waitset (int mode) {
+  int i, ep = epoll_create1(EPOLL_CLOEXEC);
+  for (i = 0; i <= self.npfd && ep >= 0; i++) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | (i < self.npfd && mode != PF_ACCEPT_MUTEX
+                           ? EPOLLEXCLUSIVE : 0);
+    ev.data.fd = self.pfd[i].fd;
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, self.pfd[i].fd, &ev) != 0) {
+      close(ep);
+      ep = -1;
+    }
+  }
+  return ep;
+}
+
+
+/*
+** In a new worker, with signals still blocked: the listeners ls (n of
+** them) or the master's channel ctl to accept from, the score slot;
+** TERM and INT set the stop flag (a worker busy outside accept finishes
+** its work), and the worker gets TERM when the master dies.
+*/
 void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
                       pf_score *score, pid_t master) {
   struct sigaction sa;
-  int channel = mode == PF_CHANNEL;
-  int i, n = channel ? 1 : nls;
-  self.mode = mode;
+  int i, *fds;
   self.inworker = 1;
-  self.ls = ls;
-  self.nls = nls;
   self.ctl = ctl;
-  self.channel = channel;
+  self.channel = mode == PF_ACCEPT_MASTER;
   self.score = score;
+  pf_accept_setup(ls, nls, ctl, mode);
   self.pfd = (struct pollfd *)calloc((size_t)nls + 2, sizeof(struct pollfd));
-  if (self.pfd == NULL || pipe2(self.wake, O_CLOEXEC | O_NONBLOCK) != 0)
+  fds = (int *)calloc((size_t)nls + 2, sizeof(int));
+  if (self.pfd == NULL || fds == NULL
+      || pipe2(self.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     pf_exit(111);
-  if (channel) {  /* the master accepts: its listeners are none of ours */
-    for (i = 0; i < nls; i++) pf_listener_close(ls[i]);
-    self.nls = 0;
-    self.pfd[0].fd = ctl;
-  }
-  for (i = 0; i < nls && !channel; i++)
-    self.pfd[i].fd = pf_listener_fd(ls[i]);
-  for (i = 0; i < n; i++) self.pfd[i].events = POLLIN;
-  self.pfd[n].fd = self.wake[0];
-  self.pfd[n].events = POLLIN;
-  /* a connection wakes one waiting worker, not all: EPOLLEXCLUSIVE (the
-  ** lock holder alone waits under "mutex"); the stop pipe wakes us all */
-  self.ep = epoll_create1(EPOLL_CLOEXEC);
-  for (i = 0; i <= n && self.ep >= 0; i++) {
-    struct epoll_event ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | (i < n && mode != PF_MUTEX ? EPOLLEXCLUSIVE : 0);
-    ev.data.fd = self.pfd[i].fd;
-    if (epoll_ctl(self.ep, EPOLL_CTL_ADD, self.pfd[i].fd, &ev) != 0) {
-      close(self.ep);  /* poll(2) will do */
-      self.ep = -1;
-    }
-  }
+  self.npfd = pf_accept_fds(fds);
+  for (i = 0; i < self.npfd; i++) self.pfd[i].fd = fds[i];
+  free(fds);
+  self.pfd[self.npfd].fd = self.wake[0];
+  for (i = 0; i <= self.npfd; i++) self.pfd[i].events = POLLIN;
+  self.ep = waitset(mode);
   sa.sa_handler = onstop;
   sa.sa_flags = SA_RESTART;  /* the work in hand goes on */
   sigemptyset(&sa.sa_mask);
@@ -124,12 +113,6 @@ void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
   if (getppid() != master)  /* it died before prctl */
     self.stopping = 1;
   pf_onfork(forget, NULL);
-}
-
-
-void pf_worker_closed (void) {
-  if (self.score != NULL)
-    bump(self.score->inflight, -1);
 }
 
 
@@ -146,117 +129,63 @@ void pf_worker_ready (void) {
 }
 
 
+/* the worker stops accepting: the listeners close, and what watched them */
 void pf_worker_stoplistening (void) {
-  int i;
-  if (self.ep >= 0) close(self.ep);  /* it watched them */
+  if (self.ep >= 0) close(self.ep);
   self.ep = -1;
-  for (i = 0; i < self.nls; i++)
-    pf_listener_close(self.ls[i]);
-  self.nls = 0;
+  pf_accept_close();
 }
 
 
-/* accept(2) failures that concern one connection only (accept(2): on
-** Linux pending network errors surface here and mean "try again") */
-static int transient (int en) {
-  switch (en) {
-    case EAGAIN: case EINTR: case ECONNABORTED: case EPROTO:
-    case ENETDOWN: case ENOPROTOOPT: case EHOSTDOWN: case ENONET:
-    case EHOSTUNREACH: case EOPNOTSUPP: case ENETUNREACH:
-#if EWOULDBLOCK != EAGAIN
-    case EWOULDBLOCK:
-#endif
-      return 1;
-    default:
-      return 0;
+/* take one connection into c, never blocking, and count it: 1, 0 none
+** there, -1 with errno */
+int pf_worker_accept (pf_conn *c) {
+  int gone = 0, st = pf_accept_round(c, &gone);
+  if (gone) self.stopping = 1;
+  if (st > 0) {
+    c->counter = &self.score->inflight;
+    pf_add(self.score->accepted, 1);
+    pf_add(self.score->inflight, 1);
   }
+  return st;
 }
 
 
-/* a connection the master handed over (accept = "master"): 1 with
-** c->fd set, 0 none there, -1 the master is gone */
-static int fromchannel (pf_conn *c) {
-  int fd, n = pf_recvfd(self.ctl, &fd);
-  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
-  if (n == 0) {  /* the master is gone: stop */
-    self.stopping = 1;
-    return 0;
-  }
-  if (fd < 0) return 0;  /* a byte without a connection: nothing to take */
-  c->fd = fd;
-  fcntl(fd, F_SETFL, O_NONBLOCK);
-  return 1;
-}
-
-
-/* accept = "mutex": open the master's lock file again, through the copy
-** of its fd this worker inherited, as an open file of its own (flock
-** excludes between open files, not between copies of one); the copy goes */
-int pf_worker_lock (int inherited) {
-  char path[64];
-  snprintf(path, sizeof(path), "/proc/self/fd/%d", inherited);
-  self.lockfd = open(path, O_RDWR | O_CLOEXEC);
-  close(inherited);
-  return self.lockfd;
-}
-
-
-/* wait for the lock; TERM and INT interrupt the wait (and only it), so
-** that a stopping worker does not queue for the lock. 0 held, -1 not. */
+/* accept = "mutex": wait for the lock; TERM and INT interrupt the wait
+** (and only it), so that a stopping worker does not queue for the lock.
+** 0 held, -1 not. */
 static int lockwait (void) {
   struct sigaction sa, old1, old2;
   int r;
+  if (pf_accept_lock(0) == 0) return 0;  /* held, or no lock to take */
   sa.sa_handler = onstop;
   sa.sa_flags = 0;  /* no SA_RESTART: flock returns EINTR */
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, &old1);
   sigaction(SIGINT, &sa, &old2);
-  r = self.stopping ? -1 : flock(self.lockfd, LOCK_EX);
+  r = self.stopping ? -1 : pf_accept_lock(1);
   sigaction(SIGTERM, &old1, NULL);
   sigaction(SIGINT, &old2, NULL);
-  return r == 0 ? 0 : -1;
+  return r;
 }
 
 
-static void unlock (void) {
-  if (self.locked) flock(self.lockfd, LOCK_UN);
-  self.locked = 0;
-}
-
-
-/* one round over the listeners: 1 with c->fd set, 0 none ready, -1 */
-int pf_worker_accept (pf_conn *c) {
-  int k, st = 0, trylock = self.mode == PF_MUTEX && !self.locked;
-  if (trylock) {  /* in serve: take the lock for this round, or pass */
-    if (flock(self.lockfd, LOCK_EX | LOCK_NB) != 0) return 0;
-    self.locked = 1;
+/* wait until a listener (or the stop pipe) is readable: 0, or -1 with
+** the name of the call that failed */
+static int waitready (const char **what) {
+  char drain[64];
+  int r;
+  if (self.ep >= 0) {
+    struct epoll_event evs[4];
+    *what = "epoll_wait";
+    r = epoll_wait(self.ep, evs, 4, -1);
   }
-  if (self.channel) {
-    st = fromchannel(c);
-    if (st > 0) {
-      c->counted = 1;
-      bump(self.score->accepted, 1);
-      bump(self.score->inflight, 1);
-    }
-    return st;
+  else {
+    *what = "poll";
+    r = poll(self.pfd, (nfds_t)self.npfd + 1, -1);
   }
-  for (k = 0; k < self.nls && st == 0; k++) {
-    int i = (self.next + k) % self.nls;
-    int fd = accept4(pf_listener_fd(self.ls[i]), NULL, NULL,
-                     SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd >= 0) {
-      self.next = i + 1;
-      c->fd = fd;
-      c->counted = 1;
-      bump(self.score->accepted, 1);
-      bump(self.score->inflight, 1);
-      st = 1;
-    }
-    else if (!transient(errno))
-      st = -1;
-  }
-  if (trylock) unlock();
-  return st;
+  while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
+  return r < 0 && errno != EINTR ? -1 : 0;
 }
 
 
@@ -267,34 +196,23 @@ int pf_worker_accept (pf_conn *c) {
 */
 static int l_accept (lua_State *L) {
   pf_conn *c;
+  const char *what;
   if (!self.inworker)
     return luaL_error(L, "accept: not in a worker process");
   pf_worker_ready();
   c = pf_newconn(L);
   while (!self.stopping) {
-    char drain[64];
     int st;
-    if (self.mode == PF_MUTEX && !self.locked) {  /* the seed's lock */
-      if (lockwait() != 0) continue;
-      self.locked = 1;
-    }
+    if (lockwait() != 0) continue;
     st = pf_worker_accept(c);
-    if (st != 0) unlock();
+    if (st != 0) pf_accept_unlock();
     if (st > 0) return 1;
     if (st < 0) return pf_fail(L, "accept");
-    if (self.ep >= 0) {
-      struct epoll_event evs[4];
-      if (epoll_wait(self.ep, evs, 4, -1) < 0 && errno != EINTR)
-        return pf_fail(L, "epoll_wait");
-    }
-    else if (poll(self.pfd, (nfds_t)(self.channel ? 1 : self.nls) + 1, -1) < 0
-             && errno != EINTR)
-      return pf_fail(L, "poll");
-    while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
+    if (waitready(&what) != 0) return pf_fail(L, what);
   }
-  unlock();
-  if (pf_worker_drains() && pf_worker_accept(c) > 0) {
-    self.drained++;
+  pf_accept_unlock();
+  if (pf_accept_drains() && pf_worker_accept(c) > 0) {
+    pf_accept_drained();
     return 1;  /* handed over, or queued on our own socket: served */
   }
   pf_worker_stoplistening();
@@ -307,17 +225,8 @@ static int l_accept (lua_State *L) {
 /* the listeners' fds (n of them) then the stop pipe's read end; NULL
 ** outside a worker */
 const struct pollfd *pf_worker_fds (int *n) {
-  *n = self.channel ? 1 : self.nls;
+  *n = self.npfd;
   return self.inworker ? self.pfd : NULL;
-}
-
-
-/* a stopping worker takes what waits for it alone: what the master
-** handed over, or the queue of its own socket (a bounded number, for a
-** socket that keeps filling) */
-int pf_worker_drains (void) {
-  return (self.mode == PF_CHANNEL || self.mode == PF_OWN)
-         && self.drained < 4096;
 }
 
 

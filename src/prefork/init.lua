@@ -367,7 +367,8 @@ function prefork.start (opts)
   }, Master)
   for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
   local function closeall () for _, l in ipairs(listeners) do l:close() end end
-  self.core = core.master{
+  local err
+  self.core, err = core.master{
     listeners = listeners,
     graceful_timeout = opts.graceful_timeout,
     accept = opts.accept,
@@ -380,6 +381,10 @@ function prefork.start (opts)
     on_signal = function (name) onsignal(self, name) end,
     on_start = opts.on_start and function () opts.on_start(self) end,
   }
+  if not self.core then
+    closeall()
+    error("prefork.start: " .. err, 2)
+  end
   local config, contexts = self:update()  -- the master object works in it
   if config == nil then
     closeall()
@@ -388,7 +393,8 @@ function prefork.start (opts)
   if opts.log then core.setlog(opts.log) end
   self:apply(config, contexts)
   if opts.title then core.settitle(opts.title .. " master") end
-  local ok, err = pcall(self.core.run, self.core)
+  local ok
+  ok, err = pcall(self.core.run, self.core)
   closeall()
   if opts.log then core.setlog(nil) end
   if not ok then error(err, 0) end

@@ -1,11 +1,13 @@
 /*
-** sock.c: listening sockets (addresses, bind) and connection objects
-** (buffered reads in io.read's formats, writes, timeouts).
+** conn.c: connection objects: a stream socket with a read buffer, read in
+** io.read's formats, written, closed (the last bytes with the FIN), each
+** call bounded by the connection's timeout; in a task (task.c) a call
+** that must wait yields. Also the fd of any Lua value that has one, and
+** waits on such fds.
 */
 
 #include <errno.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,403 +15,17 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/un.h>
 
 #include "prefork.h"
+#include "lualib.h"
 
 
 /* first size of a connection's read buffer */
 #if !defined(PF_BUFSIZE)
 #define PF_BUFSIZE	16384
 #endif
-
-#define ADDRLEN	(sizeof(((struct sockaddr_un *)0)->sun_path) + 8)
-
-
-struct pf_listener {
-  int fd;  /* -1 once closed */
-  int reuseport;  /* 0; 1 a SO_REUSEPORT socket; 2 a template (bound only) */
-  int backlog;
-  struct sockaddr_storage sa;  /* the bound address (a TCP one) */
-  socklen_t salen;
-  pid_t owner;  /* the process that bound it: the only one to unlink */
-  dev_t dev;  /* the socket file of a Unix listener, to unlink it */
-  ino_t ino;  /* only while it is still ours */
-  char addr[ADDRLEN];  /* as addresses() tells it */
-};
-
-
-/* "127.0.0.1:80", "[::1]:80" or "unix:/path" of a bound socket */
-static void fmtaddr (const struct sockaddr *sa, char *out, size_t size) {
-  char host[INET6_ADDRSTRLEN];
-  if (sa->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-    inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
-    snprintf(out, size, "%s:%u", host, (unsigned)ntohs(in->sin_port));
-  }
-  else if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
-    snprintf(out, size, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
-  }
-  else if (sa->sa_family == AF_UNIX)
-    snprintf(out, size, "unix:%s", ((const struct sockaddr_un *)sa)->sun_path);
-  else
-    snprintf(out, size, "?");
-}
-
-
-/* {======================================================
-** Listeners
-** ======================================================= */
-
-pf_listener *pf_checklistener (lua_State *L, int idx) {
-  return (pf_listener *)luaL_checkudata(L, idx, PF_LISTENER);
-}
-
-
-int pf_listener_fd (const pf_listener *l) {
-  return l->fd;
-}
-
-
-/* close; the process that bound a Unix socket also removes its file,
-** unless somebody has put another file in its place since */
-void pf_listener_close (pf_listener *l) {
-  struct stat st;
-  if (l->fd < 0) return;
-  close(l->fd);
-  l->fd = -1;
-  if (l->ino != 0 && l->owner == getpid()
-      && stat(l->addr + 5, &st) == 0
-      && st.st_dev == l->dev && st.st_ino == l->ino)
-    unlink(l->addr + 5);
-}
-
-
-/*
-** Split "host:port", "[v6]:port", "*:port", a bare port (all IPv4
-** addresses) into host and port; NULL host for the wildcard. Raises on
-** a malformed address: that is a program's mistake, not the system's.
-*/
-static void splithost (lua_State *L, const char *a, char *host, size_t hs,
-                       const char **port) {
-  const char *colon = strrchr(a, ':');
-  size_t hl;
-  if (colon == NULL) {  /* a bare port */
-    host[0] = '\0';
-    *port = a;
-    return;
-  }
-  hl = (size_t)(colon - a);
-  if (a[0] == '[') {
-    if (hl < 2 || a[hl - 1] != ']')
-      luaL_error(L, "bad address '%s' (missing ']')", a);
-    a++; hl -= 2;
-  }
-  else if (memchr(a, ':', hl) != NULL)
-    luaL_error(L, "bad address '%s' (IPv6 addresses go in brackets)", a);
-  if (hl >= hs)
-    luaL_error(L, "bad address '%s' (host too long)", a);
-  memcpy(host, a, hl);
-  host[hl] = '\0';
-  if (strcmp(host, "*") == 0) host[0] = '\0';
-  *port = colon + 1;
-}
-
-
-static void checkport (lua_State *L, const char *a, const char *port) {
-  char *end;
-  unsigned long p = strtoul(port, &end, 10);
-  if (port[0] == '\0' || *end != '\0' || p > 65535 || port[0] == '-'
-      || port[0] == '+' || port[0] == ' ')
-    luaL_error(L, "bad address '%s' (bad port '%s')", a, port);
-}
-
-
-/* socket, options, bind, listen; -1 with errno set on failure, and
-** "what" naming the call that failed */
-static int bindlisten (const struct sockaddr *sa, socklen_t len, int backlog,
-                       int reuseport, const char **what) {
-  int one = 1;
-  int en;
-  int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  *what = "socket";
-  if (fd < 0) return -1;
-  if (sa->sa_family != AF_UNIX) {
-    *what = "setsockopt";
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0)
-      goto fail;
-    if (sa->sa_family == AF_INET6
-        && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0)
-      goto fail;
-    if (reuseport
-        && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
-      goto fail;
-  }
-  *what = "bind";
-  if (bind(fd, sa, len) != 0) goto fail;
-  *what = "listen";
-  if (reuseport != 2 && listen(fd, backlog) != 0) goto fail;
-  return fd;
-fail:
-  en = errno;
-  close(fd);
-  errno = en;
-  return -1;
-}
-
-
-/* a Unix socket file left by a dead server goes; a live one is in use */
-static int clearstale (const char *path) {
-  struct sockaddr_un sun;
-  struct stat st;
-  int fd, r, en;
-  if (lstat(path, &st) != 0) return 0;  /* nothing there */
-  if (!S_ISSOCK(st.st_mode)) {
-    errno = EADDRINUSE;
-    return -1;
-  }
-  /* non-blocking: a live server with a full backlog says EAGAIN */
-  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) return -1;
-  memset(&sun, 0, sizeof(sun));
-  sun.sun_family = AF_UNIX;
-  memcpy(sun.sun_path, path, strlen(path));
-  r = connect(fd, (struct sockaddr *)&sun, sizeof(sun));
-  en = errno;
-  close(fd);
-  if (r == 0 || en == EAGAIN || en == EINPROGRESS) {
-    errno = EADDRINUSE;
-    return -1;
-  }
-  if (en == ECONNREFUSED) return unlink(path);
-  return 0;  /* let bind say what is wrong */
-}
-
-
-static pf_listener *newlistener (lua_State *L) {
-  pf_listener *l = (pf_listener *)lua_newuserdatauv(L, sizeof(*l), 0);
-  memset(l, 0, sizeof(*l));
-  l->fd = -1;
-  luaL_setmetatable(L, PF_LISTENER);
-  return l;
-}
-
-
-static int listenunix (lua_State *L, pf_listener *l, const char *path,
-                       int backlog) {
-  struct sockaddr_un sun;
-  struct stat st;
-  const char *what = "bind";
-  size_t n = strlen(path);
-  if (n == 0 || n >= sizeof(sun.sun_path))
-    return luaL_error(L, "bad address 'unix:%s' (path empty or too long)", path);
-  memset(&sun, 0, sizeof(sun));
-  sun.sun_family = AF_UNIX;
-  memcpy(sun.sun_path, path, n);
-  if (clearstale(path) != 0
-      || (l->fd = bindlisten((struct sockaddr *)&sun, sizeof(sun), backlog,
-                             0, &what)) < 0)
-    return pf_fail(L, what);
-  l->owner = getpid();
-  if (stat(path, &st) == 0) {
-    l->dev = st.st_dev;
-    l->ino = st.st_ino;
-  }
-  snprintf(l->addr, sizeof(l->addr), "unix:%s", path);
-  return 1;
-}
-
-
-static int listeninet (lua_State *L, pf_listener *l, const char *a,
-                       int backlog, int reuseport) {
-  char host[256];
-  const char *port, *what = "bind";
-  struct addrinfo hints, *res;
-  struct sockaddr_storage ss;
-  socklen_t sl = sizeof(ss);
-  int r;
-  splithost(L, a, host, sizeof(host), &port);
-  checkport(L, a, port);
-  memset(&hints, 0, sizeof(hints));
-  hints.ai_family = host[0] ? AF_UNSPEC : AF_INET;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
-  if (r != 0) {
-    luaL_pushfail(L);
-    lua_pushfstring(L, "getaddrinfo: %s", gai_strerror(r));
-    return 2;
-  }
-  l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, reuseport,
-                     &what);
-  freeaddrinfo(res);
-  if (l->fd < 0 || getsockname(l->fd, (struct sockaddr *)&ss, &sl) != 0)
-    return pf_fail(L, what);
-  fmtaddr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
-  memcpy(&l->sa, &ss, sizeof(ss));
-  l->salen = sl;
-  l->backlog = backlog;
-  l->reuseport = reuseport;
-  return 1;
-}
-
-
-/* one of the SO_REUSEPORT siblings of a template */
-int pf_listener_reuseport (const pf_listener *l) {
-  return l->reuseport == 1;
-}
-
-
-/* a listener's template for SO_REUSEPORT siblings (accept = "reuseport") */
-int pf_listener_template (const pf_listener *l) {
-  return l->reuseport == 2;
-}
-
-
-/*
-** A listening SO_REUSEPORT sibling of the template tpl (same address and
-** port) on top of the stack; NULL (a closed one pushed, errno set) when
-** it cannot be made. [-0, +1, m]
-*/
-pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl) {
-  const char *what;
-  pf_listener *l = newlistener(L);
-  l->fd = bindlisten((const struct sockaddr *)&tpl->sa, tpl->salen,
-                     tpl->backlog, 1, &what);
-  if (l->fd < 0) return NULL;
-  memcpy(l->addr, tpl->addr, sizeof(l->addr));
-  memcpy(&l->sa, &tpl->sa, sizeof(l->sa));
-  l->salen = tpl->salen;
-  l->backlog = tpl->backlog;
-  l->reuseport = 1;
-  return l;
-}
-
-
-/*
-** core.listen(address [, backlog [, template]]) -> listener | fail
-** address: "host:port", "[v6]:port", "*:port", port, or "unix:/path".
-** A template (TCP only) is bound with SO_REUSEPORT and not listening: it
-** holds the address for the per-worker sockets of accept = "reuseport".
-** A malformed address raises.
-*/
-static int l_listen (lua_State *L) {
-  const char *a = lua_type(L, 1) == LUA_TNUMBER
-                  ? lua_tostring(L, 1) : luaL_checkstring(L, 1);
-  int backlog = (int)luaL_optinteger(L, 2, 1024);
-  int tpl = lua_toboolean(L, 3) ? 2 : 0;
-  pf_listener *l = newlistener(L);  /* closed until bound: __gc is safe */
-  int n = strncmp(a, "unix:", 5) == 0 ? listenunix(L, l, a + 5, backlog)
-                                      : listeninet(L, l, a, backlog, tpl);
-  return n;  /* the listener on top, or the fail triple */
-}
-
-
-static pf_listener *checkopen (lua_State *L) {
-  pf_listener *l = pf_checklistener(L, 1);
-  luaL_argcheck(L, l->fd >= 0, 1, "listener is closed");
-  return l;
-}
-
-
-static int li_getfd (lua_State *L) {
-  lua_pushinteger(L, pf_checklistener(L, 1)->fd);
-  return 1;
-}
-
-
-static int li_address (lua_State *L) {
-  lua_pushstring(L, checkopen(L)->addr);
-  return 1;
-}
-
-
-static int li_close (lua_State *L) {
-  pf_listener_close(pf_checklistener(L, 1));
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-
-/* listener:setdefer(seconds): accept a TCP connection only once its
-** first bytes came (TCP_DEFER_ACCEPT), or after that many seconds; for
-** protocols where the client speaks first. 0 turns it off. */
-static int li_setdefer (lua_State *L) {
-  pf_listener *l = checkopen(L);
-  int secs = (int)luaL_checkinteger(L, 2);
-  luaL_argcheck(L, secs >= 0, 2, "negative time");
-  if (strncmp(l->addr, "unix:", 5) != 0
-      && setsockopt(l->fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &secs,
-                    sizeof(secs)) != 0)
-    return pf_fail(L, "setsockopt");
-  lua_pushboolean(L, 1);
-  return 1;
-}
-
-
-/* listener:accept([timeout]) -> conn | nil, "timeout" | fail triple;
-** for programs that accept outside a master's worker */
-static int li_accept (lua_State *L) {
-  pf_listener *l = checkopen(L);
-  lua_Number t = luaL_optnumber(L, 2, -1);
-  double dl = t < 0 ? -1 : pf_now() + t;
-  pf_conn *c = pf_newconn(L);
-  for (;;) {
-    int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd >= 0) {
-      c->fd = fd;
-      return 1;
-    }
-    if (errno == EINTR || errno == ECONNABORTED) continue;
-    if (errno != EAGAIN && errno != EWOULDBLOCK) return pf_fail(L, "accept");
-    if (!pf_waitfd(l->fd, POLLIN, dl)) {
-      luaL_pushfail(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
-    }
-  }
-}
-
-
-static int li_tostring (lua_State *L) {
-  pf_listener *l = pf_checklistener(L, 1);
-  if (l->fd < 0) lua_pushliteral(L, "prefork.listener (closed)");
-  else lua_pushfstring(L, "prefork.listener (%s)", l->addr);
-  return 1;
-}
-
-/* }====================================================== */
-
-
-/* {======================================================
-** Connections
-** ======================================================= */
-
-/*
-** Wait until fd is ready for events (POLLIN or POLLOUT) or the monotonic
-** deadline passes (< 0: no deadline). 1 when ready, 0 on timeout.
-*/
-int pf_waitfd (int fd, int events, double deadline) {
-  struct pollfd p;
-  p.fd = fd;
-  p.events = (short)events;
-  for (;;) {
-    int ms = -1, r;
-    if (deadline >= 0) {
-      double left = deadline - pf_now();
-      if (left <= 0) return 0;
-      ms = left < 86400.0 ? (int)(left * 1000.0) + 1 : 86400000;  /* a day */
-    }
-    r = poll(&p, 1, ms);
-    if (r > 0) return 1;
-    if (r < 0 && errno != EINTR) return 1;  /* let the call say why */
-  }
-}
 
 
 /* a new connection object, closed until its owner sets fd */
@@ -428,11 +44,6 @@ static pf_conn *checkconn (lua_State *L) {
   if (c->fd < 0)
     luaL_error(L, "attempt to use a closed connection");
   return c;
-}
-
-
-static double deadline (const pf_conn *c) {
-  return c->timeout < 0 ? -1 : pf_now() + c->timeout;
 }
 
 
@@ -645,7 +256,7 @@ static int c_read (lua_State *L) {
   }
   luaL_argcheck(L, nargs < 0xffff, 0xffff, "too many formats");
   luaL_checkstack(L, nargs + 3, "too many arguments");
-  c->dl = deadline(c);
+  c->dl = pf_deadline(c->timeout);
   return readloop(L, c, 2, nargs);
 }
 
@@ -657,7 +268,8 @@ static void closeconn (pf_conn *c) {
   if (c->fd >= 0) {
     close(c->fd);
     c->fd = -1;
-    if (c->counted) pf_worker_closed();
+    if (c->counter != NULL) pf_add(*c->counter, -1);
+    c->counter = NULL;
   }
   putbuf(c->buf, c->cap);
   c->buf = NULL;
@@ -741,7 +353,7 @@ static void pushdata (lua_State *L) {
 static int c_write (lua_State *L) {
   pf_conn *c = checkconn(L);
   pushdata(L);
-  c->dl = deadline(c);
+  c->dl = pf_deadline(c->timeout);
   return writeloop(L, c, 0);
 }
 
@@ -761,7 +373,7 @@ static int c_close (lua_State *L) {
   }
   c = checkconn(L);
   pushdata(L);
-  c->dl = deadline(c);
+  c->dl = pf_deadline(c->timeout);
   c->closing = 1;
   return writeloop(L, c, 0);
 }
@@ -879,48 +491,87 @@ static int c_tostring (lua_State *L) {
   return 1;
 }
 
-/* }====================================================== */
 
+/* {======================================================
+** The fds of Lua values
+** ======================================================= */
 
-static void createmeta (lua_State *L, const char *name, const luaL_Reg *meth,
-                        const luaL_Reg *metameth) {
-  luaL_newmetatable(L, name);
-  luaL_setfuncs(L, metameth, 0);
-  lua_newtable(L);
-  luaL_setfuncs(L, meth, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
+/*
+** The fd of the value at idx: an integer, a connection, a Lua file
+** handle, or an object with a getfd method (a listener, a LuaSocket
+** object). Raises for
+** anything else, or for a closed one.
+*/
+int pf_tofd (lua_State *L, int idx) {
+  int fd = -1;
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Integer n = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, idx, "not an fd");
+    return (int)n;
+  }
+  else if (luaL_testudata(L, idx, PF_CONN))
+    fd = ((pf_conn *)lua_touserdata(L, idx))->fd;
+  else if (luaL_testudata(L, idx, LUA_FILEHANDLE)) {
+    luaL_Stream *s = (luaL_Stream *)lua_touserdata(L, idx);
+    fd = s->closef != NULL ? fileno(s->f) : -1;
+  }
+  else if (luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
+    lua_pop(L, 1);  /* obj:getfd() */
+    if (lua_getfield(L, idx, "getfd") != LUA_TFUNCTION)
+      return luaL_argerror(L, idx, "not an fd (no getfd method)");
+    lua_pushvalue(L, idx);
+    lua_call(L, 1, 1);
+    fd = (int)luaL_optinteger(L, -1, -1);
+    lua_pop(L, 1);
+  }
+  else
+    return luaL_typeerror(L, idx, "fd, connection, socket or file");
+  luaL_argcheck(L, fd >= 0, idx, "closed");
+  return fd;
 }
 
 
-void pf_open_sock (lua_State *L) {
-  static const luaL_Reg limeth[] = {
-    {"getfd", li_getfd}, {"address", li_address}, {"close", li_close},
-    {"accept", li_accept}, {"setdefer", li_setdefer},
-    {NULL, NULL}
-  };
-  static const luaL_Reg limetameth[] = {
-    {"__gc", li_close}, {"__close", li_close}, {"__tostring", li_tostring},
-    {NULL, NULL}
-  };
-  static const luaL_Reg cmeth[] = {
+
+static int wait_fd_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  return pf_pushwait(L, pf_wakereason(L));
+}
+
+
+/* prefork.wait_fd(fd, "r"|"w"|"rw" [, timeout]) -> true | nil, "timeout";
+** yields in a task */
+static int l_wait_fd (lua_State *L) {
+  static const char *const modes[] = {"r", "w", "rw", NULL};
+  static const int events[] = {POLLIN, POLLOUT, POLLIN | POLLOUT};
+  int fd = pf_tofd(L, 1);
+  int mode = luaL_checkoption(L, 2, "r", modes);
+  lua_Number t = luaL_optnumber(L, 3, -1);
+  return pf_pushwait(L, pf_waitk(L, fd, events[mode], pf_deadline(t), 0, 0,
+                                 wait_fd_k));
+}
+
+/* }====================================================== */
+
+
+void pf_open_conn (lua_State *L) {
+  static const luaL_Reg meth[] = {
     {"read", c_read}, {"write", c_write}, {"close", c_close},
     {"settimeout", c_settimeout}, {"setmaxline", c_setmaxline},
     {"getfd", c_getfd}, {"peer", c_peer},
     {NULL, NULL}
   };
-  static const luaL_Reg cmetameth[] = {
+  static const luaL_Reg metameth[] = {
     {"__gc", c_gc}, {"__close", c_gc}, {"__tostring", c_tostring},
     {NULL, NULL}
   };
   static const luaL_Reg funcs[] = {
-    {"listen", l_listen},
     {"socketpair", l_socketpair},
     {"conn", l_conn},
     {"close", l_close},
+    {"wait_fd", l_wait_fd},
     {NULL, NULL}
   };
-  createmeta(L, PF_LISTENER, limeth, limetameth);
-  createmeta(L, PF_CONN, cmeth, cmetameth);
+  pf_newclass(L, PF_CONN, meth, metameth);
   luaL_setfuncs(L, funcs, 0);
 }

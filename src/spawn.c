@@ -1,0 +1,163 @@
+/*
+** spawn.c: forking a worker: before_fork, the fork with its readiness
+** pipe and scoreboard slot, and the new worker's side (its listeners,
+** the worker setup, the title, then the body); a failed fork is retried
+** with backoff.
+*/
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+
+#include "table.h"
+
+
+/* what a new worker needs to know, for childmain */
+typedef struct childargs {
+  master *m;
+  worker *w;
+  int ctl, slot;
+} childargs;
+
+
+/* the listeners of the new worker a, as an array (kept alive in the
+** registry) */
+static pf_listener **childlisteners (lua_State *L, childargs *a, int *n) {
+  pf_listener **ls;
+  int i;
+  if (a->m->strategy == PF_ACCEPT_REUSEPORT)  /* its own; the others' are not */
+    pf_ports_only(L, a->w->ports);
+  else
+    pf_pushlisteners(L, a->m);
+  *n = (int)luaL_len(L, -1);
+  ls = (pf_listener **)lua_newuserdatauv(L, sizeof(pf_listener *)
+                                            * ((size_t)*n + 1), 0);
+  lua_setfield(L, LUA_REGISTRYINDEX, "prefork.worker.listeners");
+  for (i = 0; i < *n; i++) {
+    lua_rawgeti(L, -1, i + 1);
+    ls[i] = pf_checklistener(L, -1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return ls;
+}
+
+
+/* the body of a new worker, run protected: the worker side set up over
+** the listeners, the title, then opts.child(context) */
+static int childmain (lua_State *L) {
+  childargs *a = (childargs *)lua_touserdata(L, 1);
+  master *m = a->m;
+  int n;
+  pf_listener **ls = childlisteners(L, a, &n);
+  m->L = L;
+  pf_worker_setup(ls, n, a->ctl, m->strategy, &m->score[a->slot], m->pid);
+  if (m->strategy == PF_ACCEPT_MUTEX && pf_accept_openlock(m->lockfd) < 0)
+    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  if (lua_getfield(L, -1, "title") == LUA_TSTRING) {
+    char title[256];
+    snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
+             a->w->name);
+    pf_settitle(title);
+  }
+  lua_pop(L, 2);
+  if (!pf_pushcb(L, m, "child"))
+    return luaL_error(L, "no worker body");
+  pf_pushctx(L, m, a->w);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+
+/* the new worker: its body, then exit; it never returns */
+static void child (lua_State *L, master *m, worker *w, int ctl, int slot) {
+  childargs a;
+  a.m = m; a.w = w; a.ctl = ctl; a.slot = slot;
+  lua_pushcfunction(L, childmain);
+  lua_pushlightuserdata(L, &a);
+  pf_child_run(L, 1);
+}
+
+
+/* the spawn failed: retry with backoff. The log sink is Lua, which may
+** retire w: it is held meanwhile, and freed after if it was. */
+static void forkfailed (lua_State *L, master *m, worker *w,
+                        const char *what) {
+  int en = errno;
+  w->fails++;
+  pf_schedule(m, w, pf_backoff(w));
+  w->hold = 1;
+  pf_log(L, "error", "worker %s: %s failed: %s; retry in %.3gs",
+         w->name, what, strerror(en), pf_backoff(w));
+  w->hold = 0;
+  if (!w->respawn || m->stopping) pf_freeworker(L, m, w);
+}
+
+
+/* before_fork(context): 0 when the hook stopped w (it is freed) */
+static int beforefork (lua_State *L, master *m, worker *w) {
+  w->hold = 1;
+  if (pf_pushcb(L, m, "before_fork")) {
+    pf_pushctx(L, m, w);
+    pf_callhook(L, "before_fork", 1);
+  }
+  w->hold = 0;
+  if (!w->respawn || m->stopping) {
+    pf_freeworker(L, m, w);
+    return 0;
+  }
+  return 1;
+}
+
+
+/* the master's side of a new worker: its pid, slot and readiness pipe */
+static void started (worker *w, pid_t pid, int slot, int ctl) {
+  w->pid = pid;
+  w->slot = slot;
+  w->state = W_STARTING;
+  w->started = pf_now();
+  w->ctl = ctl;
+  ev_io_set(&w->ready, ctl, EV_READ);
+  ev_io_start(EV_DEFAULT, &w->ready);
+  pf_arm(w, READYAFTER);
+}
+
+
+void pf_spawn (lua_State *L, master *m, worker *w) {
+  int fds[2], slot;
+  pid_t pid;
+  if (!beforefork(L, m, w)) return;
+  if ((slot = pf_newslot(m)) < 0) {
+    errno = EAGAIN;
+    forkfailed(L, m, w, "scoreboard");
+    return;
+  }
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
+    m->used[slot] = 0;
+    forkfailed(L, m, w, "socketpair");
+    return;
+  }
+  /* never block on it: a process the worker forked may hold the other
+  ** end after the worker is gone */
+  fcntl(fds[0], F_SETFL, O_NONBLOCK);
+  pid = pf_fork();
+  if (pid == 0) {
+    close(fds[0]);
+    child(L, m, w, fds[1], slot);
+  }
+  close(fds[1]);
+  if (pid < 0) {
+    close(fds[0]);
+    m->used[slot] = 0;
+    forkfailed(L, m, w, "fork");
+    return;
+  }
+  started(w, pid, slot, fds[0]);
+  pf_log(L, "info", "worker %s (pid %ld) started", w->name, (long)pid);
+}
+
+/* }====================================================== */

@@ -1,0 +1,153 @@
+/*
+** table.c: the master's worker table: calls into the master's Lua hooks,
+** and the operations on a worker's entry that the state machine
+** (master.c) and spawning (spawn.c) share: timers, backoff, retiring,
+** scoreboard slots.
+*/
+
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "table.h"
+
+
+/* {======================================================
+** Calls into Lua
+** ======================================================= */
+
+/* push opts[name] if it is a function [-0, +(0|1), -] */
+int pf_pushcb (lua_State *L, master *m, const char *name) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  if (lua_getfield(L, -1, name) == LUA_TFUNCTION) {
+    lua_remove(L, -2);
+    return 1;
+  }
+  lua_pop(L, 2);
+  return 0;
+}
+
+
+/* call the function under nargs arguments; log if it raises */
+void pf_callhook (lua_State *L, const char *name, int nargs) {
+  if (pf_pcall(L, nargs, 0) != LUA_OK) {
+    pf_log(L, "error", "%s failed: %s", name, lua_tostring(L, -1));
+    lua_pop(L, 1);
+  }
+}
+
+
+void pf_pushctx (lua_State *L, master *m, worker *w) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->ctxs);
+  lua_rawgeti(L, -1, w->ctx);
+  lua_remove(L, -2);
+}
+
+
+/* push the master's list of listeners */
+void pf_pushlisteners (lua_State *L, master *m) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  lua_getfield(L, -1, "listeners");
+  lua_remove(L, -2);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** The worker list
+** ======================================================= */
+
+/* w's channel takes no more connections (accept = "master") */
+void pf_untarget (master *m, worker *w) {
+  if (w->target) pf_handoff_remove(m->handoff, w->ctl);
+  w->target = 0;
+}
+
+
+/* w's reuseport sockets are let go: the last holder closes the master's
+** copies, which then die with the worker's (their queue is drained by
+** the worker; net.ipv4.tcp_migrate_req=1 moves what comes in between) */
+void pf_dropports (lua_State *L, worker *w) {
+  pf_ports_release(L, w->ports);
+  w->ports = LUA_NOREF;
+}
+
+
+void pf_freeworker (lua_State *L, master *m, worker *w) {
+  worker **p;
+  for (p = &m->list; *p != NULL; p = &(*p)->next) {
+    if ((*p)->replaces == w) (*p)->replaces = NULL;
+  }
+  for (p = &m->list; *p != w; p = &(*p)->next) {}
+  *p = w->next;
+  ev_timer_stop(EV_DEFAULT, &w->timer);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->ctxs);
+  luaL_unref(L, -1, w->ctx);
+  lua_pop(L, 1);
+  pf_dropports(L, w);
+  free(w);
+  if (m->stopping && m->list == NULL)
+    ev_break(EV_DEFAULT, EVBREAK_ALL);
+}
+
+
+/* w's timer in delay seconds from now: libev's cached time may be as old
+** as the Lua hook that ran before, so it is brought up to date first */
+void pf_arm (worker *w, double delay) {
+  struct ev_loop *loop = EV_DEFAULT;
+  ev_now_update(loop);
+  ev_timer_stop(loop, &w->timer);
+  ev_timer_set(&w->timer, delay, 0);
+  ev_timer_start(loop, &w->timer);
+}
+
+
+/* the next spawn of w in delay seconds */
+void pf_schedule (master *m, worker *w, double delay) {
+  w->state = W_PENDING;
+  w->pid = 0;
+  if (m->running) pf_arm(w, delay);
+}
+
+
+double pf_backoff (worker *w) {
+  double d = BACKOFF0;
+  int i;
+  for (i = 1; i < w->fails && d < BACKOFFMAX; i++) d *= 2;
+  return d < BACKOFFMAX ? d : BACKOFFMAX;
+}
+
+
+/* told to TERM (graceful) or KILL: it goes, and is not respawned */
+void pf_retire (lua_State *L, master *m, worker *w, int sig) {
+  w->respawn = 0;
+  pf_untarget(m, w);
+  pf_dropports(L, w);  /* unless a successor shares them */
+  if (w->state == W_PENDING) {
+    if (!w->hold) pf_freeworker(L, m, w);
+    return;
+  }
+  if (sig == SIGTERM && w->state == W_STOPPING) return;
+  kill(w->pid, sig);
+  if (w->state != W_STOPPING && m->running) pf_arm(w, m->graceful);
+  w->state = W_STOPPING;
+}
+
+
+int pf_newslot (master *m) {
+  int i;
+  for (i = 0; i < PF_MAXPROCS; i++) {
+    if (!m->used[i]) {
+      m->used[i] = 1;
+      memset(&m->score[i], 0, sizeof(m->score[i]));
+      return i;
+    }
+  }
+  return -1;
+}
+
+/* }====================================================== */
+
+
