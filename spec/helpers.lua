@@ -13,6 +13,9 @@ assert(prefork.subreaper(true))
 H.lua = os.getenv("SPEC_LUA") or os.getenv("LUA") or "lua5.4"
 H.valgrind = H.lua:match("valgrind") ~= nil  -- it catches every signal itself
 
+-- the errnos that come third after nil and a word (Linux's numbers)
+H.ETIMEDOUT, H.EMSGSIZE, H.EPROTO, H.ECANCELED = 110, 90, 71, 125
+
 function H.now () return socket.gettime() end
 function H.sleep (s) socket.sleep(s) end
 

@@ -243,13 +243,51 @@ function TestServe:test_sleep_and_wait_fd_block_outside_serve ()
   lu.assertTrue(prefork.sleep(0.05))
   lu.assertTrue(H.now() - t0 >= 0.045)
   local a, b = prefork.socketpair()
-  lu.assertEquals({prefork.wait_fd(b, "r", 0.05)}, {nil, "timeout"})
+  lu.assertEquals({prefork.wait_fd(b, "r", 0.05)}, {nil, "timeout", H.ETIMEDOUT})
   a:write("x")
   lu.assertTrue(prefork.wait_fd(b, "r", 1))
   lu.assertTrue(prefork.wait_fd(b:getfd(), "w"))
   lu.assertErrorMsgContains("invalid option", prefork.wait_fd, b, "x")
   lu.assertErrorMsgContains("negative time", prefork.sleep, -1)
   a:close() b:close()
+end
+
+
+
+-- recvfds in a task yields also in the middle of a frame: while one
+-- connection waits for the rest of a frame its peer began, the worker
+-- serves the others
+function TestServe:test_recvfds_yields_in_the_middle_of_a_frame ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  fork = function (w)
+    local a, b = prefork.socketpair()
+    w:serve(function (c)
+      local cmd = c:read("l")
+      if cmd == "recv" then
+        c:write("waiting\n")
+        local data, fds = prefork.recvfds(a)
+        c:write(tostring(data), " ", tostring(fds and #fds), "\n")
+      elseif cmd == "part" then  -- a header of 5 bytes, then 2 of them
+        b:write("\0\0\0\5ab")
+        c:write("sent part\n")
+      elseif cmd == "rest" then
+        b:write("cde")
+        c:write("sent rest\n")
+      else
+        c:write("pong\n")
+      end
+    end)
+  end}
+]])
+  local waiter = connect(p.port)
+  waiter:send("recv\n")
+  lu.assertEquals(waiter:receive("*l"), "waiting")
+  lu.assertEquals(H.request_ok(p.port, "part\n"), "sent part\n")
+  lu.assertEquals(H.request_ok(p.port, "ping\n"), "pong\n")
+  lu.assertEquals(H.request_ok(p.port, "rest\n"), "sent rest\n")
+  lu.assertEquals(waiter:receive("*l"), "abcde 0")
+  waiter:close()
 end
 
 

@@ -37,7 +37,7 @@ function TestListen:test_port_0_tells_its_port ()
   lu.assertTrue(l:close())
   lu.assertTrue(l:close())  -- twice is fine
   lu.assertEquals(tostring(l), "prefork.listener (closed)")
-  lu.assertErrorMsgContains("listener is closed", l.address, l)
+  lu.assertErrorMsgContains("attempt to use a closed listener", l.address, l)
 end
 
 function TestListen:test_ipv6_and_wildcards ()
@@ -104,7 +104,7 @@ function TestListen:test_deferred_accept_waits_for_the_first_bytes ()
   lu.assertTrue(l:setdefer(1))
   local port = tonumber(l:address():match(":(%d+)$"))
   local c = H.connect(port, 2)
-  lu.assertEquals({l:accept(0.3)}, {nil, "timeout"})  -- silent: not yet
+  lu.assertEquals({l:accept(0.3)}, {nil, "timeout", H.ETIMEDOUT})  -- silent: not yet
   c:send("hi\n")
   local conn = assert(l:accept(2))
   lu.assertEquals(conn:read(), "hi")
@@ -115,7 +115,7 @@ end
 function TestListen:test_accept_timeout ()
   local l = assert(prefork.listen("127.0.0.1:0"))
   local t0 = H.now()
-  lu.assertEquals({l:accept(0.1)}, {nil, "timeout"})
+  lu.assertEquals({l:accept(0.1)}, {nil, "timeout", H.ETIMEDOUT})
   lu.assertTrue(H.now() - t0 >= 0.09)
   l:close()
 end
@@ -136,9 +136,9 @@ function TestConn:test_read_formats ()
   client:close()
   lu.assertEquals(conn:read("a"), "rest")
   lu.assertEquals(conn:read("a"), "")
-  lu.assertEquals({conn:read("l")}, {nil, "closed"})
-  lu.assertEquals({conn:read(0)}, {nil, "closed"})
-  lu.assertEquals({conn:read(5)}, {nil, "closed"})
+  lu.assertEquals({conn:read("l")}, {nil, "closed", 0})
+  lu.assertEquals({conn:read(0)}, {nil, "closed", 0})
+  lu.assertEquals({conn:read(5)}, {nil, "closed", 0})
   conn:close()
 end
 
@@ -146,7 +146,7 @@ function TestConn:test_partial_line_at_end_and_sizes_across_eof ()
   local conn, client = pair()
   client:send("no newline")
   client:close()
-  lu.assertEquals({conn:read("l", "l")}, {"no newline", nil, "closed"})
+  lu.assertEquals({conn:read("l", "l")}, {"no newline", nil, "closed", 0})
   conn:close()
   conn, client = pair()
   client:send("abc")
@@ -174,13 +174,13 @@ function TestConn:test_timeouts_keep_unread_bytes ()
   lu.assertIs(conn:settimeout(0.1), conn)
   client:send("partial")
   local t0 = H.now()
-  lu.assertEquals({conn:read("l")}, {nil, "timeout"})
+  lu.assertEquals({conn:read("l")}, {nil, "timeout", H.ETIMEDOUT})
   lu.assertTrue(H.now() - t0 >= 0.09)
   client:send(" line\n")
   lu.assertEquals(conn:read("l"), "partial line")  -- nothing was lost
   conn:settimeout(nil)
   client:close()
-  lu.assertEquals({conn:read("l")}, {nil, "closed"})
+  lu.assertEquals({conn:read("l")}, {nil, "closed", 0})
   conn:close()
 end
 
@@ -203,12 +203,14 @@ end
 function TestConn:test_write_timeout_when_the_peer_does_not_read ()
   local conn, client = pair()
   conn:settimeout(0.2)
-  local ok, msg
+  local ok, msg, en, sent
   for _ = 1, 1000 do
-    ok, msg = conn:write(("y"):rep(65536))
+    ok, msg, en, sent = conn:write(("y"):rep(65536))
     if not ok then break end
   end
-  lu.assertEquals({ok, msg}, {nil, "timeout"})
+  lu.assertEquals({ok, msg, en}, {nil, "timeout", H.ETIMEDOUT})
+  -- it says how much of the last write went out before the time was up
+  lu.assertTrue(math.type(sent) == "integer" and sent >= 0 and sent < 65536)
   client:close()
   conn:close()
 end
@@ -275,7 +277,7 @@ function TestConn:test_maxline_bounds_a_line ()
   lu.assertIs(b:setmaxline(8), b)
   a:write("short\n0123456789abcdef\n")
   lu.assertEquals(b:read(), "short")
-  lu.assertEquals({b:read("l")}, {nil, "too long"})
+  lu.assertEquals({b:read("l")}, {nil, "too long", H.EMSGSIZE})
   lu.assertEquals(b:read(4), "0123")  -- nothing was lost
   b:setmaxline(nil)
   lu.assertEquals(b:read("L"), "456789abcdef\n")
@@ -298,7 +300,7 @@ function TestConn:test_socketpair ()
   lu.assertEquals(b:read(), "ping")
   lu.assertEquals(b:peer(), "")
   a:close()
-  lu.assertEquals({b:read()}, {nil, "closed"})
+  lu.assertEquals({b:read()}, {nil, "closed", 0})
   b:close()
 end
 

@@ -193,17 +193,32 @@ static int readone (lua_State *L, pf_conn *c, int arg) {
 }
 
 
-/* the results of a read that stopped at format i: i - 2 came, then nil
-** and why */
-static int readfailed (lua_State *L, int i, int st, const char *why) {
-  if (why == NULL) {
-    if (st == 0) why = "closed";
-    else if (errno == EMSGSIZE) why = "too long";
-    else return (i - 2) + pf_fail(L, "read");
-  }
-  luaL_pushfail(L);
-  lua_pushstring(L, why);
-  return (i - 2) + 2;
+/*
+** The results of a failed read or write: nil, why, errno. why is a word
+** of ours ("closed": end of stream, errno 0; "timeout"; "too long";
+** "stopping"), or "read: strerror" / "write: strerror". [-0, +3, m]
+*/
+static int failed (lua_State *L, const char *what, const char *why, int en) {
+  if (why != NULL) return pf_failwith(L, why, en);
+  errno = en;
+  return pf_fail(L, what);
+}
+
+
+/* a wait that did not end ready: "timeout" or "stopping" */
+static int waitfailed (lua_State *L, const char *what, int how) {
+  return how == PF_STOPPING ? failed(L, what, "stopping", ECANCELED)
+                            : failed(L, what, "timeout", ETIMEDOUT);
+}
+
+
+/* a read that stopped at format i: the i - 2 results that came, then the
+** failure (st: 0 at end of stream, else errno tells) */
+static int readfailed (lua_State *L, int i, int st) {
+  int en = errno;
+  if (st == 0) return (i - 2) + failed(L, "read", "closed", 0);
+  if (en == EMSGSIZE) return (i - 2) + failed(L, "read", "too long", en);
+  return (i - 2) + failed(L, "read", NULL, en);
 }
 
 
@@ -212,10 +227,9 @@ static int readloop (lua_State *L, pf_conn *c, int i, int nargs);
 /* a read resumed after its wait in a serve coroutine; ctx: i, nargs */
 static int read_k (lua_State *L, int status, lua_KContext ctx) {
   pf_conn *c = (pf_conn *)lua_touserdata(L, 1);
-  int i = (int)(ctx >> 16), why = pf_wakereason(L);
+  int i = (int)(ctx >> 16), how = pf_wakereason(L);
   (void)status;
-  if (why == PF_TIMEOUT) return readfailed(L, i, -1, "timeout");
-  if (why == PF_STOPPING) return readfailed(L, i, -1, "stopping");
+  if (how != PF_READY) return (i - 2) + waitfailed(L, "read", how);
   return readloop(L, c, i, (int)(ctx & 0xffff));
 }
 
@@ -228,11 +242,10 @@ static int readloop (lua_State *L, pf_conn *c, int i, int nargs) {
     if (st == AGAIN) {
       int w = pf_waitk(L, c->fd, POLLIN, c->dl, c->wrote && c->r == c->w,
                        ((lua_KContext)i << 16) | nargs, read_k);
-      if (w == PF_TIMEOUT) return readfailed(L, i, -1, "timeout");
-      if (w == PF_STOPPING) return readfailed(L, i, -1, "stopping");
+      if (w != PF_READY) return (i - 2) + waitfailed(L, "read", w);
     }
     else if (st <= 0)
-      return readfailed(L, i, st, NULL);
+      return readfailed(L, i, st);
     else
       i++;
   }
@@ -278,26 +291,23 @@ static void closeconn (pf_conn *c) {
 }
 
 
-/* a write that failed (the fail triple is pushed first: close may change
-** errno); a closing one closes anyway */
-static int writefailed (lua_State *L, pf_conn *c, int timedout) {
-  int n;
-  if (timedout) {
-    luaL_pushfail(L);
-    lua_pushliteral(L, "timeout");
-    n = 2;
-  }
-  else
-    n = pf_fail(L, "write");
+/* a write that failed (how: PF_READY when send failed, with errno) after
+** sent bytes went out: nil, why, errno, sent; a closing one closes
+** anyway (after the results: close may change errno) */
+static int writefailed (lua_State *L, pf_conn *c, int how, size_t sent) {
+  int n = how == PF_READY ? failed(L, "write", NULL, errno)
+                          : waitfailed(L, "write", how);
+  lua_pushinteger(L, (lua_Integer)sent);
   if (c->closing) closeconn(c);
-  return n;
+  return n + 1;
 }
 
 
 static int write_k (lua_State *L, int status, lua_KContext ctx) {
+  int how = pf_wakereason(L);
   (void)status;
-  if (pf_wakereason(L) != PF_READY)
-    return writefailed(L, (pf_conn *)lua_touserdata(L, 1), 1);
+  if (how != PF_READY)
+    return writefailed(L, (pf_conn *)lua_touserdata(L, 1), how, (size_t)ctx);
   return writeloop(L, (pf_conn *)lua_touserdata(L, 1), (size_t)ctx);
 }
 
@@ -311,15 +321,16 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
   int flags = MSG_NOSIGNAL | (c->closing ? MSG_MORE : 0);
   while (off < len) {
     ssize_t k = send(c->fd, s + off, len - off, flags);
+    int how;
     if (k >= 0)
       off += (size_t)k;
     else if (errno == EINTR)
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
-      return writefailed(L, c, 0);
-    else if (pf_waitk(L, c->fd, POLLOUT, c->dl, 0, (lua_KContext)off,
-                      write_k) != PF_READY)
-      return writefailed(L, c, 1);
+      return writefailed(L, c, PF_READY, off);
+    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, 0, (lua_KContext)off,
+                             write_k)) != PF_READY)
+      return writefailed(L, c, how, off);
   }
   c->wrote = 1;  /* an answer went out: reading next waits for a request */
   if (c->closing) closeconn(c);

@@ -8,6 +8,7 @@
 */
 
 #include <errno.h>
+#include <stddef.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,80 +40,122 @@ static int checksock (lua_State *L, pf_conn **c) {
 }
 
 
-/* prefork.sendfds(sock, data, fds) -> true | nil, "timeout" | fail */
-static int l_sendfds (lua_State *L) {
-  pf_conn *c;
-  int sock = checksock(L, &c);
-  size_t len, sent = 0;
-  const char *data = luaL_checklstring(L, 2, &len);
-  int n, i, fds[MAXFDS];
-  unsigned char head[HEADER];
-  union {  /* aligned control buffer */
-    char buf[CMSG_SPACE(sizeof(int) * MAXFDS)];
-    struct cmsghdr align;
-  } ctl;
-  struct iovec iov[2];
-  struct msghdr msg;
-  double dl = pf_deadline(c != NULL ? c->timeout : -1);
-  luaL_checktype(L, 3, LUA_TTABLE);
-  n = (int)luaL_len(L, 3);
-  luaL_argcheck(L, n <= MAXFDS, 3, "more than 253 fds");
-  luaL_argcheck(L, len <= PF_MAXFDMSG, 2, "data too long");
+/* {======================================================
+** Sending a frame
+** ======================================================= */
+
+/* an aligned control buffer for up to MAXFDS fds */
+typedef union ctlbuf {
+  char buf[CMSG_SPACE(sizeof(int) * MAXFDS)];
+  struct cmsghdr align;
+} ctlbuf;
+
+
+/* the fds of the list at 3 as control data of msg */
+static void putfds (lua_State *L, struct msghdr *msg, ctlbuf *ctl) {
+  int i, n = (int)luaL_len(L, 3);
+  struct cmsghdr *cm;
+  int fds[MAXFDS];
+  if (n == 0) return;
   for (i = 0; i < n; i++) {
     lua_geti(L, 3, i + 1);
     fds[i] = pf_tofd(L, -1);
     lua_pop(L, 1);
   }
+  memset(ctl, 0, sizeof(*ctl));
+  msg->msg_control = ctl->buf;
+  msg->msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+  cm = CMSG_FIRSTHDR(msg);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+  memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)n);
+}
+
+
+/* send what is left of the frame (header and the data at 2) from byte
+** sent on; the fds go with the first byte: the bytes sent, or -1 */
+static ssize_t sendrest (lua_State *L, int sock, size_t sent) {
+  size_t len, h = sent < HEADER ? HEADER - sent : 0;
+  const char *data = lua_tolstring(L, 2, &len);
+  unsigned char head[HEADER];
+  struct iovec iov[2];
+  struct msghdr msg;
+  ctlbuf ctl;
+  ssize_t k;
   pf_put32(head, (uint32_t)len);
   memset(&msg, 0, sizeof(msg));
-  iov[0].iov_base = head; iov[0].iov_len = HEADER;
-  iov[1].iov_base = (void *)(size_t)data; iov[1].iov_len = len;
-  msg.msg_iov = iov;
-  msg.msg_iovlen = 2;
-  if (n > 0) {
-    struct cmsghdr *cm;
-    memset(&ctl, 0, sizeof(ctl));
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
-    cm = CMSG_FIRSTHDR(&msg);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
-    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)n);
-  }
-  while (sent < HEADER + len) {
-    ssize_t k = sendmsg(sock, &msg, MSG_NOSIGNAL);
-    if (k > 0) {
-      size_t left = (size_t)k;
-      sent += left;
-      msg.msg_control = NULL;  /* the fds went with the first byte */
-      msg.msg_controllen = 0;
-      while (msg.msg_iovlen > 0 && left >= msg.msg_iov[0].iov_len) {
-        left -= msg.msg_iov[0].iov_len;
-        msg.msg_iov++;
-        msg.msg_iovlen--;
-      }
-      if (msg.msg_iovlen > 0) {
-        msg.msg_iov[0].iov_base = (char *)msg.msg_iov[0].iov_base + left;
-        msg.msg_iov[0].iov_len -= left;
-      }
-    }
-    else if (k < 0 && errno == EINTR)
-      continue;
-    else if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      if (!pf_waitfd(sock, POLLOUT, dl)) {
-        luaL_pushfail(L);
-        lua_pushliteral(L, "timeout");
-        return 2;
-      }
-    }
-    else
+  iov[0].iov_base = head + (HEADER - h);
+  iov[0].iov_len = h;
+  iov[1].iov_base = (char *)(size_t)data + (sent - (HEADER - h));
+  iov[1].iov_len = len - (sent - (HEADER - h));
+  msg.msg_iov = h > 0 ? iov : iov + 1;
+  msg.msg_iovlen = h > 0 ? 2 : 1;
+  if (sent == 0) putfds(L, &msg, &ctl);
+  do k = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  while (k < 0 && errno == EINTR);
+  return k;
+}
+
+
+static int sendloop (lua_State *L, size_t sent);
+
+static int sendfds_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status;
+  if (pf_wakereason(L) != PF_READY)
+    return pf_failwith(L, "timeout", ETIMEDOUT);
+  return sendloop(L, (size_t)ctx);
+}
+
+
+/* the frame of the arguments (sock, data, fds, deadline at 4) from byte
+** sent on; waits (or yields) while the socket is full */
+static int sendloop (lua_State *L, size_t sent) {
+  int sock = pf_tofd(L, 1);
+  size_t len = HEADER + luaL_len(L, 2);
+  while (sent < len) {
+    ssize_t k = sendrest(L, sock, sent);
+    if (k >= 0)
+      sent += (size_t)k;
+    else if (errno != EAGAIN && errno != EWOULDBLOCK)
       return pf_fail(L, "sendmsg");
+    else if (pf_waitk(L, sock, POLLOUT, lua_tonumber(L, 4), 0,
+                      (lua_KContext)sent, sendfds_k) != PF_READY)
+      return pf_failwith(L, "timeout", ETIMEDOUT);
   }
   lua_pushboolean(L, 1);
   return 1;
 }
 
+
+/* prefork.sendfds(sock, data, fds) -> true | nil, "timeout" | fail; in a
+** task it yields while the socket is full */
+static int l_sendfds (lua_State *L) {
+  pf_conn *c;
+  int i, n;
+  size_t len;
+  checksock(L, &c);
+  luaL_checklstring(L, 2, &len);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  n = (int)luaL_len(L, 3);
+  luaL_argcheck(L, n <= MAXFDS, 3, "more than 253 fds");
+  luaL_argcheck(L, len <= PF_MAXFDMSG, 2, "data too long");
+  for (i = 1; i <= n; i++) {  /* check them all before a byte goes */
+    lua_geti(L, 3, i);
+    pf_tofd(L, -1);
+    lua_pop(L, 1);
+  }
+  lua_settop(L, 3);
+  lua_pushnumber(L, pf_deadline(c != NULL ? c->timeout : -1));
+  return sendloop(L, 0);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Receiving a frame
+** ======================================================= */
 
 /* close the n fds of a control message */
 static void closefds (const int *fds, int n) {
@@ -144,161 +187,148 @@ static int takefds (struct msghdr *msg, int *fds, int max) {
 
 
 /*
-** Receive exactly len bytes into buf, and the fds that come with them.
-** 1 done (*trunc set when more fds came than maxfds, or the kernel cut
-** the control data), 0 end of stream, -1 errno (ETIMEDOUT).
+** A frame on its way in, kept across the waits of recvfds: a userdata
+** whose __gc closes the fds that came and frees the data, so that no
+** failure (nor a memory error between two steps) leaks one.
 */
-static int recvall (int sock, char *buf, size_t len, int *fds, int *nfds,
-                    int maxfds, int *trunc, double dl) {
-  size_t got = 0;
-  union {
-    char buf[CMSG_SPACE(sizeof(int) * MAXFDS)];
-    struct cmsghdr align;
-  } ctl;
-  while (got < len) {
-    struct msghdr msg;
-    struct iovec iov;
-    ssize_t k;
-    memset(&msg, 0, sizeof(msg));
-    iov.iov_base = buf + got;
-    iov.iov_len = len - got;
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.buf;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)(maxfds > 0 ? maxfds : 1));
-    k = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-    if (k > 0) {
-      *nfds += takefds(&msg, fds + *nfds, MAXFDS - *nfds);
-      if ((msg.msg_flags & MSG_CTRUNC) || *nfds > maxfds)
-        *trunc = 1;  /* read on: the next frame must start in place */
-      got += (size_t)k;
-    }
-    else if (k == 0)
-      return 0;
-    else if (errno == EINTR)
-      continue;
-    else if (errno != EAGAIN && errno != EWOULDBLOCK)
-      return -1;
-    else if (!pf_waitfd(sock, POLLIN, dl)) {
-      errno = ETIMEDOUT;
-      return -1;
-    }
-  }
-  return 1;
-}
-
-
-/* received fds not yet handed to Lua: a box whose __gc closes them, so
-** that not even a memory error between two steps can leak one */
-typedef struct fdbox {
-  int n;
+typedef struct frame {
+  int n;  /* fds received */
+  int maxfds;
+  int trunc;  /* more fds came than maxfds, or the kernel cut some */
+  unsigned char head[HEADER];
+  size_t got;  /* bytes of the frame received (header and data) */
+  size_t len;  /* of the data, once the header is in */
+  char *data;
   int fds[MAXFDS];
-} fdbox;
+} frame;
 
-#define FDBOX	"prefork.fdbox"
+#define FRAME	"prefork.frame"
 
-static int box_gc (lua_State *L) {
-  fdbox *box = (fdbox *)luaL_checkudata(L, 1, FDBOX);
-  closefds(box->fds, box->n);
-  box->n = 0;
+static int frame_gc (lua_State *L) {
+  frame *f = (frame *)luaL_checkudata(L, 1, FRAME);
+  closefds(f->fds, f->n);
+  f->n = 0;
+  free(f->data);
+  f->data = NULL;
   return 0;
 }
 
 
-/* a failed recvfds: what came is closed; nil, reason */
-static int recvfail (lua_State *L, int st, fdbox *box) {
-  int en = errno;
-  closefds(box->fds, box->n);
-  box->n = 0;
-  errno = en;
-  luaL_pushfail(L);
-  if (st == 0 || (st < 0 && errno == ECONNRESET))
-    lua_pushliteral(L, "closed");
-  else if (errno == ETIMEDOUT)
-    lua_pushliteral(L, "timeout");
-  else if (errno == EMSGSIZE)
-    lua_pushliteral(L, "truncated");
-  else if (errno == EPROTO)
-    lua_pushliteral(L, "corrupt message");
-  else {
-    lua_pop(L, 1);
-    return pf_fail(L, "recvmsg");
+/* receive more of frame f, without blocking: the bytes, 0 at end of
+** stream, -1 with errno */
+static ssize_t recvsome (int sock, frame *f) {
+  ctlbuf ctl;
+  struct msghdr msg;
+  struct iovec iov;
+  ssize_t k;
+  memset(&msg, 0, sizeof(msg));
+  if (f->got < HEADER) {
+    iov.iov_base = f->head + f->got;
+    iov.iov_len = HEADER - f->got;
   }
+  else {
+    iov.iov_base = f->data + (f->got - HEADER);
+    iov.iov_len = f->len - (f->got - HEADER);
+  }
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = ctl.buf;
+  msg.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)(f->maxfds > 0
+                                                          ? f->maxfds : 1));
+  do k = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  while (k < 0 && errno == EINTR);
+  if (k > 0) {
+    f->n += takefds(&msg, f->fds + f->n, MAXFDS - f->n);
+    if ((msg.msg_flags & MSG_CTRUNC) || f->n > f->maxfds)
+      f->trunc = 1;  /* read on: the next frame must start in place */
+  }
+  return k;
+}
+
+
+/* the header is in: room for the data; 0 when its length is absurd */
+static int gothead (frame *f) {
+  f->len = pf_get32(f->head);
+  if (f->len > PF_MAXFDMSG) return 0;
+  f->data = (char *)malloc(f->len + 1);
+  return f->data != NULL;
+}
+
+
+/* a whole frame: data, fds (handed over to Lua) */
+static int delivered (lua_State *L, frame *f) {
+  int i;
+  if (f->trunc) return pf_failwith(L, "truncated", EMSGSIZE);
+  lua_pushlstring(L, f->data, f->len);
+  lua_createtable(L, f->n, 0);
+  for (i = 0; i < f->n; i++) {
+    lua_pushinteger(L, f->fds[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  f->n = 0;  /* handed over */
   return 2;
 }
 
 
-static int l_recvfds (lua_State *L);
+static int recvloop (lua_State *L);
 
-/* recvfds again once the socket is readable (or the time is up) */
 static int recvfds_k (lua_State *L, int status, lua_KContext ctx) {
   (void)status; (void)ctx;
-  if (pf_wakereason(L) == PF_TIMEOUT) {
-    luaL_pushfail(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
+  if (pf_wakereason(L) != PF_READY)
+    return pf_failwith(L, "timeout", ETIMEDOUT);
+  return recvloop(L);
+}
+
+
+/* receive the frame at 4 (deadline at 3), waiting (or yielding) while
+** nothing is there */
+static int recvloop (lua_State *L) {
+  int sock = pf_tofd(L, 1);
+  frame *f = (frame *)lua_touserdata(L, 4);
+  while (f->got < HEADER + f->len || f->got < HEADER) {
+    ssize_t k = recvsome(sock, f);
+    if (k > 0) {
+      f->got += (size_t)k;
+      if (f->got == HEADER && !gothead(f))
+        return f->len > PF_MAXFDMSG ? pf_failwith(L, "corrupt message", EPROTO)
+                                    : pf_failwith(L, "not enough memory",
+                                                  ENOMEM);
+    }
+    else if (k == 0 || errno == ECONNRESET)
+      return pf_failwith(L, "closed", 0);
+    else if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return pf_fail(L, "recvmsg");
+    else if (pf_waitk(L, sock, POLLIN, lua_tonumber(L, 3), 0, 0,
+                      recvfds_k) != PF_READY)
+      return pf_failwith(L, "timeout", ETIMEDOUT);
   }
-  return l_recvfds(L);
+  return delivered(L, f);
 }
 
 
 /*
-** prefork.recvfds(sock [, maxfds]) -> data, fds | nil, "closed" |
-** nil, "truncated" | nil, "timeout" | nil, "corrupt message" | fail.
+** prefork.recvfds(sock [, maxfds]) -> data, fds | nil, why, errno: why
+** "closed", "truncated", "timeout", "corrupt message" or "recvmsg: ...".
 ** Every fd received is close-on-exec; on any failure those that came are
-** closed: none leaks.
+** closed: none leaks. In a task it yields whenever it must wait, also in
+** the middle of a frame.
 */
 static int l_recvfds (lua_State *L) {
   pf_conn *c;
-  int sock = checksock(L, &c);
   lua_Integer maxfds = luaL_optinteger(L, 2, 16);
-  unsigned char head[HEADER];
-  size_t len;
-  double dl = pf_deadline(c != NULL ? c->timeout : -1);
-  luaL_Buffer b;
-  fdbox *box;
-  char *p;
-  int st, i, trunc = 0;
+  frame *f;
+  checksock(L, &c);
   luaL_argcheck(L, maxfds >= 0 && maxfds <= MAXFDS, 2, "from 0 to 253");
   lua_settop(L, 2);
-  {  /* nothing there yet: wait for it (a serve coroutine yields) */
-    struct pollfd pf;
-    pf.fd = sock;
-    pf.events = POLLIN;
-    if (poll(&pf, 1, 0) == 0
-        && pf_waitk(L, sock, POLLIN, dl, 0, 0, recvfds_k) == PF_TIMEOUT) {
-      luaL_pushfail(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
-    }
-  }
-  box = (fdbox *)lua_newuserdatauv(L, sizeof(fdbox), 0);
-  box->n = 0;
-  luaL_setmetatable(L, FDBOX);
-  st = recvall(sock, (char *)head, HEADER, box->fds, &box->n, (int)maxfds,
-               &trunc, dl);
-  if (st <= 0) return recvfail(L, st, box);
-  len = pf_get32(head);
-  if (len > PF_MAXFDMSG) {
-    errno = EPROTO;
-    return recvfail(L, -1, box);
-  }
-  p = luaL_buffinitsize(L, &b, len);
-  st = recvall(sock, p, len, box->fds, &box->n, (int)maxfds, &trunc, dl);
-  if (st <= 0 && len > 0) return recvfail(L, st, box);
-  if (trunc) {
-    errno = EMSGSIZE;
-    return recvfail(L, -1, box);
-  }
-  luaL_pushresultsize(&b, len);
-  lua_createtable(L, box->n, 0);
-  for (i = 0; i < box->n; i++) {
-    lua_pushinteger(L, box->fds[i]);
-    lua_rawseti(L, -2, i + 1);
-  }
-  box->n = 0;  /* handed over */
-  return 2;
+  lua_pushnumber(L, pf_deadline(c != NULL ? c->timeout : -1));
+  f = (frame *)lua_newuserdatauv(L, sizeof(frame), 0);
+  memset(f, 0, offsetof(frame, fds));
+  f->maxfds = (int)maxfds;
+  luaL_setmetatable(L, FRAME);
+  return recvloop(L);
 }
+
+/* }====================================================== */
 
 
 /* {======================================================
@@ -403,8 +433,8 @@ void pf_open_fdpass (lua_State *L) {
     {"peercred", l_peercred},
     {NULL, NULL}
   };
-  luaL_newmetatable(L, FDBOX);
-  lua_pushcfunction(L, box_gc);
+  luaL_newmetatable(L, FRAME);
+  lua_pushcfunction(L, frame_gc);
   lua_setfield(L, -2, "__gc");
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);

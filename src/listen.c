@@ -237,10 +237,12 @@ static int listeninet (lua_State *L, pf_listener *l, const char *a,
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
-  if (r != 0) {
+  if (r != 0) {  /* its code (EAI_...: negative) where an errno would be */
     luaL_pushfail(L);
-    lua_pushfstring(L, "getaddrinfo: %s", gai_strerror(r));
-    return 2;
+    lua_pushfstring(L, "getaddrinfo: %s", r == EAI_SYSTEM ? strerror(errno)
+                                                         : gai_strerror(r));
+    lua_pushinteger(L, r == EAI_SYSTEM ? errno : r);
+    return 3;
   }
   l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, kind,
                      &what);
@@ -309,7 +311,8 @@ static int l_listen (lua_State *L) {
 
 static pf_listener *checkopen (lua_State *L) {
   pf_listener *l = pf_checklistener(L, 1);
-  luaL_argcheck(L, l->fd >= 0, 1, "listener is closed");
+  if (l->fd < 0)
+    luaL_error(L, "attempt to use a closed listener");
   return l;
 }
 
@@ -349,13 +352,21 @@ static int li_setdefer (lua_State *L) {
 }
 
 
-/* listener:accept([timeout]) -> conn | nil, "timeout" | fail triple;
-** for programs that accept outside a master's worker */
-static int li_accept (lua_State *L) {
+static int acceptloop (lua_State *L);
+
+static int accept_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  if (pf_wakereason(L) != PF_READY)
+    return pf_failwith(L, "timeout", ETIMEDOUT);
+  return acceptloop(L);
+}
+
+
+/* accept on the listener at 1, until the deadline at 3; the connection
+** object waits at 4 */
+static int acceptloop (lua_State *L) {
   pf_listener *l = checkopen(L);
-  lua_Number t = luaL_optnumber(L, 2, -1);
-  double dl = t < 0 ? -1 : pf_now() + t;
-  pf_conn *c = pf_newconn(L);
+  pf_conn *c = (pf_conn *)lua_touserdata(L, 4);
   for (;;) {
     int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd >= 0) {
@@ -364,12 +375,24 @@ static int li_accept (lua_State *L) {
     }
     if (errno == EINTR || errno == ECONNABORTED) continue;
     if (errno != EAGAIN && errno != EWOULDBLOCK) return pf_fail(L, "accept");
-    if (!pf_waitfd(l->fd, POLLIN, dl)) {
-      luaL_pushfail(L);
-      lua_pushliteral(L, "timeout");
-      return 2;
-    }
+    if (pf_waitk(L, l->fd, POLLIN, lua_tonumber(L, 3), 0, 0,
+                 accept_k) != PF_READY)
+      return pf_failwith(L, "timeout", ETIMEDOUT);
   }
+}
+
+
+/* listener:accept([timeout]) -> conn | nil, "timeout" | fail triple;
+** for programs that accept outside a master's worker; yields in a task */
+static int li_accept (lua_State *L) {
+  lua_Number t;
+  checkopen(L);
+  t = luaL_optnumber(L, 2, -1);
+  lua_settop(L, 1);
+  lua_pushnil(L);
+  lua_pushnumber(L, pf_deadline(t));
+  pf_newconn(L);
+  return acceptloop(L);
 }
 
 

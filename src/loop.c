@@ -109,6 +109,15 @@ int pf_fail (lua_State *L, const char *what) {
 }
 
 
+/* a failure named by the caller: nil, why, en [-0, +3, m] */
+int pf_failwith (lua_State *L, const char *why, int en) {
+  luaL_pushfail(L);
+  lua_pushstring(L, why);
+  lua_pushinteger(L, en);
+  return 3;
+}
+
+
 /* message handler: the error message with a traceback [-1, +1, m] */
 static int traceback (lua_State *L) {
   const char *msg = lua_tostring(L, 1);

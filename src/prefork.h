@@ -70,6 +70,7 @@ PF_API int pf_pcall (lua_State *L, int nargs, int nresults);
 PF_API void pf_log (lua_State *L, const char *level, const char *fmt, ...)
   PF_PRINTF(3, 4);
 PF_API int pf_fail (lua_State *L, const char *what);
+PF_API int pf_failwith (lua_State *L, const char *why, int en);
 PF_API double pf_now (void);
 PF_API void pf_newclass (lua_State *L, const char *name,
                          const luaL_Reg *meth, const luaL_Reg *metameth);

@@ -393,13 +393,9 @@ void pf_task_forget (void) {
 ** Lua functions
 ** ======================================================= */
 
-/* the results of a finished wait: true, or nil, "timeout" */
+/* the results of a finished wait: true, or nil, "timeout", ETIMEDOUT */
 int pf_pushwait (lua_State *L, int how) {
-  if (how == PF_TIMEOUT) {
-    luaL_pushfail(L);
-    lua_pushliteral(L, "timeout");
-    return 2;
-  }
+  if (how == PF_TIMEOUT) return pf_failwith(L, "timeout", ETIMEDOUT);
   lua_pushboolean(L, 1);
   return 1;
 }

@@ -216,9 +216,7 @@ static int l_accept (lua_State *L) {
     return 1;  /* handed over, or queued on our own socket: served */
   }
   pf_worker_stoplistening();
-  luaL_pushfail(L);
-  lua_pushliteral(L, "stopping");
-  return 2;
+  return pf_failwith(L, "stopping", ECANCELED);
 }
 
 
