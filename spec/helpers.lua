@@ -112,6 +112,22 @@ function H.nworkers (p, n, timeout)
 end
 
 
+--- Wait (bounded) until n workers of the master p that are alive have
+-- said "ready" in its log (stderr); their pids, sorted.
+function H.ready (p, n, timeout)
+  return H.wait_until(function ()
+    local pids = {}
+    for pid in p:err():gmatch("%(pid (%d+)%) ready\n") do
+      pid = tonumber(pid)
+      local st = H.pstate(pid)
+      if st and st ~= "Z" then pids[#pids + 1] = pid end
+    end
+    table.sort(pids)
+    return #pids == n and pids
+  end, timeout or 5, n .. " ready workers")
+end
+
+
 function H.zombies (pid)
   local n = 0
   for _, c in ipairs(H.children(pid)) do

@@ -166,7 +166,7 @@ static int readn (lua_State *L, pf_conn *c, size_t n) {
 
 
 /* everything up to end of stream */
-static int readall (lua_State *L, pf_conn *c) {
+static int readtoend (lua_State *L, pf_conn *c) {
   int st;
   while ((st = fill(c)) > 0) {}
   if (st < 0) return st;
@@ -187,7 +187,7 @@ static int readone (lua_State *L, pf_conn *c, int arg) {
   switch (*f) {
     case 'l': return readline(L, c, 1);
     case 'L': return readline(L, c, 0);
-    case 'a': return readall(L, c);
+    case 'a': return readtoend(L, c);
     default: return luaL_argerror(L, arg, "invalid format");
   }
 }

@@ -52,6 +52,8 @@ static master *runningmaster = NULL;
 ** libev callbacks
 ** ======================================================= */
 
+/* w is ready: it takes connections, and what it replaces drains; last,
+** the log line (Lua: it may change the list) */
 static void becameready (lua_State *L, master *m, worker *w) {
   worker *old = w->replaces;
   w->state = W_RUNNING;
@@ -63,6 +65,7 @@ static void becameready (lua_State *L, master *m, worker *w) {
     w->target = 1;
   w->replaces = NULL;
   if (old != NULL) pf_retire(L, m, old, SIGTERM);
+  pf_log(L, "info", "worker %s (pid %ld) ready", w->name, (long)w->pid);
 }
 
 

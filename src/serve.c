@@ -42,7 +42,7 @@ static struct {
   int handler;  /* registry ref */
   ev_io *acc;  /* a watcher for each listener */
   int nacc;
-  int exclusive;  /* the entries are made exclusive (see flip) */
+  int exclusive;  /* the entries are made exclusive (see makeexclusive) */
   int ep;  /* libev's epoll set, once found; -1 */
   double lastflip;
   int stopping;
@@ -54,7 +54,7 @@ static struct {
 ** The loop
 ** ======================================================= */
 
-static void flip (void);
+static void makeexclusive (void);
 
 
 /* a task for the connection accepted into c (on top of the stack) */
@@ -77,7 +77,7 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
         pf_log(sv.L, "error", "worker %ld: accept: %s", (long)getpid(),
                strerror(errno));
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
-        flip();  /* woken for nothing: are the entries still exclusive? */
+        makeexclusive();  /* woken for nothing: are the entries still exclusive? */
       break;
     }
     start();
@@ -122,7 +122,7 @@ static void onwake (struct ev_loop *loop, ev_io *io, int revents) {
 ** wakes one idle worker. (In a set of their own, watched by the loop's,
 ** EPOLLEXCLUSIVE wakes every worker: the kernel counts an exclusive
 ** wake-up only for a task that sleeps on that very set.) libev has no
-** flag for it: flip() finds libev's set, the one epoll set here whose
+** flag for it: makeexclusive() finds libev's set, the one epoll set here whose
 ** entries for the wake pipe and every listener carry libev's data (the
 ** fd, and a generation above it), read from /proc/self/fdinfo, and adds
 ** each listener again, exclusive, with the same data. libev leaves such
@@ -153,7 +153,7 @@ static int findentry (FILE *f, int fd, uint64_t *data, unsigned *events) {
 }
 
 
-static void flip (void) {
+static void makeexclusive (void) {
   DIR *d = opendir("/proc/self/fdinfo");
   struct dirent *e;
   sv.lastflip = ev_now(sv.loop);
@@ -170,7 +170,7 @@ static void flip (void) {
     all = findentry(f, sv.wake.fd, &data, &events);
     for (i = 0; all && i < sv.nacc; i++)
       all = findentry(f, sv.acc[i].fd, &data, &events);
-    for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: flip */
+    for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: makeexclusive */
       struct epoll_event ev;
       if (!findentry(f, sv.acc[i].fd, &data, &events)
           || (events & EXCLUSIVEBIT))
@@ -209,7 +209,7 @@ static int watchlisteners (const struct pollfd *fds, int n) {
                  && ev_backend(sv.loop) == EVBACKEND_EPOLL;
   if (sv.exclusive) {
     ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries */
-    if (!sv.stopping) flip();
+    if (!sv.stopping) makeexclusive();
   }
   return 1;
 }
