@@ -48,17 +48,31 @@ TEST_ENV = LUA_PATH="$(CURDIR)/src/?.lua;$(CURDIR)/src/?/init.lua;$(CURDIR)/spec
            LUA_PREFORK_CLIENT="$(CURDIR)/$(CLIENT)"
 SPEC_TIMEOUT = 180
 
-# Debian packages: to build, to test, to measure
-DEPS_BUILD = lua5.4 liblua5.4-dev libev-dev lua-unit lua-busted luarocks \
-             gcc make pkg-config nettle-dev
-DEPS_TEST = lua-socket curl valgrind clang libclang-rt-14-dev procps \
-            psmisc strace wrk chiark-utils-bin chiark-scripts libio-fdpass-perl
+# Debian packages: to build and run, to test, to check, to measure
+DEPS_RUN = lua5.4 liblua5.4-dev libev-dev gcc make nettle-dev
+DEPS_TEST = $(DEPS_RUN) lua-unit lua-socket lua-busted luarocks curl wrk \
+            iproute2 procps chiark-utils-bin chiark-scripts libio-fdpass-perl
+DEPS_FUZZ = $(DEPS_RUN) clang libclang-rt-14-dev
 DEPS_BENCH = python3 wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \
              libio-fdpass-perl gnuplot-nox
-DEPS = $(DEPS_BUILD) $(DEPS_TEST)
+DEPS = $(DEPS_TEST)
 
-.PHONY: all deps run test test-only asan valgrind fuzz bench chaos install clean
+# install the Debian packages of the list $(1) that are missing; apt
+# needs root (or sudo)
+define install
+@missing=""; for p in $(1); do \
+  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" \
+    || missing="$$missing $$p"; done; \
+if [ -n "$$missing" ]; then \
+  echo "installing:$$missing"; \
+  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+  $$sudo apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
+fi
+endef
+
+.PHONY: all deps run test test-only asan valgrind fuzz fuzz-run bench chaos install clean
 
 all: $(CORE) $(CLIENT)
 
@@ -74,23 +88,20 @@ $(CLIENT): lua-prefork/lua-prefork.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CLIENT_CFLAGS) $(CLIENT_STATIC) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
 
-# installs only what is missing; apt needs root (or sudo)
+# what the test suite needs (make deps DEPS="..." installs another list)
 deps:
-	@missing=""; for p in $(DEPS); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" \
-	    || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	  $$sudo apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
-	fi
+	$(call install,$(DEPS))
 
-run: deps all
-	$(TEST_ENV) $(LUA) examples/http.lua 8080
+# serve examples/http.lua on HOST:PORT
+PORT = 8080
+HOST = 127.0.0.1
+run:
+	$(call install,$(DEPS_RUN))
+	@$(MAKE) --no-print-directory all
+	$(TEST_ENV) $(LUA) examples/http.lua $(PORT) $(HOST)
 
 test: deps all
-	$(TEST_ENV) SPEC_TIMEOUT=$(SPEC_TIMEOUT) sh spec/run.sh
+	@$(MAKE) --no-print-directory test-only
 
 # the whole suite against an ASan+UBSan build (gcc's runtimes, preloaded
 # into the uninstrumented lua5.4)
@@ -104,6 +115,7 @@ asan: deps
 
 # memcheck over the suite; valgrind follows the Lua processes only
 valgrind: deps all
+	$(call install,valgrind)
 	SPEC_LUA="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite $(LUA)" \
 	$(MAKE) --no-print-directory SPEC_TIMEOUT=900 test-only
 
@@ -114,7 +126,7 @@ test-only:
 # bench/results.md and bench/results.png (BENCH_ARGS=--quick: one round)
 BENCH_ARGS =
 bench: deps all
-	@$(MAKE) --no-print-directory deps DEPS="$(DEPS_BENCH)"
+	$(call install,$(DEPS_BENCH))
 	$(TEST_ENV) $(LUA) bench/bench.lua $(BENCH_ARGS)
 
 # kill -9, HUP and TERM under load, CHAOS_SECONDS each
@@ -141,11 +153,27 @@ FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 
-fuzz: deps
-	@mkdir -p $(BUILD)/fuzz
+# the module's sources once, instrumented, for every target
+FUZZ_LIB = $(BUILD)/fuzz/libprefork.a
+FUZZ_OBJS = $(SRCS:src/%.c=$(BUILD)/fuzz/obj/%.o)
+
+$(BUILD)/fuzz/obj/%.o: src/%.c $(wildcard src/*.h)
+	@mkdir -p $(dir $@)
+	@echo "CC (fuzz) $<"; $(FUZZ_CC) -std=c11 -D_GNU_SOURCE -I$(LUA_INCDIR) \
+	  -g -O1 -fsanitize=fuzzer-no-link,address,undefined \
+	  -fno-sanitize-recover=undefined -c -o $@ $<
+
+$(FUZZ_LIB): $(FUZZ_OBJS)
+	@rm -f $@; ar rcs $@ $(FUZZ_OBJS)
+
+fuzz:
+	$(call install,$(DEPS_FUZZ))
+	@$(MAKE) --no-print-directory fuzz-run
+
+fuzz-run: $(FUZZ_LIB)
 	@for t in $(FUZZ_TARGETS); do \
 	  $(FUZZ_CC) -std=c11 -D_GNU_SOURCE -I$(LUA_INCDIR) $(FUZZ_FLAGS) \
-	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(SRCS) -llua$(LUA_VERSION) -lev || exit 1; \
+	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(FUZZ_LIB) -llua$(LUA_VERSION) -lev || exit 1; \
 	done
 	@for t in $(FUZZ_C_TARGETS); do \
 	  $(FUZZ_CC) -std=c99 -D_GNU_SOURCE $(FUZZ_FLAGS) \
