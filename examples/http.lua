@@ -1,7 +1,7 @@
 #!/usr/bin/env lua5.4
--- examples/http.lua [PORT]: the preforking HTTP server of the POE example
--- (seed 002), port 8080 by default. Each worker answers every request
--- with an HTML page that lists the request's headers, the worker's PID and
+-- examples/http.lua [PORT [HOST]]: a preforking HTTP server, on
+-- 127.0.0.1:8080 by default (an IPv6 HOST goes without brackets). Each
+-- worker answers every request with an HTML page that lists the request's headers, the worker's PID and
 -- the time. Workers run worker:serve: many connections each, one coroutine
 -- per connection, HTTP/1.1 persistent connections (pipelining-safe),
 -- HTTP/1.0 keep-alive on request, "Connection: close" honoured. A
@@ -85,7 +85,7 @@ end
 
 prefork.start{
   workers = tonumber(os.getenv("WORKERS")) or prefork.ncpu(),
-  listen = "127.0.0.1:" .. (arg[1] or 8080),
+  listen = (arg[2] or "127.0.0.1"):gsub("^(.*:.*)$", "[%1]") .. ":" .. (arg[1] or 8080),
   title = "http.lua",
   on_start = function (master)
     print("HTTP server on http://" .. master:addresses()[1] .. "/ (master "
