@@ -1,8 +1,8 @@
 #!/usr/bin/env lua5.4
 -- examples/http.lua [PORT [HOST]]: a preforking HTTP server, on
 -- 127.0.0.1:8080 by default (an IPv6 HOST goes without brackets). Each
--- worker answers every request with an HTML page that lists the request's headers, the worker's PID and
--- the time. Workers run worker:serve: many connections each, one coroutine
+-- worker answers every request with an HTML page that lists the
+-- request's headers, the worker's PID and the time. Workers run worker:serve: many connections each, one coroutine
 -- per connection, HTTP/1.1 persistent connections (pipelining-safe),
 -- HTTP/1.0 keep-alive on request, "Connection: close" honoured. A
 -- malformed request gets 400 and the connection closes.
