@@ -96,6 +96,7 @@ static int fill (pf_conn *c) {
     if (n > 0) {
       c->w += (size_t)n;
       c->wrote = 0;  /* a request is under way: not idle */
+      pf_beat();
       return 1;
     }
     if (n == 0) return 0;
@@ -322,8 +323,10 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
   while (off < len) {
     ssize_t k = send(c->fd, s + off, len - off, flags);
     int how;
-    if (k >= 0)
+    if (k >= 0) {
       off += (size_t)k;
+      pf_beat();
+    }
     else if (errno == EINTR)
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)

@@ -1,26 +1,8 @@
 /*
-** master.c: the master's state machine on the libev default loop.
-**
-** Each worker process (or the wish for one, while it waits to be
-** respawned) is one struct worker in a list. Its life:
-**
-**   PENDING --spawn--> STARTING --ready--> RUNNING
-**      ^                  |                   |
-**      +----respawn-------+-------exit--------+
-**   any state --retire--> STOPPING --exit--> freed
-**
-** A worker is ready at its first accept (it says so on its readiness
-** pipe) or after READYAFTER seconds alive. One that dies before it is
-** ready is respawned with capped exponential backoff; one that dies
-** later is respawned at once. A replacement (on reload) is started
-** first, and the worker it replaces is retired when it is ready.
-**
-** Lua decides (the front computes which contexts run); this file does:
-** it forks, reaps, times, signals and logs. Every function that may call
-** Lua takes the thread to call it on (L): the loop's own (m->L) in libev
-** callbacks, the caller's in a method. Calls into Lua happen last in each
-** callback, through pf_pcall, and nothing touches a worker after one
-** unless the worker is held.
+** master.c: the master's Lua interface (core.master and its methods),
+** its options, its statistics and its run. The state machine that the
+** run drives is machine.c's; forking is spawn.c's; the worker table is
+** table.c's.
 */
 
 #include <errno.h>
@@ -29,10 +11,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 
 #include "table.h"
 
@@ -40,276 +21,9 @@
 static const char *const statenames[] =
   {"starting", "starting", "running", "stopping"};
 
-/* the signals the master takes, in the order of master.sig[] */
-static const int msigs[] = {SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU};
-#define NSIGS	((int)(sizeof(msigs) / sizeof(msigs[0])))
-
-/* the master running in this process: there is one default loop */
+/* the master running in this process (not when its pid is another's: a
+** worker inherits the variable): there is one default loop */
 static master *runningmaster = NULL;
-
-
-/* {======================================================
-** libev callbacks
-** ======================================================= */
-
-/* w is ready: it takes connections, and what it replaces drains; last,
-** the log line (Lua: it may change the list) */
-static void becameready (lua_State *L, master *m, worker *w) {
-  worker *old = w->replaces;
-  w->state = W_RUNNING;
-  w->fails = 0;
-  ev_timer_stop(EV_DEFAULT, &w->timer);
-  if (m->strategy == PF_ACCEPT_MASTER && w->ctl >= 0 && w->respawn
-      && pf_handoff_add(m->handoff, w->ctl, &m->score[w->slot].accepted,
-                        &m->score[w->slot].inflight))
-    w->target = 1;
-  w->replaces = NULL;
-  if (old != NULL) pf_retire(L, m, old, SIGTERM);
-  pf_log(L, "info", "worker %s (pid %ld) ready", w->name, (long)w->pid);
-}
-
-
-static void ontimer (struct ev_loop *loop, ev_timer *t, int revents) {
-  worker *w = (worker *)t->data;
-  master *m = w->m;
-  (void)loop; (void)revents;
-  switch (w->state) {
-    case W_PENDING: pf_spawn(m->L, m, w); break;
-    case W_STARTING: becameready(m->L, m, w); break;
-    case W_STOPPING:
-      pf_log(m->L, "warn", "worker %s (pid %ld) still running after "
-             "%.3gs: KILL", w->name, (long)w->pid, m->graceful);
-      kill(w->pid, SIGKILL);
-      break;
-    default: break;
-  }
-}
-
-
-static void closectl (master *m, worker *w) {
-  pf_untarget(m, w);
-  if (w->ctl >= 0) {
-    ev_io_stop(EV_DEFAULT, &w->ready);
-    close(w->ctl);
-    w->ctl = -1;
-  }
-}
-
-
-static void onready (struct ev_loop *loop, ev_io *io, int revents) {
-  worker *w = (worker *)io->data;
-  master *m = w->m;
-  char c;
-  ssize_t n = read(w->ctl, &c, 1);
-  (void)loop; (void)revents;
-  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  if (n != 1 || m->strategy != PF_ACCEPT_MASTER)
-    closectl(m, w);  /* one byte is all it says; the channel stays */
-  if (n == 1 && w->state == W_STARTING) becameready(m->L, m, w);
-}
-
-
-/* "exit 1" or "signal KILL" */
-static void fmtstatus (int status, char *buf, size_t size) {
-  if (WIFSIGNALED(status)) {
-    const char *name = pf_signame(WTERMSIG(status));
-    if (name) snprintf(buf, size, "signal %s", name);
-    else snprintf(buf, size, "signal %d", WTERMSIG(status));
-  }
-  else snprintf(buf, size, "exit %d", WEXITSTATUS(status));
-}
-
-
-/* on_exit(info): info = {id, pid, how, code, respawn_in} */
-static void tellexit (lua_State *L, master *m, worker *w, pid_t pid,
-                      int status, double delay) {
-  if (!pf_pushcb(L, m, "on_exit")) return;
-  lua_createtable(L, 0, 5);
-  pf_pushctx(L, m, w);
-  lua_getfield(L, -1, "id");
-  lua_setfield(L, -3, "id");
-  lua_pop(L, 1);
-  lua_pushinteger(L, pid);
-  lua_setfield(L, -2, "pid");
-  pf_pushstatus(L, status);
-  lua_setfield(L, -3, "code");
-  lua_setfield(L, -2, "how");
-  if (delay >= 0) {
-    lua_pushnumber(L, delay);
-    lua_setfield(L, -2, "respawn_in");
-  }
-  pf_callhook(L, "on_worker_exit", 1);
-}
-
-
-/* w's process is gone: the readiness it said, its slot, its pipe */
-static void gone (master *m, worker *w) {
-  if (w->state == W_STARTING && w->ctl >= 0) {  /* said ready, then died? */
-    char c;  /* the writer is gone: this read cannot block */
-    if (read(w->ctl, &c, 1) == 1) w->state = W_RUNNING;
-  }
-  closectl(m, w);
-  ev_timer_stop(EV_DEFAULT, &w->timer);
-  if (w->slot >= 0) m->used[w->slot] = 0;
-  w->slot = -1;
-  w->exits++;
-}
-
-
-static void exited (lua_State *L, master *m, worker *w, int status) {
-  char how[32];
-  pid_t pid = w->pid;
-  double delay = -1;
-  gone(m, w);
-  fmtstatus(status, how, sizeof(how));
-  w->hold = 1;  /* the log sink and the hook are Lua: they may retire w */
-  if (w->respawn && !m->stopping) {
-    int early = w->state != W_RUNNING;
-    w->fails = early ? w->fails + 1 : 0;
-    delay = early ? pf_backoff(w) : 0;
-    pf_schedule(m, w, delay);
-    pf_log(L, early ? "warn" : "info",
-           "worker %s (pid %ld) exited: %s%s; respawn in %.3gs", w->name,
-           (long)pid, how, early ? " before it was ready" : "", delay);
-  }
-  else {
-    w->state = W_PENDING;
-    w->pid = 0;
-    pf_log(L, "info", "worker %s (pid %ld) stopped: %s", w->name,
-           (long)pid, how);
-  }
-  tellexit(L, m, w, pid, status, delay);
-  w->hold = 0;
-  if (!w->respawn || m->stopping) pf_freeworker(L, m, w);
-}
-
-
-/* every child of the process: a worker's exit, or kept for prefork.wait */
-static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
-  master *m = (master *)c->data;
-  worker *w;
-  (void)loop; (void)revents;
-  for (w = m->list; w != NULL; w = w->next) {
-    if (w->pid == c->rpid && w->state != W_PENDING) {
-      exited(m->L, m, w, c->rstatus);
-      return;
-    }
-  }
-  pf_reaped(c->rpid, c->rstatus);
-}
-
-
-/* prefork.wait (in a hook) reaped pid: if a worker's, its exit is
-** handled on the next loop iteration, out of the hook's way */
-static int stolen (void *ud, pid_t pid, int status) {
-  master *m = (master *)ud;
-  worker *w;
-  for (w = m->list; w != NULL; w = w->next) {
-    if (w->pid == pid && w->state != W_PENDING && !w->stolen) {
-      w->stolen = 1;
-      w->status = status;
-      ev_timer_start(EV_DEFAULT, &m->later);
-      return 1;
-    }
-  }
-  return 0;
-}
-
-
-static void onlater (struct ev_loop *loop, ev_timer *t, int revents) {
-  master *m = (master *)t->data;
-  worker *w;
-  (void)loop; (void)revents;
-  do {  /* exited() may change the list: look again after each */
-    for (w = m->list; w != NULL && !w->stolen; w = w->next) {}
-    if (w != NULL) {
-      w->stolen = 0;
-      exited(m->L, m, w, w->status);
-    }
-  } while (w != NULL);
-}
-
-
-/* the master's copies of the listeners: closed at a stop's start (the
-** workers close theirs as they stop; a Unix socket's file goes now) */
-static void closelisteners (lua_State *L, master *m) {
-  int i, n;
-  pf_pushlisteners(L, m);
-  n = (int)luaL_len(L, -1);
-  for (i = 1; i <= n; i++) {
-    lua_rawgeti(L, -1, i);
-    pf_listener_close(pf_checklistener(L, -1));
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-}
-
-
-static void stop (lua_State *L, master *m, int how) {
-  worker *w, *next;
-  int n = 0;
-  if (how <= m->stopping) return;
-  m->stopping = how;
-  for (w = m->list; w != NULL; w = w->next) n++;
-  if (how == 1)
-    pf_log(L, "info", "graceful stop: %d workers get up to %.3gs", n,
-           m->graceful);
-  else
-    pf_log(L, "info", "immediate stop: %d workers get KILL", n);
-  if (m->handoff != NULL) pf_handoff_pause(m->handoff);
-  closelisteners(L, m);
-  for (w = m->list; w != NULL; w = next) {
-    next = w->next;
-    pf_retire(L, m, w, how == 1 ? SIGTERM : SIGKILL);
-  }
-  if (m->list == NULL && m->running)
-    ev_break(EV_DEFAULT, EVBREAK_ALL);
-}
-
-
-static void onsignal (struct ev_loop *loop, ev_signal *s, int revents) {
-  master *m = (master *)s->data;
-  lua_State *L = m->L;
-  (void)loop; (void)revents;
-  switch (s->signum) {
-    case SIGTERM: stop(L, m, 1); break;
-    case SIGINT: stop(L, m, m->stopping ? 2 : 1); break;  /* twice: now */
-    case SIGQUIT: stop(L, m, 2); break;
-    default:  /* HUP, TTIN, TTOU: the front's policy */
-      if (!m->stopping && pf_pushcb(L, m, "on_signal")) {
-        lua_pushstring(L, pf_signame(s->signum));
-        pf_callhook(L, "on_signal", 1);
-      }
-  }
-}
-
-/* }====================================================== */
-
-
-/* {======================================================
-** Spawning
-** ======================================================= */
-
-/* in a new child (any fork while the master runs): drop the master's
-** watchers, which libev keeps in process-wide tables, and its fds */
-static void forget (void *ud) {
-  master *m = (master *)ud;
-  worker *w;
-  int i;
-  for (i = 0; i < NSIGS; i++) {
-    ev_signal_stop(EV_DEFAULT, &m->sig[i]);
-    if (m->saved[i].sa_handler == SIG_IGN)  /* nohup: stays ignored */
-      sigaction(msigs[i], &m->saved[i], NULL);
-  }
-  ev_child_stop(EV_DEFAULT, &m->reaper);
-  pf_onreap(NULL, NULL);
-  runningmaster = NULL;
-  for (w = m->list; w != NULL; w = w->next) {
-    if (w->ctl >= 0) close(w->ctl);
-    w->ctl = -1;
-  }
-  m->running = 0;
-}
 
 
 /* {======================================================
@@ -365,34 +79,6 @@ static int wantports (lua_State *L, master *m, worker *old) {
 }
 
 
-/* a new worker for the context at index 2, at the list's tail: spawned
-** and listed in the order wanted */
-static worker *newworker (lua_State *L, master *m, int ports) {
-  worker *w = (worker *)calloc(1, sizeof(worker)), **p;
-  if (w == NULL) {
-    pf_ports_release(L, ports);
-    luaL_error(L, "not enough memory");
-  }
-  w->m = m;
-  w->ports = ports;
-  w->slot = w->ctl = -1;
-  w->respawn = 1;
-  lua_getfield(L, 2, "id");
-  snprintf(w->name, sizeof(w->name), "%s", luaL_tolstring(L, -1, NULL));
-  lua_pop(L, 2);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->ctxs);
-  lua_pushvalue(L, 2);
-  w->ctx = luaL_ref(L, -2);
-  lua_pop(L, 1);
-  ev_init(&w->timer, ontimer);
-  ev_init(&w->ready, onready);
-  w->timer.data = w->ready.data = w;
-  for (p = &m->list; *p != NULL; p = &(*p)->next) {}
-  *p = w;
-  return w;
-}
-
-
 /*
 ** m:want(context): a worker runs this context (a table with an id). If
 ** one runs another context under the same id, the new one replaces it:
@@ -404,14 +90,8 @@ static int m_want (lua_State *L) {
   luaL_checktype(L, 2, LUA_TTABLE);
   luaL_argcheck(L, !m->stopping, 1, "master is stopping");
   old = current(L, m, 2);
-  w = newworker(L, m, wantports(L, m, old));
-  if (old != NULL) {
-    w->exits = old->exits;
-    w->replaces = old->replaces;  /* the one still serving, if any */
-    old->replaces = NULL;
-    if (old->state == W_RUNNING) w->replaces = old, old->respawn = 0;
-    else pf_retire(L, m, old, SIGTERM);  /* not serving yet: no wait */
-  }
+  w = pf_newworker(L, m, 2, wantports(L, m, old));
+  if (old != NULL) pf_replaces(L, m, w, old);
   pf_schedule(m, w, 0);
   return 0;
 }
@@ -440,40 +120,53 @@ static int m_drop (lua_State *L) {
 /* m:stop([graceful]) */
 static int m_stop (lua_State *L) {
   master *m = checkmaster(L);
-  stop(L, m, lua_isnoneornil(L, 2) || lua_toboolean(L, 2) ? 1 : 2);
+  pf_master_stop(L, m, lua_isnoneornil(L, 2) || lua_toboolean(L, 2) ? 1 : 2,
+                 "master:stop");
   return 0;
 }
 
 
 /* a counter of w's scoreboard slot, 0 without one */
-#define scored(m, w, field) ((lua_Integer)((w)->slot < 0 ? 0 \
-  : __atomic_load_n(&(m)->score[(w)->slot].field, __ATOMIC_RELAXED)))
+#define scored(m, w, field) ((w)->slot < 0 ? 0 \
+  : __atomic_load_n(&(m)->score[(w)->slot].field, __ATOMIC_RELAXED))
 
-/* the entry of m:workers() for w */
+static void setnum (lua_State *L, const char *k, lua_Number v) {
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static void setint (lua_State *L, const char *k, lua_Integer v) {
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, k);
+}
+
+
+/* the entry of m:workers() for w: {id, context, pid, started, state,
+** exits, accepted, inflight, requests, beat, rss} */
 static void pushworker (lua_State *L, master *m, worker *w) {
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 11);
   pf_pushctx(L, m, w);
   lua_getfield(L, -1, "id");
   lua_setfield(L, -3, "id");
   lua_setfield(L, -2, "context");
-  if (w->pid > 0) {
-    lua_pushinteger(L, w->pid);
-    lua_setfield(L, -2, "pid");
-    lua_pushnumber(L, w->started);
-    lua_setfield(L, -2, "started");
-  }
   lua_pushstring(L, statenames[w->state]);
   lua_setfield(L, -2, "state");
-  lua_pushinteger(L, w->exits);
-  lua_setfield(L, -2, "exits");
-  lua_pushinteger(L, scored(m, w, accepted));
-  lua_setfield(L, -2, "accepted");
-  lua_pushinteger(L, scored(m, w, inflight));
-  lua_setfield(L, -2, "inflight");
+  setint(L, "exits", w->exits);
+  setint(L, "accepted", (lua_Integer)scored(m, w, accepted));
+  setint(L, "inflight", (lua_Integer)scored(m, w, inflight));
+  setint(L, "requests", (lua_Integer)scored(m, w, requests));
+  if (w->pid <= 0) return;
+  setint(L, "pid", w->pid);
+  setnum(L, "started", w->started);
+  if (w->slot >= 0) {
+    double rss = pf_rss(w->pid);
+    setnum(L, "beat", pf_coarse() - pf_score_beat(&m->score[w->slot]));
+    if (rss >= 0) setint(L, "rss", (lua_Integer)rss);
+  }
 }
 
 
-/* m:workers() -> {{id, pid, state, started, exits, accepted, inflight}} */
+/* m:workers() -> a list of what pushworker tells */
 static int m_workers (lua_State *L) {
   master *m = checkmaster(L);
   worker *w;
@@ -487,41 +180,34 @@ static int m_workers (lua_State *L) {
 }
 
 
+/* m:stats() -> {pid, started, uptime, workers = m:workers(), respawns,
+** timeouts, recycled, requests} (the front adds reloads and upgrades) */
+static int m_stats (lua_State *L) {
+  master *m = checkmaster(L);
+  worker *w;
+  unsigned long requests = m->requests;
+  for (w = m->list; w != NULL; w = w->next)
+    requests += scored(m, w, requests);
+  lua_createtable(L, 0, 9);
+  setint(L, "pid", m->pid);
+  setnum(L, "started", m->started);
+  setnum(L, "uptime", m->running ? pf_now() - m->started : 0);
+  setint(L, "respawns", (lua_Integer)m->respawns);
+  setint(L, "timeouts", (lua_Integer)m->timeouts);
+  setint(L, "recycled", (lua_Integer)m->recycled);
+  setint(L, "requests", (lua_Integer)requests);
+  m_workers(L);
+  lua_setfield(L, -2, "workers");
+  return 1;
+}
+
+
 /* a worker wanted before run, not yet forked nor waiting for a retry */
 static worker *unspawned (master *m) {
   worker *w;
   for (w = m->list; w != NULL; w = w->next)
     if (w->state == W_PENDING && !ev_is_active(&w->timer)) return w;
   return NULL;
-}
-
-
-static void startsignals (master *m) {
-  int i;
-  for (i = 0; i < NSIGS; i++) {
-    sigaction(msigs[i], NULL, &m->saved[i]);
-    ev_signal_init(&m->sig[i], onsignal, msigs[i]);
-    m->sig[i].data = m;
-    ev_signal_start(EV_DEFAULT, &m->sig[i]);
-  }
-  ev_child_init(&m->reaper, onchild, 0, 0);
-  m->reaper.data = m;
-  ev_child_start(EV_DEFAULT, &m->reaper);
-  ev_timer_init(&m->later, onlater, 0, 0);
-  m->later.data = m;
-  pf_onreap(stolen, m);
-}
-
-
-static void stopsignals (master *m) {
-  int i;
-  pf_onreap(NULL, NULL);
-  ev_timer_stop(EV_DEFAULT, &m->later);
-  ev_child_stop(EV_DEFAULT, &m->reaper);
-  for (i = 0; i < NSIGS; i++) {
-    ev_signal_stop(EV_DEFAULT, &m->sig[i]);
-    sigaction(msigs[i], &m->saved[i], NULL);
-  }
 }
 
 
@@ -557,16 +243,16 @@ static int m_run (lua_State *L) {
   master *m = checkmaster(L);
   worker *w;
   luaL_argcheck(L, !m->running, 1, "master is running already");
-  if (runningmaster != NULL)
+  if (runningmaster != NULL && runningmaster->pid == getpid())
     return luaL_error(L, "another master runs in this process");
   startstrategy(L, m);
   if (pf_loop() == NULL)
     return luaL_error(L, "libev: cannot make the default loop");
   m->L = L;
   m->running = 1;
+  m->started = pf_now();
   runningmaster = m;
-  startsignals(m);
-  pf_onfork(forget, m);
+  pf_machine_start(m, m->tickevery);
   while ((w = unspawned(m)) != NULL)  /* a hook may change the list */
     pf_spawn(L, m, w);
   if (!m->stopping && pf_pushcb(L, m, "on_start"))
@@ -576,10 +262,11 @@ static int m_run (lua_State *L) {
   m->running = 0;
   runningmaster = NULL;
   endstrategy(m);
-  pf_onfork(NULL, NULL);
-  stopsignals(m);
+  pf_machine_stop(m);
   pf_loop_close();
   pf_log(L, "info", "stopped");
+  if (m->giveup[0] != '\0')
+    return pf_failwith(L, m->giveup, 0);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -606,11 +293,40 @@ static int m_gc (lua_State *L) {
 }
 
 
+/* opts[k] as a number >= 0 (false: 0), or def */
+static double optsecs (lua_State *L, const char *k, double def) {
+  double v = def;
+  int t = lua_getfield(L, 1, k);
+  if (t == LUA_TBOOLEAN && !lua_toboolean(L, -1)) v = 0;
+  else if (t != LUA_TNIL) v = luaL_checknumber(L, -1);
+  lua_pop(L, 1);
+  return v < 0 ? 0 : v;
+}
+
+
+/* the options of supervision (the front checked their types) */
+static void readopts (lua_State *L, master *m) {
+  m->graceful = optsecs(L, "graceful_timeout", 30);
+  m->timeout = optsecs(L, "timeout", 30);
+  m->boottimeout = optsecs(L, "boot_timeout", 60);
+  m->maxrequests = (unsigned long)optsecs(L, "max_requests", 0);
+  m->jitter = (unsigned long)optsecs(L, "max_requests_jitter", 0);
+  m->maxmemory = optsecs(L, "max_memory", 0);
+  m->maxfails = (int)optsecs(L, "max_boot_failures", 10);
+  m->tickevery = optsecs(L, "tick", 0);
+  lua_getfield(L, 1, "accept");
+  m->strategy = pf_checkstrategy(L, -1);
+  lua_pop(L, 1);
+}
+
+
 /*
 ** core.master(opts) -> master | fail. opts: listeners (list),
-** graceful_timeout, accept (the strategy), title, and the callbacks
-** child(context) (in the new worker), before_fork(context),
-** on_exit(info), on_signal(name), on_start().
+** graceful_timeout, accept (the strategy), title, timeout, boot_timeout,
+** max_requests, max_requests_jitter, max_memory, max_boot_failures,
+** tick, and the callbacks child(context) (in the new worker),
+** before_fork(context), on_exit(info), on_signal(name), on_start(),
+** on_tick().
 */
 static int l_master (lua_State *L) {
   master *m;
@@ -621,11 +337,8 @@ static int l_master (lua_State *L) {
   m->lockfd = -1;
   m->pid = getpid();
   m->L = L;
-  lua_getfield(L, 1, "graceful_timeout");
-  m->graceful = luaL_optnumber(L, -1, 30);
-  lua_getfield(L, 1, "accept");
-  m->strategy = pf_checkstrategy(L, -1);
-  lua_pop(L, 2);
+  readopts(L, m);
+  srandom((unsigned)time(NULL) ^ (unsigned)m->pid);  /* the jitter */
   m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,
                               PROT_READ | PROT_WRITE,
                               MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -645,7 +358,7 @@ static int l_master (lua_State *L) {
 void pf_open_master (lua_State *L) {
   static const luaL_Reg meth[] = {
     {"run", m_run}, {"want", m_want}, {"drop", m_drop}, {"stop", m_stop},
-    {"workers", m_workers},
+    {"workers", m_workers}, {"stats", m_stats},
     {NULL, NULL}
   };
   static const luaL_Reg metameth[] = {

@@ -17,12 +17,14 @@
 **      conn.c                     connection objects, fds of Lua values
 **   0  task.c                     the coroutine scheduler (uses loop.c)
 **      loop.c  proc.c  serial.c   libev and logging; processes; values
+**      score.c                    the scoreboard; a worker's heartbeat
 **      wire.h                     byte-level encodings (no Lua)
 */
 
 #if !defined(prefork_h)
 #define prefork_h
 
+#include <signal.h>
 #include <sys/types.h>
 
 #include "lua.h"
@@ -100,6 +102,39 @@ PF_API void pf_open_proc (lua_State *L);
 
 /* serial.c: the serialiser of Lua values */
 PF_API void pf_open_serial (lua_State *L);
+
+
+/* {======================================================
+** score.c: the scoreboard, and a worker's heartbeat in its slot
+** ======================================================= */
+
+/* one slot of the scoreboard the master shares with its workers; the
+** worker writes it, but for limit (the master's, set before the fork)
+** and armed (both) */
+typedef struct pf_score {
+  unsigned long accepted;  /* connections accepted so far */
+  long inflight;  /* connections accepted and not closed yet */
+  unsigned long requests;  /* connections, and what worker:count added */
+  unsigned long limit;  /* max_requests of this worker (0: none) */
+  long beat;  /* the last heartbeat, ms of pf_coarse */
+  long hung;  /* ms without one, when the master found it hung */
+  int busy;  /* out of an idle wait */
+  int armed;  /* the watchdog is armed */
+} pf_score;
+
+PF_API double pf_coarse (void);
+PF_API double pf_score_beat (const pf_score *s);
+PF_API void pf_score_arm (int fd, double secs);
+PF_API void pf_score_bind (pf_score *s, int watchdog, double timeout);
+PF_API void pf_score_unbind (void);
+PF_API pf_score *pf_score_mine (void);
+PF_API void pf_score_running (lua_State *L);
+PF_API lua_State *pf_score_current (void);
+PF_API void pf_beat (void);
+PF_API void pf_busy (int busy);
+PF_API void pf_score_init (pf_score *s);
+PF_API int pf_score_disarm (pf_score *s);
+/* }====================================================== */
 
 
 /* {======================================================
@@ -225,14 +260,29 @@ PF_API void pf_handoff_free (pf_handoff *h);
 ** worker.c: the worker side of a master (stop flag, readiness, counters)
 ** ======================================================= */
 
-/* one slot of the scoreboard the master shares with its workers */
-typedef struct pf_score {
-  unsigned long accepted;  /* connections accepted so far */
-  long inflight;  /* connections accepted and not closed yet */
-} pf_score;
+/* what a new worker is given (spawn.c fills it in) */
+typedef struct pf_workerspec {
+  lua_State *L;  /* its main thread */
+  pf_listener **ls;  /* the listeners it accepts on */
+  int nls;
+  int ctl;  /* its socket to the master */
+  int mode;  /* the accept strategy */
+  pf_score *score;  /* its scoreboard slot */
+  int watchdog;  /* its watchdog timerfd, -1 none */
+  double timeout;  /* seconds without a heartbeat; <= 0: none */
+  pid_t master;
+  const char *name;  /* its id, for the log */
+} pf_workerspec;
 
-PF_API void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
-                             pf_score *score, pid_t master);
+/* the exit status of a worker that timed out (as timeout(1)'s) */
+#define PF_EXIT_TIMEDOUT	124
+
+/* the signals a master sends a hung worker, and that a worker gets when
+** its master dies */
+#define PF_SIGTIMEOUT	(SIGRTMIN + 4)
+#define PF_SIGDOOM	(SIGRTMIN + 5)
+
+PF_API void pf_worker_setup (const pf_workerspec *spec);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);
 PF_API void pf_worker_stoplistening (void);

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
@@ -19,7 +20,7 @@
 typedef struct childargs {
   master *m;
   worker *w;
-  int ctl, slot;
+  int ctl, slot, tfd;
 } childargs;
 
 
@@ -46,15 +47,30 @@ static pf_listener **childlisteners (lua_State *L, childargs *a, int *n) {
 }
 
 
-/* the body of a new worker, run protected: the worker side set up over
-** the listeners, the title, then opts.child(context) */
+/* the worker side, set up over the listeners */
+static void setup (lua_State *L, childargs *a) {
+  master *m = a->m;
+  pf_workerspec spec;
+  spec.L = L;
+  spec.ls = childlisteners(L, a, &spec.nls);
+  spec.ctl = a->ctl;
+  spec.mode = m->strategy;
+  spec.score = &m->score[a->slot];
+  spec.watchdog = a->tfd;
+  spec.timeout = m->timeout;
+  spec.master = m->pid;
+  spec.name = a->w->name;
+  pf_worker_setup(&spec);
+}
+
+
+/* the body of a new worker, run protected: the worker side, the title,
+** then opts.child(context) */
 static int childmain (lua_State *L) {
   childargs *a = (childargs *)lua_touserdata(L, 1);
   master *m = a->m;
-  int n;
-  pf_listener **ls = childlisteners(L, a, &n);
   m->L = L;
-  pf_worker_setup(ls, n, a->ctl, m->strategy, &m->score[a->slot], m->pid);
+  setup(L, a);
   if (m->strategy == PF_ACCEPT_MUTEX && pf_accept_openlock(m->lockfd) < 0)
     return luaL_error(L, "mutex: lock file: %s", strerror(errno));
   lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
@@ -73,12 +89,12 @@ static int childmain (lua_State *L) {
 }
 
 
-/* the new worker: its body, then exit; it never returns */
-static void child (lua_State *L, master *m, worker *w, int ctl, int slot) {
-  childargs a;
-  a.m = m; a.w = w; a.ctl = ctl; a.slot = slot;
+/* the new worker: a process group of its own (what it starts goes with
+** it when it is KILLed), its body, then exit; it never returns */
+static void child (lua_State *L, childargs *a) {
+  setpgid(0, 0);
   lua_pushcfunction(L, childmain);
-  lua_pushlightuserdata(L, &a);
+  lua_pushlightuserdata(L, a);
   pf_child_run(L, 1);
 }
 
@@ -114,49 +130,83 @@ static int beforefork (lua_State *L, master *m, worker *w) {
 }
 
 
-/* the master's side of a new worker: its pid, slot and readiness pipe */
-static void started (worker *w, pid_t pid, int slot, int ctl) {
+/* the master's side of a new worker: its pid, group, slot, socket and
+** watchdog */
+static void started (master *m, worker *w, pid_t pid, childargs *a) {
+  setpgid(pid, pid);  /* as the child does: whichever comes first */
   w->pid = pid;
-  w->slot = slot;
+  w->slot = a->slot;
   w->state = W_STARTING;
   w->started = pf_now();
-  w->ctl = ctl;
-  ev_io_set(&w->ready, ctl, EV_READ);
+  w->survived = 0;
+  w->ctl = a->ctl;
+  w->tfd = a->tfd;
+  ev_io_set(&w->ready, w->ctl, EV_READ);
   ev_io_start(EV_DEFAULT, &w->ready);
-  pf_arm(w, READYAFTER);
+  pf_arm(w, SURVIVED);
+  pf_watch_start(m, w);
 }
 
 
-void pf_spawn (lua_State *L, master *m, worker *w) {
-  int fds[2], slot;
-  pid_t pid;
-  if (!beforefork(L, m, w)) return;
-  if ((slot = pf_newslot(m)) < 0) {
+/* what w's fork needs: a scoreboard slot (with w's max_requests), a
+** socket to the master, a watchdog; 0 with the failing step in *what */
+static int prepare (master *m, childargs *a, int fds[2], const char **what) {
+  pf_score *s;
+  *what = "scoreboard";
+  if ((a->slot = pf_newslot(m)) < 0) {
     errno = EAGAIN;
-    forkfailed(L, m, w, "scoreboard");
-    return;
+    return 0;
   }
+  s = &m->score[a->slot];
+  pf_score_init(s);
+  s->limit = m->maxrequests == 0 ? 0 : m->maxrequests
+             + (m->jitter > 0 ? (unsigned long)random() % (m->jitter + 1) : 0);
+  *what = "watchdog";
+  if (!pf_watch_prepare(&a->tfd)) {
+    m->used[a->slot] = 0;
+    return 0;
+  }
+  *what = "socketpair";
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-    m->used[slot] = 0;
-    forkfailed(L, m, w, "socketpair");
-    return;
+    m->used[a->slot] = 0;
+    close(a->tfd);
+    return 0;
   }
   /* never block on it: a process the worker forked may hold the other
   ** end after the worker is gone */
   fcntl(fds[0], F_SETFL, O_NONBLOCK);
+  return 1;
+}
+
+
+void pf_spawn (lua_State *L, master *m, worker *w) {
+  int fds[2];
+  const char *what;
+  childargs a;
+  pid_t pid;
+  a.m = m;
+  a.w = w;
+  if (!beforefork(L, m, w)) return;
+  if (!prepare(m, &a, fds, &what)) {
+    forkfailed(L, m, w, what);
+    return;
+  }
   pid = pf_fork();
   if (pid == 0) {
     close(fds[0]);
-    child(L, m, w, fds[1], slot);
+    a.ctl = fds[1];
+    child(L, &a);
   }
   close(fds[1]);
   if (pid < 0) {
     close(fds[0]);
-    m->used[slot] = 0;
+    close(a.tfd);
+    m->used[a.slot] = 0;
     forkfailed(L, m, w, "fork");
     return;
   }
-  started(w, pid, slot, fds[0]);
+  a.ctl = fds[0];
+  started(m, w, pid, &a);
   pf_log(L, "info", "worker %s (pid %ld) started", w->name, (long)pid);
 }
 

@@ -120,7 +120,8 @@ double pf_backoff (worker *w) {
 }
 
 
-/* told to TERM (graceful) or KILL: it goes, and is not respawned */
+/* told to TERM (graceful) or KILL (its process group): it goes, and is
+** not respawned */
 void pf_retire (lua_State *L, master *m, worker *w, int sig) {
   w->respawn = 0;
   pf_untarget(m, w);
@@ -130,9 +131,11 @@ void pf_retire (lua_State *L, master *m, worker *w, int sig) {
     return;
   }
   if (sig == SIGTERM && w->state == W_STOPPING) return;
-  kill(w->pid, sig);
+  if (sig == SIGKILL) pf_killgroup(w);
+  else kill(w->pid, sig);
   if (w->state != W_STOPPING && m->running) pf_arm(w, m->graceful);
   w->state = W_STOPPING;
+  pf_watch_pause(w);
 }
 
 

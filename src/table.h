@@ -13,14 +13,15 @@
 #include "prefork.h"
 
 
-#define READYAFTER	1.0  /* seconds alive that make a worker ready */
+#define SURVIVED	1.0  /* seconds alive after which a death is no
+                            ** failure to start (no backoff) */
 #define BACKOFF0	0.1  /* first delay after a death before ready */
 #define BACKOFFMAX	10.0  /* the cap of the doubling delay */
 
 enum wstate { W_PENDING, W_STARTING, W_RUNNING, W_STOPPING };
 
-/* room for the signals the master takes (master.c's msigs) */
-#define MAXSIGS	32
+/* room for the signals the master takes (signals.c) */
+#define MAXSIGS	24
 
 
 typedef struct master master;
@@ -33,10 +34,11 @@ typedef struct worker {
   int ctx;  /* its context: a ref in the master's context table */
   int respawn;  /* replace it when it exits */
   int hold;  /* in a Lua call that may retire it: free it afterwards */
-  int fails;  /* deaths before ready, in a row */
+  int fails;  /* deaths (or boot timeouts) before ready, in a row */
+  int survived;  /* it lived SURVIVED seconds */
   int exits;  /* of this id, since the master started */
   int slot;  /* its scoreboard slot, -1 none */
-  int ctl;  /* read end of its readiness pipe, -1 none */
+  int ctl;  /* the master's end of its socket, -1 none */
   int target;  /* ctl takes connections (accept = "master") */
   double started;
   struct worker *replaces;  /* retire that one when this one is ready */
@@ -44,9 +46,16 @@ typedef struct worker {
   int status;
   int ports;  /* its listeners (accept = "reuseport"), shared by the
               ** workers of its id (pf_ports_*); LUA_NOREF none */
+  int due;  /* to be recycled (max_requests, max_memory), for why */
+  char why[96];
+  int hung;  /* timed out: told to log where it hangs, then KILLed */
+  int tfd;  /* its watchdog (a timerfd it arms too), -1 none */
   char name[40];  /* its id, for the log */
-  ev_timer timer;  /* spawn (PENDING), ready (STARTING), kill (STOPPING) */
-  ev_io ready;  /* readiness pipe */
+  ev_timer timer;  /* spawn (PENDING), survived (STARTING, RUNNING),
+                   ** kill (STOPPING) */
+  ev_io ready;  /* its socket: "r" ready, "m" served its max_requests */
+  ev_io watch;  /* its watchdog expired */
+  ev_timer fallback;  /* KILL, a second after a timeout */
 } worker;
 
 
@@ -59,15 +68,30 @@ struct master {
   int opts;  /* registry refs: the options (callbacks, listeners, ...) */
   int ctxs;  /* and the contexts of the workers */
   double graceful;  /* seconds a stopping worker gets before KILL */
+  double timeout;  /* seconds a busy worker may go without a heartbeat */
+  double boottimeout;  /* seconds from fork until ready */
+  unsigned long maxrequests, jitter;  /* recycling after requests */
+  double maxmemory;  /* bytes of RSS; recycling above; 0 none */
+  int maxfails;  /* failures to start in a row that stop the master */
+  double tickevery;  /* seconds between on_tick calls; 0 none */
+  double started;  /* monotonic */
+  unsigned long respawns, timeouts, recycled;  /* since the start */
+  unsigned long requests;  /* of the workers that are gone */
+  worker *recycling;  /* the worker that drains for recycling, or NULL */
+  char giveup[256];  /* why the master gave up, or "" */
   int strategy;  /* PF_ACCEPT_SHARED, PF_ACCEPT_MUTEX, PF_ACCEPT_REUSEPORT or PF_ACCEPT_MASTER */
   int lockfd;  /* accept = "mutex": the lock file, already unlinked */
   pf_handoff *handoff;  /* accept = "master" */
   pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
   unsigned char used[PF_MAXPROCS];
+  void (*onsignal) (master *m, int sig, int n);  /* n of sig came */
   ev_signal sig[MAXSIGS];
   struct sigaction saved[MAXSIGS];  /* what the signals did before run */
   ev_child reaper;  /* every child of the process */
   ev_timer later;  /* handles the exits that prefork.wait took */
+  ev_timer memory;  /* max_memory: the workers' RSS, once a second */
+  ev_timer tick;  /* on_tick */
+  ev_async counted;  /* TTIN and TTOU came (counted, not coalesced) */
 };
 
 
@@ -84,6 +108,27 @@ PF_API void pf_schedule (master *m, worker *w, double delay);
 PF_API double pf_backoff (worker *w);
 PF_API void pf_retire (lua_State *L, master *m, worker *w, int sig);
 PF_API int pf_newslot (master *m);
+
+/* supervise.c: watchdogs (timeout, boot_timeout), memory */
+PF_API int pf_watch_prepare (int *fd);
+PF_API void pf_watch_start (master *m, worker *w);
+PF_API void pf_watch_pause (worker *w);
+PF_API void pf_watch_stop (worker *w);
+PF_API void pf_killgroup (worker *w);
+PF_API double pf_rss (pid_t pid);
+
+/* signals.c: the signals the master takes */
+PF_API void pf_signals_start (master *m);
+PF_API void pf_signals_stop (master *m);
+PF_API void pf_signals_forget (master *m);
+
+/* machine.c: the state machine */
+PF_API worker *pf_newworker (lua_State *L, master *m, int idx, int ports);
+PF_API void pf_replaces (lua_State *L, master *m, worker *w, worker *old);
+PF_API void pf_master_stop (lua_State *L, master *m, int how,
+                            const char *cause);
+PF_API void pf_machine_start (master *m, double tick);
+PF_API void pf_machine_stop (master *m);
 
 /* spawn.c: forking a worker */
 PF_API void pf_spawn (lua_State *L, master *m, worker *w);

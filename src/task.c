@@ -39,6 +39,8 @@ typedef struct task {
 
 static struct {
   struct ev_loop *loop;
+  ev_prepare idle;  /* the loop turns: idle while it waits, */
+  ev_check busy;  /* busy (and a heartbeat) when it wakes */
   lua_State *L;  /* the thread that runs the loop */
   int running;
   int stopping;
@@ -92,7 +94,9 @@ int pf_waitfd (int fd, int events, double deadline) {
       if (left <= 0) return 0;
       ms = left < 86400.0 ? (int)(left * 1000.0) + 1 : 86400000;  /* a day */
     }
+    pf_busy(0);  /* a wait of ours: no heartbeat is due meanwhile */
     r = poll(&p, 1, ms);
+    pf_busy(1);
     if (r > 0) return 1;
     if (r < 0 && errno != EINTR) return 1;  /* let the call say why */
   }
@@ -105,7 +109,9 @@ static void sleepuntil (double deadline) {
   if (left <= 0) return;
   ts.tv_sec = (time_t)left;
   ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+  pf_busy(0);
   while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+  pf_busy(1);
 }
 
 /* }====================================================== */
@@ -121,7 +127,10 @@ static void finish (task *t, int reusable);
 /* resume t's coroutine; when it ends (or fails) the task goes */
 static void resume (task *t, int nargs) {
   lua_State *co = t->co;
-  int nres, st = lua_resume(co, T.L, nargs, &nres);
+  int nres, st;
+  pf_score_running(co);
+  st = lua_resume(co, T.L, nargs, &nres);
+  pf_score_running(T.L);
   if (st == LUA_YIELD) {
     lua_pop(co, nres);
     if (ev_is_active(&t->io) || ev_is_active(&t->timer)) return;
@@ -319,6 +328,18 @@ int pf_wakereason (lua_State *L) {
 ** The loop
 ** ======================================================= */
 
+static void onidle (struct ev_loop *loop, ev_prepare *w, int revents) {
+  (void)loop; (void)w; (void)revents;
+  pf_busy(0);
+}
+
+
+static void onbusy (struct ev_loop *loop, ev_check *w, int revents) {
+  (void)loop; (void)w; (void)revents;
+  pf_busy(1);
+}
+
+
 /* a new loop for the tasks of thread L; NULL (with a message pushed)
 ** when one runs already or libev cannot make one */
 struct ev_loop *pf_task_open (lua_State *L) {
@@ -336,6 +357,12 @@ struct ev_loop *pf_task_open (lua_State *L) {
   T.L = L;
   T.running = 1;
   T.stopping = 0;
+  ev_prepare_init(&T.idle, onidle);
+  ev_check_init(&T.busy, onbusy);
+  ev_prepare_start(T.loop, &T.idle);
+  ev_check_start(T.loop, &T.busy);
+  ev_unref(T.loop);  /* neither keeps the loop running */
+  ev_unref(T.loop);
   return T.loop;
 }
 
@@ -367,6 +394,10 @@ int pf_task_stopping (void) {
 /* after the run: the kept coroutines and the loop go */
 void pf_task_close (void) {
   T.running = T.stopping = 0;
+  ev_ref(T.loop);
+  ev_ref(T.loop);
+  ev_prepare_stop(T.loop, &T.idle);
+  ev_check_stop(T.loop, &T.busy);
   while (T.pool != NULL) {
     task *t = T.pool;
     T.pool = t->next;

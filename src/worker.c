@@ -1,16 +1,28 @@
 /*
 ** worker.c: the worker side of a master: the stop flag that TERM sets,
 ** readiness, the counters the master reads from the shared scoreboard,
-** and worker:accept, which blocks until a connection comes (the accept
-** strategies themselves are accept.c's).
+** worker:accept (which blocks until a connection comes: the strategies
+** themselves are accept.c's), and the worker's two ways out when it
+** cannot stop by itself:
+**
+**  - timed out: the master sends PF_SIGTIMEOUT to a worker that stopped
+**    beating; its handler sets a Lua hook, which logs where the worker
+**    is (a traceback) and exits. A worker stuck in C or a system call
+**    runs no hook: the master KILLs it a second later.
+**  - orphaned: the worker gets PF_SIGDOOM when its master dies
+**    (PR_SET_PDEATHSIG). It stops as on TERM, and a second later the
+**    same signal, from a timer, KILLs its process group: busy or not,
+**    the worker and what it started are gone.
 */
 
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
@@ -21,26 +33,81 @@
 /* One process is at most one worker: its state is the process's. */
 static struct {
   volatile sig_atomic_t stopping;  /* TERM or INT came */
+  volatile sig_atomic_t doomed;  /* the master is gone */
   int inworker;  /* this process is a master's worker */
   int wake[2];  /* self-pipe: the stop handler writes, accept polls */
-  int ctl;  /* socket to the master: readiness; -1 once told */
+  int ctl;  /* socket to the master: readiness, recycling */
   int channel;  /* accept = "master": connections come on ctl */
   int ep;  /* what accept waits on: an epoll set (listeners EPOLLEXCLUSIVE) */
   int told;  /* the master knows we are ready */
+  int due;  /* the master knows we served our max_requests */
   pf_score *score;  /* our slot of the master's scoreboard */
   struct pollfd *pfd;  /* the listeners (or ctl), then wake[0] */
   int npfd;  /* the listeners' */
-} self = {0, 0, {-1, -1}, -1, 0, -1, 0, NULL, NULL, 0};
+  timer_t doom;  /* fires PF_SIGDOOM a second after the master died */
+  char name[40];  /* our id, for the log */
+} self = {0, 0, 0, {-1, -1}, -1, 0, -1, 0, 0, NULL, NULL, 0, 0, ""};
+
+
+static void wakeup (void) {
+  if (self.wake[1] >= 0)
+    (void)!write(self.wake[1], "", 1);
+}
 
 
 static void onstop (int sig) {
   int en = errno;
   (void)sig;
   self.stopping = 1;
-  if (self.wake[1] >= 0)
-    (void)!write(self.wake[1], "", 1);
+  wakeup();
   errno = en;
 }
+
+
+/* the master died: stop as on TERM; a second later (the timer's signal)
+** the worker's process group goes */
+static void ondoom (int sig) {
+  int en = errno;
+  struct itimerspec its;
+  (void)sig;
+  if (self.doomed)
+    kill(0, SIGKILL);
+  self.doomed = self.stopping = 1;
+  wakeup();
+  memset(&its, 0, sizeof(its));
+  its.it_value.tv_sec = 1;
+  timer_settime(self.doom, 0, &its, NULL);
+  errno = en;
+}
+
+
+/* {------------------------------------------------------
+** Timed out: a hook logs where the worker hangs, and it exits
+** ------------------------------------------------------- */
+
+static void timedout (lua_State *L, lua_Debug *ar) {
+  pf_score *s = pf_score_mine();
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaL_traceback(L, L, NULL, 0);
+  pf_log(L, "error", "worker %s (pid %ld) timed out after %.3gs: %s",
+         self.name, (long)getpid(), s != NULL ? (double)s->hung / 1000 : 0.0,
+         lua_tostring(L, -1));
+  pf_exit(PF_EXIT_TIMEDOUT);
+}
+
+
+/* the master says we hang: unless we left our busy spell meanwhile, the
+** hook ends the Lua code that runs */
+static void ontimeout (int sig) {
+  pf_score *s = pf_score_mine();
+  lua_State *L = pf_score_current();
+  (void)sig;
+  if (s != NULL && L != NULL && __atomic_load_n(&s->busy, __ATOMIC_SEQ_CST))
+    lua_sethook(L, timedout, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+}
+
+/* }------------------------------------------------------ */
 
 
 /* in a process a worker forks: it is no worker, and holds none of its
@@ -50,6 +117,7 @@ static void forget (void *ud) {
   if (self.ctl >= 0) close(self.ctl);
   if (self.ep >= 0) close(self.ep);
   pf_accept_forget();  /* or it could hold the lock */
+  pf_score_unbind();
   close(self.wake[0]);
   close(self.wake[1]);
   self.ctl = self.ep = self.wake[0] = self.wake[1] = -1;
@@ -78,23 +146,12 @@ static int waitset (int mode) {
 }
 
 
-/*
-** In a new worker, with signals still blocked: the listeners ls (n of
-** them) or the master's channel ctl to accept from, the score slot;
-** TERM and INT set the stop flag (a worker busy outside accept finishes
-** its work), and the worker gets TERM when the master dies.
-*/
-void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
-                      pf_score *score, pid_t master) {
-  struct sigaction sa;
-  int i, *fds;
-  self.inworker = 1;
-  self.ctl = ctl;
-  self.channel = mode == PF_ACCEPT_MASTER;
-  self.score = score;
-  pf_accept_setup(ls, nls, ctl, mode);
-  self.pfd = (struct pollfd *)calloc((size_t)nls + 2, sizeof(struct pollfd));
-  fds = (int *)calloc((size_t)nls + 2, sizeof(int));
+/* what accept waits on: the listeners (or the master's channel) and the
+** stop pipe; exits without memory */
+static void waitfds (const pf_workerspec *spec) {
+  int i, *fds = (int *)calloc((size_t)spec->nls + 2, sizeof(int));
+  self.pfd = (struct pollfd *)calloc((size_t)spec->nls + 2,
+                                     sizeof(struct pollfd));
   if (self.pfd == NULL || fds == NULL
       || pipe2(self.wake, O_CLOEXEC | O_NONBLOCK) != 0)
     pf_exit(111);
@@ -103,29 +160,80 @@ void pf_worker_setup (pf_listener **ls, int nls, int ctl, int mode,
   free(fds);
   self.pfd[self.npfd].fd = self.wake[0];
   for (i = 0; i <= self.npfd; i++) self.pfd[i].events = POLLIN;
-  self.ep = waitset(mode);
-  sa.sa_handler = onstop;
+  self.ep = waitset(spec->mode);
+}
+
+
+/* TERM and INT set the stop flag (a worker busy outside accept finishes
+** its work); the master's timeout signal; its death */
+static void handlers (pid_t master) {
+  struct sigaction sa;
+  struct sigevent sev;
+  memset(&sa, 0, sizeof(sa));
   sa.sa_flags = SA_RESTART;  /* the work in hand goes on */
   sigemptyset(&sa.sa_mask);
+  sa.sa_handler = onstop;
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
-  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  sa.sa_handler = ontimeout;
+  sigaction(PF_SIGTIMEOUT, &sa, NULL);
+  sa.sa_handler = ondoom;
+  sigaction(PF_SIGDOOM, &sa, NULL);
+  memset(&sev, 0, sizeof(sev));
+  sev.sigev_notify = SIGEV_SIGNAL;
+  sev.sigev_signo = PF_SIGDOOM;
+  if (timer_create(CLOCK_MONOTONIC, &sev, &self.doom) != 0)
+    pf_exit(111);
+  prctl(PR_SET_PDEATHSIG, PF_SIGDOOM);
   if (getppid() != master)  /* it died before prctl */
-    self.stopping = 1;
+    raise(PF_SIGDOOM);
+}
+
+
+/* In a new worker, with signals still blocked (they are unblocked once
+** its body runs): what it accepts from, its slot and watchdog, signals */
+void pf_worker_setup (const pf_workerspec *spec) {
+  self.inworker = 1;
+  self.ctl = spec->ctl;
+  self.channel = spec->mode == PF_ACCEPT_MASTER;
+  self.score = spec->score;
+  snprintf(self.name, sizeof(self.name), "%s", spec->name);
+  pf_accept_setup(spec->ls, spec->nls, spec->ctl, spec->mode);
+  waitfds(spec);
+  pf_score_bind(spec->score, spec->watchdog, spec->timeout);
+  pf_score_running(spec->L);
+  handlers(spec->master);
   pf_onfork(forget, NULL);
 }
 
 
-/* the first accept tells the master that this worker is ready */
-void pf_worker_ready (void) {
+/* the first accept (or worker:ready, worker:beat) tells the master that
+** this worker is ready */
+static void ready (void) {
   if (self.ctl >= 0 && !self.told) {
     (void)!write(self.ctl, "r", 1);
     self.told = 1;
-    if (!self.channel) {  /* it says nothing more */
-      close(self.ctl);
-      self.ctl = -1;
-    }
   }
+}
+
+
+/* served (requests) more: once past its max_requests, the worker tells
+** the master, which recycles it */
+static void count (unsigned long n) {
+  unsigned long r;
+  if (self.score == NULL) return;
+  r = self.score->requests + n;
+  pf_add(self.score->requests, n);
+  if (self.score->limit > 0 && r >= self.score->limit && !self.due
+      && self.ctl >= 0) {
+    (void)!write(self.ctl, "m", 1);
+    self.due = 1;
+  }
+}
+
+
+void pf_worker_ready (void) {
+  ready();
 }
 
 
@@ -143,9 +251,11 @@ int pf_worker_accept (pf_conn *c) {
   int gone = 0, st = pf_accept_round(c, &gone);
   if (gone) self.stopping = 1;
   if (st > 0) {
+    pf_beat();
     c->counter = &self.score->inflight;
     pf_add(self.score->accepted, 1);
     pf_add(self.score->inflight, 1);
+    count(1);
   }
   return st;
 }
@@ -189,27 +299,8 @@ static int waitready (const char **what) {
 }
 
 
-/*
-** worker:accept() -> conn | nil, "stopping" | nil, "accept: err", errno
-** Blocks until a connection comes on any listener or a stop begins; at
-** the stop the worker's listeners are closed.
-*/
-static int l_accept (lua_State *L) {
-  pf_conn *c;
-  const char *what;
-  if (!self.inworker)
-    return luaL_error(L, "accept: not in a worker process");
-  pf_worker_ready();
-  c = pf_newconn(L);
-  while (!self.stopping) {
-    int st;
-    if (lockwait() != 0) continue;
-    st = pf_worker_accept(c);
-    if (st != 0) pf_accept_unlock();
-    if (st > 0) return 1;
-    if (st < 0) return pf_fail(L, "accept");
-    if (waitready(&what) != 0) return pf_fail(L, what);
-  }
+/* a stopping worker takes what waits for it alone; then nil, "stopping" */
+static int stopped (lua_State *L, pf_conn *c) {
   pf_accept_unlock();
   if (pf_accept_drains() && pf_worker_accept(c) > 0) {
     pf_accept_drained();
@@ -217,6 +308,35 @@ static int l_accept (lua_State *L) {
   }
   pf_worker_stoplistening();
   return pf_failwith(L, "stopping", ECANCELED);
+}
+
+
+/*
+** worker:accept() -> conn | nil, "stopping" | nil, "accept: err", errno
+** Blocks until a connection comes on any listener or a stop begins; at
+** the stop the worker's listeners are closed. While it waits the worker
+** is idle (no heartbeat is due).
+*/
+static int l_accept (lua_State *L) {
+  pf_conn *c;
+  const char *what = "accept";
+  int st = 0;
+  if (!self.inworker)
+    return luaL_error(L, "accept: not in a worker process");
+  ready();
+  c = pf_newconn(L);
+  pf_busy(0);
+  while (!self.stopping && st == 0) {
+    if (lockwait() != 0) continue;
+    st = pf_worker_accept(c);
+    if (st != 0) pf_accept_unlock();
+    if (st == 0 && waitready(&what) != 0) st = -2;
+  }
+  pf_busy(1);
+  if (st == 1) return 1;
+  if (st == -1) return pf_fail(L, "accept");
+  if (st == -2) return pf_fail(L, what);
+  return stopped(L, c);
 }
 
 
@@ -243,10 +363,43 @@ static int l_stopping (lua_State *L) {
 }
 
 
+/* worker:ready(): a worker with a loop of its own says it is ready (the
+** master waits for this before a replacement takes over) */
+static int l_ready (lua_State *L) {
+  ready();
+  lua_pushboolean(L, self.inworker);
+  return 1;
+}
+
+
+/* worker:beat(): a heartbeat, from a long computation or a loop of the
+** worker's own (the worker is busy: it must beat within `timeout`) */
+static int l_beat (lua_State *L) {
+  ready();
+  pf_busy(1);
+  lua_pushboolean(L, self.inworker);
+  return 1;
+}
+
+
+/* worker:count([n]): n requests more (default 1) than the connections
+** (each counts one): for max_requests and the statistics */
+static int l_count (lua_State *L) {
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, n >= 0, 2, "negative count");
+  count((unsigned long)n);
+  lua_pushboolean(L, self.inworker);
+  return 1;
+}
+
+
 void pf_open_worker (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"accept", l_accept},
     {"stopping", l_stopping},
+    {"ready", l_ready},
+    {"beat", l_beat},
+    {"count", l_count},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -83,12 +83,30 @@ local function opt_integer (min)
 end
 
 for _, name in ipairs{"update", "fork", "on_start", "before_fork",
-                      "after_fork", "on_worker_exit", "on_reload", "log"} do
+                      "after_fork", "on_worker_exit", "on_reload", "log",
+                      "on_tick"} do
   checks[name] = function (v) return isfunction(v), "a function" end
 end
+
+-- a number of seconds > 0, or false (off)
+local function opt_seconds (v)
+  return v == false or (math.type(v) ~= nil and v > 0),
+         "a number of seconds > 0, or false"
+end
+
 checks.workers = opt_integer(0)
 checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
+checks.timeout = opt_seconds
+checks.boot_timeout = opt_seconds
+checks.max_requests = opt_integer(0)
+checks.max_requests_jitter = opt_integer(0)
+checks.max_memory = opt_integer(0)
+checks.max_boot_failures = opt_integer(0)
+checks.tick = function (v)
+  return math.type(v) ~= nil and v > 0, "a number of seconds > 0"
+end
+checks.status = function (v) return type(v) == "string", "an address" end
 checks.defer_accept = opt_integer(0)
 checks.title = function (v) return type(v) == "string", "a string" end
 local strategies = {shared = true, master = true, reuseport = true, mutex = true}
@@ -158,6 +176,9 @@ local Worker = {
   accept = core.accept,  -- these ignore their self
   stopping = core.stopping,
   serve = core.serve,
+  ready = core.ready,
+  beat = core.beat,
+  count = core.count,
 }
 Worker.__index = Worker
 
@@ -193,6 +214,16 @@ end
 
 function Master:addresses ()
   return table.move(self.addrs, 1, #self.addrs, 1, {})
+end
+
+--- {pid, started, uptime, workers = master:workers(), respawns, reloads,
+-- upgrades, timeouts, recycled, requests}
+function Master:stats ()
+  local st = self.core:stats()
+  for _, w in ipairs(st.workers) do w.context = nil end
+  table.sort(st.workers, idorder)
+  st.reloads, st.upgrades = self.reloads, self.upgrades
+  return st
 end
 
 function Master:stop (graceful)
@@ -274,6 +305,7 @@ end
 
 --- Run update again (as SIGHUP does); a failure keeps the running set.
 function Master:reload ()
+  self.reloads = self.reloads + 1
   local config, contexts = self:update()
   local ok, err = config ~= nil, contexts
   if ok then
@@ -333,13 +365,31 @@ local function childmain (self, ctx)
 end
 
 
+-- TTIN: one worker more; TTOU: one less, but the last stays (from Lua,
+-- master:set_workers(0) can still empty the set)
+local function scale (self, name)
+  local n = self.count + (name == "TTIN" and 1 or -1)
+  if n < 1 then
+    core.log("warn", "TTOU: refused, the last worker stays (" .. self.count
+             .. " running)")
+    return
+  end
+  self:set_workers(n)
+  core.log("info", ("%s: %d worker%s"):format(name, n, n == 1 and "" or "s"))
+end
+
+
 local function onsignal (self, name)
   if name == "HUP" then
+    core.log("info", "HUP: reloading")
     self:reload()
-  elseif name == "TTIN" then
-    self:set_workers(self.count + 1)
-  elseif name == "TTOU" and self.count > 0 then
-    self:set_workers(self.count - 1)
+  elseif name == "TTIN" or name == "TTOU" then
+    scale(self, name)
+  elseif name == "USR1" then
+    core.log("info", "USR1: no log file to reopen (the log goes to "
+             .. (self.opts.log and "a function" or "stderr") .. ")")
+  elseif name == "USR2" then
+    core.log("warn", "USR2: ignored (no upgrade in this version)")
   end
 end
 
@@ -363,7 +413,7 @@ function prefork.start (opts)
   end
   local self = setmetatable({
     opts = opts, listeners = listeners, running = {}, contexts = {},
-    count = opts.workers or core.ncpu(), addrs = {},
+    count = opts.workers or core.ncpu(), addrs = {}, reloads = 0, upgrades = 0,
   }, Master)
   for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
   local function closeall () for _, l in ipairs(listeners) do l:close() end end
@@ -371,6 +421,12 @@ function prefork.start (opts)
   self.core, err = core.master{
     listeners = listeners,
     graceful_timeout = opts.graceful_timeout,
+    timeout = opts.timeout, boot_timeout = opts.boot_timeout,
+    max_requests = opts.max_requests,
+    max_requests_jitter = opts.max_requests_jitter,
+    max_memory = opts.max_memory, max_boot_failures = opts.max_boot_failures,
+    tick = opts.tick,
+    on_tick = opts.on_tick and function () opts.on_tick(self) end,
     accept = opts.accept,
     title = opts.title,
     child = function (ctx) childmain(self, ctx) end,
@@ -393,11 +449,12 @@ function prefork.start (opts)
   if opts.log then core.setlog(opts.log) end
   self:apply(config, contexts)
   if opts.title then core.settitle(opts.title .. " master") end
-  local ok
-  ok, err = pcall(self.core.run, self.core)
+  local ok, why
+  ok, err, why = pcall(self.core.run, self.core)
   closeall()
   if opts.log then core.setlog(nil) end
   if not ok then error(err, 0) end
+  if not err then error("prefork.start: giving up: " .. why, 2) end
   return true
 end
 

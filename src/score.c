@@ -1,0 +1,150 @@
+/*
+** score.c: the scoreboard, shared memory between a master and its
+** workers (a slot each), and a worker's heartbeat in its slot.
+**
+** The heartbeat costs no system call: a worker stamps its slot with a
+** coarse clock (read from the vDSO) as its loop turns, as it accepts,
+** as a connection's read or write returns, and on worker:beat(). It
+** also marks when it leaves an idle wait (busy) and when it enters one.
+** When it leaves one and its watchdog is not armed, it arms it: a
+** timerfd that the master made and watches. The master wakes only when
+** a watchdog expires (never while every worker is idle): it finds a
+** worker idle (the watchdog stays disarmed), making progress (armed
+** again for the rest), or hung.
+**
+** A disarm races with a worker leaving its idle wait; each side writes
+** its own flag, then reads the other's (sequentially consistent), so at
+** least one of them sees the other and arms again (pf_score_disarm).
+*/
+
+#include <string.h>
+#include <time.h>
+#include <sys/timerfd.h>
+
+#include "prefork.h"
+
+
+/* this process's slot, when it is a supervised worker */
+static struct {
+  pf_score *slot;
+  int watchdog;  /* the timerfd; -1 none */
+  double timeout;  /* seconds; <= 0: no watchdog while running */
+  lua_State *volatile running;  /* the thread running Lua code now */
+} me = {NULL, -1, 0, NULL};
+
+
+/* monotonic seconds of a coarse clock (no system call: the vDSO) */
+double pf_coarse (void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+
+/* the coarse clock in ms, as a slot keeps it */
+static long coarsems (void) {
+  return (long)(pf_coarse() * 1000.0);
+}
+
+
+/* the last heartbeat in slot s, in pf_coarse's seconds */
+double pf_score_beat (const pf_score *s) {
+  return (double)__atomic_load_n(&s->beat, __ATOMIC_RELAXED) / 1000.0;
+}
+
+
+/* arm the timerfd fd to expire in secs (> 0) */
+void pf_score_arm (int fd, double secs) {
+  struct itimerspec its;
+  memset(&its, 0, sizeof(its));
+  if (secs < 0.001) secs = 0.001;
+  its.it_value.tv_sec = (time_t)secs;
+  its.it_value.tv_nsec = (long)((secs - (double)its.it_value.tv_sec) * 1e9);
+  (void)timerfd_settime(fd, 0, &its, NULL);
+}
+
+
+/* {======================================================
+** The worker's side
+** ======================================================= */
+
+/* this process is the worker of slot s: its watchdog fd, its timeout */
+void pf_score_bind (pf_score *s, int watchdog, double timeout) {
+  me.slot = s;
+  me.watchdog = watchdog;
+  me.timeout = timeout;
+}
+
+
+/* a process the worker forks is none: it has no slot */
+void pf_score_unbind (void) {
+  me.slot = NULL;
+  me.watchdog = -1;
+}
+
+
+pf_score *pf_score_mine (void) {
+  return me.slot;
+}
+
+
+/* the thread that runs Lua code now (the task scheduler sets it) */
+void pf_score_running (lua_State *L) {
+  me.running = L;
+}
+
+
+lua_State *pf_score_current (void) {
+  return me.running;
+}
+
+
+/* a heartbeat: the worker makes progress */
+void pf_beat (void) {
+  if (me.slot != NULL)
+    __atomic_store_n(&me.slot->beat, coarsems(), __ATOMIC_RELAXED);
+}
+
+
+/* the worker leaves an idle wait (busy 1: from now on it must beat) or
+** enters one (0) */
+void pf_busy (int busy) {
+  pf_score *s = me.slot;
+  if (s == NULL) return;
+  if (!busy) {
+    __atomic_store_n(&s->busy, 0, __ATOMIC_SEQ_CST);
+    return;
+  }
+  __atomic_store_n(&s->beat, coarsems(), __ATOMIC_RELAXED);
+  __atomic_store_n(&s->busy, 1, __ATOMIC_SEQ_CST);
+  if (me.timeout > 0 && !__atomic_load_n(&s->armed, __ATOMIC_SEQ_CST)) {
+    __atomic_store_n(&s->armed, 1, __ATOMIC_SEQ_CST);
+    pf_score_arm(me.watchdog, me.timeout);
+  }
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** The master's side
+** ======================================================= */
+
+/* a fresh slot for a new worker: busy from its fork (it boots) */
+void pf_score_init (pf_score *s) {
+  memset(s, 0, sizeof(*s));
+  s->beat = coarsems();
+  s->busy = 1;
+}
+
+
+/* the watchdog of slot s expired and the worker is idle: it disarms,
+** unless the worker left its idle wait meanwhile. 1: it is disarmed. */
+int pf_score_disarm (pf_score *s) {
+  __atomic_store_n(&s->armed, 0, __ATOMIC_SEQ_CST);
+  if (!__atomic_load_n(&s->busy, __ATOMIC_SEQ_CST)) return 1;
+  __atomic_store_n(&s->armed, 1, __ATOMIC_SEQ_CST);
+  return 0;
+}
+
+/* }====================================================== */
