@@ -95,6 +95,7 @@ static void becameready (lua_State *L, master *m, worker *w) {
   memcpy(name, w->name, sizeof(name));
   w->state = W_RUNNING;
   w->fails = 0;
+  pf_watch_ready(m, w);
   if (m->strategy == PF_ACCEPT_MASTER && w->ctl >= 0 && w->respawn
       && pf_handoff_add(m->handoff, w->ctl, &m->score[w->slot].accepted,
                         &m->score[w->slot].inflight))
@@ -414,11 +415,11 @@ static void stop (lua_State *L, master *m, int how, const char *cause) {
   if (m->list == NULL && m->running)
     ev_break(EV_DEFAULT, EVBREAK_ALL);
   if (how == 1)
-    pf_log(L, "info", "stopping (%s): graceful stop, %d workers get up to "
-           "%.3gs", cause, n, m->graceful);
+    pf_log(L, "info", "stopping (%s): graceful stop, %d worker%s up to "
+           "%.3gs", cause, n, n == 1 ? " gets" : "s get", m->graceful);
   else
-    pf_log(L, "info", "stopping (%s): immediate stop, %d workers get KILL",
-           cause, n);
+    pf_log(L, "info", "stopping (%s): immediate stop, %d worker%s KILL",
+           cause, n, n == 1 ? " gets" : "s get");
 }
 
 
@@ -472,6 +473,7 @@ static void forget (void *ud) {
   master *m = (master *)ud;
   worker *w;
   pf_signals_forget(m);
+  pf_status_forget();
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_onreap(NULL, NULL);
   for (w = m->list; w != NULL; w = w->next) {

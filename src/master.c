@@ -253,6 +253,10 @@ static int m_run (lua_State *L) {
   m->started = pf_now();
   runningmaster = m;
   pf_machine_start(m, m->tickevery);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  lua_getfield(L, -1, "status_listener");
+  pf_status_start(m, lua_isnil(L, -1) ? NULL : pf_checklistener(L, -1));
+  lua_pop(L, 2);
   while ((w = unspawned(m)) != NULL)  /* a hook may change the list */
     pf_spawn(L, m, w);
   if (!m->stopping && pf_pushcb(L, m, "on_start"))
@@ -262,6 +266,7 @@ static int m_run (lua_State *L) {
   m->running = 0;
   runningmaster = NULL;
   endstrategy(m);
+  pf_status_stop();
   pf_machine_stop(m);
   pf_loop_close();
   pf_log(L, "info", "stopped");

@@ -53,11 +53,11 @@ double pf_score_beat (const pf_score *s) {
 }
 
 
-/* arm the timerfd fd to expire in secs (> 0) */
+/* arm the timerfd fd to expire in secs (0: disarm it) */
 void pf_score_arm (int fd, double secs) {
   struct itimerspec its;
   memset(&its, 0, sizeof(its));
-  if (secs < 0.001) secs = 0.001;
+  if (secs > 0 && secs < 0.001) secs = 0.001;
   its.it_value.tv_sec = (time_t)secs;
   its.it_value.tv_nsec = (long)((secs - (double)its.it_value.tv_sec) * 1e9);
   (void)timerfd_settime(fd, 0, &its, NULL);

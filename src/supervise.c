@@ -80,9 +80,9 @@ static void hung (master *m, worker *w, double age) {
   ev_timer_set(&w->fallback, 1.0, 0);
   ev_timer_start(EV_DEFAULT, &w->fallback);
   kill(w->pid, PF_SIGTIMEOUT);
-  pf_log(m->L, "error", "worker %s (pid %ld) %s after %.3gs: %s", w->name,
+  pf_log(m->L, "error", "worker %s (pid %ld) %s after %.3gs without a heartbeat: %s", w->name,
          (long)w->pid, w->state == W_STARTING ? "not ready" : "timed out",
-         age, "its traceback follows, then it exits or is KILLed in 1s");
+         age, "it logs where it is, or is KILLed in 1s");
 }
 
 
@@ -155,6 +155,19 @@ void pf_watch_start (master *m, worker *w) {
     m->score[w->slot].armed = 1;
     pf_score_arm(w->tfd, m->boottimeout);
   }
+}
+
+
+/* w is ready: its watchdog, armed for the boot, now counts timeout (it
+** is armed anyway: the next expiry finds the worker idle or busy) */
+void pf_watch_ready (master *m, worker *w) {
+  pf_score *s = &m->score[w->slot];
+  if (m->timeout > 0) {
+    __atomic_store_n(&s->armed, 1, __ATOMIC_SEQ_CST);
+    pf_score_arm(w->tfd, m->timeout);
+  }
+  else if (m->boottimeout > 0)
+    pf_score_arm(w->tfd, 0);
 }
 
 

@@ -112,10 +112,16 @@ PF_API int pf_newslot (master *m);
 /* supervise.c: watchdogs (timeout, boot_timeout), memory */
 PF_API int pf_watch_prepare (int *fd);
 PF_API void pf_watch_start (master *m, worker *w);
+PF_API void pf_watch_ready (master *m, worker *w);
 PF_API void pf_watch_pause (worker *w);
 PF_API void pf_watch_stop (worker *w);
 PF_API void pf_killgroup (worker *w);
 PF_API double pf_rss (pid_t pid);
+
+/* status.c: the status endpoint */
+PF_API void pf_status_start (master *m, pf_listener *l);
+PF_API void pf_status_stop (void);
+PF_API void pf_status_forget (void);
 
 /* signals.c: the signals the master takes */
 PF_API void pf_signals_start (master *m);

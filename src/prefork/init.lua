@@ -396,30 +396,40 @@ end
 -- }======================================================
 
 
---- Run a preforking server. Returns true after a stop; raises on every
--- setup failure, having closed what it opened.
-function prefork.start (opts)
-  checkopts(opts)
-  local listeners = bindall(opts.listen or {}, opts.backlog,
-                            opts.accept == "reuseport")
-  if opts.defer_accept and opts.defer_accept > 0 then
-    for i, l in ipairs(listeners) do
-      local ok, err = l:setdefer(opts.defer_accept)
-      if not ok then
-        for _, done in ipairs(listeners) do done:close() end
-        error(("prefork.start: defer_accept on listen[%d]: %s"):format(i, err), 2)
-      end
-    end
+-- every listener of opts: the bound ones (with defer_accept) and the
+-- status endpoint's; raises, having closed what it opened
+local function openall (opts)
+  local ls = bindall(opts.listen or {}, opts.backlog, opts.accept == "reuseport")
+  local function fail (msg)
+    for _, l in ipairs(ls) do l:close() end
+    error("prefork.start: " .. msg, 4)
   end
-  local self = setmetatable({
-    opts = opts, listeners = listeners, running = {}, contexts = {},
-    count = opts.workers or core.ncpu(), addrs = {}, reloads = 0, upgrades = 0,
-  }, Master)
-  for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
-  local function closeall () for _, l in ipairs(listeners) do l:close() end end
-  local err
-  self.core, err = core.master{
-    listeners = listeners,
+  for i, l in ipairs(ls) do
+    local ok, err = true, nil
+    if opts.defer_accept and opts.defer_accept > 0 then
+      ok, err = l:setdefer(opts.defer_accept)
+    end
+    if not ok then fail(("defer_accept on listen[%d]: %s"):format(i, err)) end
+  end
+  if opts.status then
+    local ok, st, err = pcall(core.listen, opts.status)
+    if not ok or not st then
+      fail(("status %q: %s"):format(opts.status, ok and err or st))
+    end
+    ls.status = st
+  end
+  return ls
+end
+
+
+-- the C master of self, with the options and hooks it runs
+local function coremaster (self, opts, listeners)
+  local status = require "prefork.status"
+  return core.master{
+    listeners = listeners, status_listener = listeners.status,
+    status_page = function (method, path)
+      return status.page(self, method, path)
+    end,
     graceful_timeout = opts.graceful_timeout,
     timeout = opts.timeout, boot_timeout = opts.boot_timeout,
     max_requests = opts.max_requests,
@@ -437,6 +447,25 @@ function prefork.start (opts)
     on_signal = function (name) onsignal(self, name) end,
     on_start = opts.on_start and function () opts.on_start(self) end,
   }
+end
+
+
+--- Run a preforking server. Returns true after a stop; raises on every
+-- setup failure, having closed what it opened.
+function prefork.start (opts)
+  checkopts(opts)
+  local listeners = openall(opts)
+  local self = setmetatable({
+    opts = opts, listeners = listeners, running = {}, contexts = {},
+    count = opts.workers or core.ncpu(), addrs = {}, reloads = 0, upgrades = 0,
+  }, Master)
+  for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
+  local function closeall ()
+    for _, l in ipairs(listeners) do l:close() end
+    if listeners.status then listeners.status:close() end
+  end
+  local err
+  self.core, err = coremaster(self, opts, listeners)
   if not self.core then
     closeall()
     error("prefork.start: " .. err, 2)
