@@ -8,7 +8,8 @@
 -- after the first byte of the answer, to give chaos runs work in flight.
 -- The update hook hands out a new config on each SIGHUP, so every reload
 -- replaces every worker. ACCEPT=reuseport|mutex|master picks a strategy;
--- QUIET=1 silences the log; PRELOAD_MB=N makes an
+-- QUIET=1 silences the log; MAX_REQUESTS=N recycles the workers (a
+-- stopping worker's last answer closes its connection); PRELOAD_MB=N makes an
 -- N MB Lua heap in the master before the fork; FULLGC=1 runs a full
 -- collection in each worker first (the worst case for copy-on-write).
 
@@ -27,8 +28,11 @@ local CLOSE = HEAD .. "Connection: close\r\n\r\nHello, World!"
 
 local C, c, CR = ("C"):byte(), ("c"):byte(), ("\r"):byte()
 
+local worker  -- this process's, once it is one
+
 local function hello (conn)
   local read, write = conn.read, conn.write
+  local first = true
   conn:settimeout(10)
   while true do
     local line = read(conn, "l")
@@ -43,6 +47,9 @@ local function hello (conn)
         close = true
       end
     end
+    close = close or worker:stopping()  -- a graceful stop: the last one
+    if not first then worker:count() end  -- a request more (max_requests)
+    first = false
     local answer = close and CLOSE or KEEP
     if delay > 0 then
       write(conn, "H")
@@ -77,8 +84,10 @@ prefork.start{
     print("listening " .. m:addresses()[1])
     io.stdout:flush()
   end,
-  fork = function (worker)
+  max_requests = tonumber(os.getenv("MAX_REQUESTS")),
+  fork = function (w)
     if os.getenv("FULLGC") == "1" then collectgarbage() end  -- worst case
+    worker = w
     worker:serve(hello)
   end,
 }

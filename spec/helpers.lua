@@ -356,4 +356,40 @@ end
 
 -- }======================================================
 
+
+-- {======================================================
+-- Processes and ports (for the operation specs)
+-- =======================================================
+
+--- Is pid there (not a zombie)?
+function H.alive (pid)
+  local st = H.pstate(pid)
+  return st ~= nil and st ~= "Z"
+end
+
+
+--- Every descendant of pid (children, their children, ...).
+function H.descendants (pid)
+  local out, todo = {}, {pid}
+  while #todo > 0 do
+    local p = table.remove(todo)
+    for _, k in ipairs(H.childpids(p)) do
+      out[#out + 1] = k
+      todo[#todo + 1] = k
+    end
+  end
+  return out
+end
+
+
+--- A TCP port on 127.0.0.1 that was free a moment ago.
+function H.freeport ()
+  local s = socket.bind("127.0.0.1", 0)
+  local _, port = s:getsockname()
+  s:close()
+  return tonumber(port)
+end
+
+-- }======================================================
+
 return H

@@ -156,7 +156,7 @@ PF_API int pf_pushwait (lua_State *L, int how);
 PF_API struct ev_loop *pf_task_open (lua_State *L);
 PF_API int pf_task_spawn (lua_State *L, int nargs, int own, int now);
 PF_API void pf_task_run (void);
-PF_API void pf_task_stop (void);
+PF_API void pf_task_stop (double linger);
 PF_API int pf_task_stopping (void);
 PF_API void pf_task_close (void);
 PF_API void pf_task_forget (void);

@@ -35,6 +35,10 @@
 ** not starve the coroutines already running */
 #define ACCEPTBATCH	64
 
+/* seconds an idle connection still gets, at a stop, to send a request
+** (one its client sent as the stop began is answered, not lost) */
+#define LINGER	1.0
+
 
 static struct {
   struct ev_loop *loop;
@@ -105,7 +109,7 @@ static void stopserving (void) {
   stopaccepting();
   ev_io_stop(sv.loop, &sv.wake);
   pf_worker_stoplistening();
-  pf_task_stop();
+  pf_task_stop(LINGER);
 }
 
 

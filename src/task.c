@@ -9,7 +9,11 @@
 **
 ** Stopping: pf_task_stop ends the waits of the tasks that wait idle (for
 ** a new request on a keep-alive connection) with PF_STOPPING, and the
-** loop ends once no task is left.
+** loop ends once no task is left. An idle connection first gets a last
+** chance (the linger, a second): a request its client sent as the stop
+** began, or sends in that moment, is read and answered (the handler sees
+** worker:stopping() and says that the connection closes), instead of
+** being lost with the connection.
 */
 
 #include <errno.h>
@@ -32,6 +36,8 @@ typedef struct task {
   int nargs;  /* arguments of its first resume, not started yet */
   int reason;  /* how its last wait ended: PF_READY, ... */
   int idle;  /* waiting idle (for a new request) */
+  int lingering;  /* the last chance an idle wait gets at a stop */
+  int lingered;  /* it had it */
   ev_io io;
   ev_timer timer;
 } task;
@@ -44,6 +50,7 @@ static struct {
   lua_State *L;  /* the thread that runs the loop */
   int running;
   int stopping;
+  double linger;  /* seconds an idle wait still gets at a stop */
   task *tasks;  /* every live task */
   task *pool;  /* finished ones kept for the next tasks */
   int npool;
@@ -152,8 +159,8 @@ static void wake (task *t, int reason) {
   int nargs = t->nargs;
   ev_io_stop(T.loop, &t->io);
   ev_timer_stop(T.loop, &t->timer);
-  t->reason = reason;
-  t->idle = 0;
+  t->reason = reason == PF_TIMEOUT && t->lingering ? PF_STOPPING : reason;
+  t->idle = t->lingering = 0;
   t->nargs = 0;
   resume(t, nargs);
 }
@@ -195,7 +202,7 @@ static task *newtask (void) {
   }
   t->io.fd = -1;
   t->reason = PF_READY;
-  t->idle = 0;
+  t->idle = t->lingering = t->lingered = 0;
   t->prev = NULL;
   return t;
 }
@@ -294,7 +301,11 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int idle,
     sleepuntil(deadline);
     return PF_READY;
   }
-  if (idle && T.stopping) return PF_STOPPING;
+  if (idle && T.stopping) {  /* a last chance, or none */
+    if (t->lingered || T.linger <= 0) return PF_STOPPING;
+    t->lingering = t->lingered = 1;
+    deadline = pf_now() + T.linger;
+  }
   t->idle = idle;
   ev_io_set(&t->io, fd, (events & POLLIN ? EV_READ : 0)
                         | (events & POLLOUT ? EV_WRITE : 0));
@@ -373,14 +384,29 @@ void pf_task_run (void) {
 }
 
 
-/* idle waits end with PF_STOPPING (and new ones at once); the loop ends
-** once no task is left */
-void pf_task_stop (void) {
+/* t waits idle: it gets the linger (or what is left of its own time, if
+** less), then PF_STOPPING */
+static void lastchance (task *t) {
+  double left = ev_is_active(&t->timer) ? ev_timer_remaining(T.loop, &t->timer)
+                                        : T.linger;
+  t->lingering = t->lingered = 1;
+  ev_timer_stop(T.loop, &t->timer);
+  ev_timer_set(&t->timer, left < T.linger ? left : T.linger, 0);
+  ev_timer_start(T.loop, &t->timer);
+}
+
+
+/* idle waits end with PF_STOPPING after a last chance of linger seconds
+** (new ones too); the loop ends once no task is left */
+void pf_task_stop (double linger) {
   task *t, *next;
   T.stopping = 1;
+  T.linger = linger;
   for (t = T.tasks; t != NULL; t = next) {
     next = t->next;
-    if (t->idle) wake(t, PF_STOPPING);
+    if (!t->idle) continue;
+    if (linger > 0) lastchance(t);
+    else wake(t, PF_STOPPING);
   }
   if (T.tasks == NULL) ev_break(T.loop, EVBREAK_ALL);
 }
