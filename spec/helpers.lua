@@ -28,7 +28,8 @@ function H.wait_until (fn, timeout, what)
     if v then return v end
     H.sleep(0.01)
   until H.now() > deadline
-  error("timed out waiting for " .. (what or "a condition"), 2)
+  -- (a '%' doubled: luaunit uses the message in a gsub)
+  error(("timed out waiting for " .. (what or "a condition")):gsub("%%", "%%%%"), 2)
 end
 
 
@@ -203,8 +204,8 @@ function Proc:expect (pattern, timeout, where)
   H.wait_until(function ()
     caps = table.pack((where == "err" and self:err() or self:out()):match(pattern))
     if caps[1] == nil and self:exited() then
-      error(("process exited before %q appeared; stderr:\n%s"):format(
-            pattern, self:err()), 0)
+      error((("process exited before %q appeared; stderr:\n%s"):format(
+            pattern, self:err()):gsub("%%", "%%%%")), 0)
     end
     return caps[1] ~= nil
   end, timeout or 10, ("%q in the %s"):format(pattern, where or "output"))

@@ -205,7 +205,7 @@ end
 
 function TestOperate:test_status_answers_while_every_worker_hangs ()
   local sock = H.tmpname() .. ".sock"
-  local p = server(("{workers = 2, timeout = false, status = 'unix:%s'}"):format(sock))
+  local p = server(("{workers = 2, timeout = false, status = %q}"):format("unix:" .. sock))
   H.ready(p, 2)
   local cs = {hang(p.port, "spin"), hang(p.port, "spin")}
   H.wait_until(function ()
