@@ -388,6 +388,62 @@ function TestPool:test_owner_killed_leaves_no_process ()
   for _, x in ipairs(tpl) do H.reap(x, 5) end
 end
 
+--- Wait (bounded) until each pid is gone: reaped when it came to us.
+local function allgone (pids, timeout, what)
+  H.wait_until(function ()
+    for _, x in ipairs(pids) do
+      prefork.wait(x, "nohang")  -- ours once orphaned (we are a subreaper)
+      if H.pstate(x) ~= nil then return false end
+    end
+    return true
+  end, timeout or 5, what)
+end
+
+--- Every descendant of pid: a list of pids.
+local function descendants (pid, out)
+  out = out or {}
+  for _, c in ipairs(H.childpids(pid)) do
+    out[#out + 1] = c
+    descendants(c, out)
+  end
+  return out
+end
+
+function TestPool:test_owner_killed_while_busy_ends_every_pool_process ()
+  local flag = H.tmpname()
+  local p = H.spawn(H.lua .. ([[ -e '
+    local prefork = require "prefork"
+    local pool = prefork.pool{function (how)
+      local f = io.open("%s" .. prefork.getpid(), "w") f:close()
+      if how == "spin" then while true do end end
+      os.execute("sleep 1000")
+    end, min = 2, max = 2, load = 1}
+    pool:call("spin", function () end)
+    pool:call("sleep", function () end)
+    print("TPL " .. pool.tpid)
+    io.stdout:flush()
+    pool:wait()']]):format(flag))
+  local tpid = tonumber(p:expect("TPL (%d+)\n"))
+  local pids
+  H.wait_until(function ()  -- both jobs running, sh and sleep started
+    pids = descendants(p.pid)
+    local sleeping = false
+    for _, x in ipairs(pids) do
+      if H.cmdline(x):match("^sleep 1000") then sleeping = true end
+    end
+    return sleeping and #pids == 5
+  end, 10, "the jobs to be busy")
+  p:kill("KILL")
+  p:wait()
+  local ok, err = pcall(allgone, pids, 5, "every pool process to end")
+  for _, x in ipairs(pids) do  -- what a failure left behind
+    os.remove(flag .. x)
+    if not ok then H.kill(x, "KILL") end
+  end
+  if not ok then allgone(pids) error(err, 0) end
+  lu.assertNil(H.pstate(tpid))
+end
+
 function TestPool:test_awaited_call_yields_inside_serve ()
   local flag = H.tmpname()
   local m = H.master(([[

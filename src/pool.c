@@ -12,8 +12,16 @@
 ** worker with clone(CLONE_PARENT), so that the worker is a child of the
 ** pool's owner (who reaps it and learns how it died), and hands the
 ** owner the worker's end of a new channel with the worker's pid. It
-** exits when the control socket closes (the pool closed, or its owner
-** died).
+** exits when the control socket closes (the pool closed), or at once
+** when its owner dies.
+**
+** Each worker leads a process group of its own, with whatever it starts
+** (os.execute, io.popen, prefork.fork). When the owner dies (even by
+** kill -9) the kernel sends the worker PF_DEATHSIG (PR_SET_PDEATHSIG: the
+** worker's parent is the owner's thread that made the pool), and its
+** handler kills the whole group, however busy the worker is: spinning in
+** Lua or blocked in a system call. A job's daemon that must outlive it
+** leaves the group (setsid).
 */
 
 #include <errno.h>
@@ -32,6 +40,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <dirent.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
@@ -44,6 +53,10 @@
 #endif
 
 #define HEAD	9  /* length, kind, id */
+
+/* the signal a worker gets when its owner dies (a real-time one: no
+** job expects it, and valgrind leaves it alone) */
+#define PF_DEATHSIG	(SIGRTMIN + 4)
 #define PF_CHAN	"prefork.chan"
 #define PF_EPOLL	"prefork.epoll"
 
@@ -433,9 +446,32 @@ static int recvworker (int sock, pid_t *pid, int *fd) {
 }
 
 
-/* in the template: make one worker, a child of the template's parent,
-** which runs main(fd) (the function on top of L's stack) and exits */
-static void spawn (lua_State *L, int ctl) {
+/* the owner died: the worker's group goes (the worker with it) */
+static void ownerdied (int sig) {
+  (void)sig;
+  kill(0, SIGKILL);
+  _exit(1);
+}
+
+
+/* in a new worker: a process group of its own, ended when the owner dies
+** (now or later) */
+static void guard (pid_t owner) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = ownerdied;
+  sigemptyset(&sa.sa_mask);
+  setpgid(0, 0);
+  sigaction(PF_DEATHSIG, &sa, NULL);
+  if (prctl(PR_SET_PDEATHSIG, PF_DEATHSIG) != 0 || getppid() != owner)
+    ownerdied(0);
+}
+
+
+/* in the template: make one worker, a child of the template's parent
+** (owner), which runs main(fd) (the function on top of L's stack) and
+** exits */
+static void spawn (lua_State *L, int ctl, pid_t owner) {
   int sv[2];
   pid_t pid;
   int32_t en;
@@ -448,6 +484,7 @@ static void spawn (lua_State *L, int ctl) {
   pid = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, NULL, NULL, NULL,
                        NULL);
   if (pid == 0) {
+    guard(owner);
     close(ctl);
     close(sv[0]);
     lua_pushvalue(L, -1);
@@ -496,10 +533,12 @@ static void neutralise (int keep) {
 
 /* the template's life: setup, say how it went, then make workers on
 ** request until the control socket closes */
-static void PF_NORETURN templatelife (lua_State *L, int ctl) {
+static void PF_NORETURN templatelife (lua_State *L, int ctl, pid_t owner) {
   sigset_t none;
   char cmd;
   uint32_t len = 0;
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != owner)
+    pf_exit(1);  /* the owner is gone already */
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
   pf_settitle("prefork: pool template");
@@ -517,7 +556,7 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl) {
   writeall(ctl, &len, 4);
   lua_settop(L, 2);  /* main on top */
   while (readall(ctl, &cmd, 1) == 1)
-    spawn(L, ctl);
+    spawn(L, ctl, owner);
   pf_exit(0);
 }
 
@@ -530,7 +569,7 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl) {
 */
 static int l_template (lua_State *L) {
   int sv[2];
-  pid_t pid;
+  pid_t pid, owner = getpid();
   uint32_t len;
   luaL_checktype(L, 1, LUA_TFUNCTION);
   luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -547,7 +586,7 @@ static int l_template (lua_State *L) {
   if (pid == 0) {
     close(sv[0]);
     pf_serve_forget();
-    templatelife(L, sv[1]);
+    templatelife(L, sv[1], owner);
   }
   close(sv[1]);
   if (readall(sv[0], &len, 4) != 1) {
