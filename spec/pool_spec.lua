@@ -444,6 +444,61 @@ function TestPool:test_owner_killed_while_busy_ends_every_pool_process ()
   lu.assertNil(H.pstate(tpid))
 end
 
+--- A job that hangs in a child process when x is "hang" (the child's pid
+-- written to path first); returns x otherwise.
+local function hangs (x, path)
+  if x == "hang" then os.execute("echo $$ >" .. path .. "; exec sleep 1000") end
+  return x
+end
+
+function TestPool:test_a_call_past_its_timeout_fails_and_the_calls_behind_it_go_on ()
+  local path = H.tmpname()
+  self.pool = prefork.pool{hangs, max = 1, load = 4, timeout = 0.3}
+  local got = {}
+  for i, x in ipairs{"a", "hang", "b", "c"} do
+    self.pool:call(x, path, function (...) got[i] = {...} end)
+  end
+  self.pool:wait()
+  lu.assertEquals(got, {{true, "a"}, {false, "timeout after 0.3 s"},
+                        {true, "b"}, {true, "c"}})
+  -- what the job started went with its worker
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  -- a per-call limit, on a pool without one
+  self.pool:close()
+  self.pool = prefork.pool{hangs, max = 1}
+  local quick = self.pool:with{timeout = 0.2}
+  lu.assertEquals({quick:call("hang", path)}, {false, "timeout after 0.2 s"})
+  lu.assertEquals({quick:call("fine", path)}, {true, "fine"})
+  lu.assertEquals({self.pool:call("plain", path)}, {true, "plain"})
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+end
+
+function TestPool:test_close_with_a_time_limit_cuts_a_hung_call_off ()
+  local path = H.tmpname()
+  local destroyed = false
+  local p = prefork.pool{hangs, on_destroy = function () destroyed = true end}
+  local got
+  p:call("hang", path, function (...) got = {...} end)
+  p:call("quick", path, function () end)
+  lu.assertEquals({p:close(0.3)}, {nil, "1 calls cut off after 0.3 s"})
+  lu.assertEquals(got, {false, "pool closed: no answer after 0.3 s"})
+  lu.assertTrue(destroyed)
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  nothingleft()
+end
+
+function TestPool:test_bad_timeouts_raise ()
+  lu.assertErrorMsgContains("timeout must be a number > 0", prefork.pool,
+                            {print, timeout = 0})
+  self.pool = prefork.pool{print}
+  lu.assertErrorMsgContains("timeout must be a number > 0", self.pool.with,
+                            self.pool, {timeout = "1"})
+  lu.assertErrorMsgContains("unknown option 'time'", self.pool.with,
+                            self.pool, {time = 1})
+  lu.assertErrorMsgContains("timeout must be a number > 0", self.pool.close,
+                            self.pool, -1)
+end
+
 function TestPool:test_awaited_call_yields_inside_serve ()
   local flag = H.tmpname()
   local m = H.master(([[

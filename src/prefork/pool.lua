@@ -185,16 +185,29 @@ local function deliver (self, cb, good, ...)
 end
 
 
+--- The call id of w answered: out of w's books; the worker's next call
+-- starts now.
+local function answered (self, w, id)
+  local calls, fifo = w.calls, w.fifo
+  calls[id] = nil
+  w.sent[id], w.tmo[id] = nil, nil
+  local h = w.fh
+  while h <= w.ft and calls[fifo[h]] == nil do fifo[h] = nil h = h + 1 end
+  w.fh = h
+  local n = w.inflight - 1
+  w.inflight = n
+  self.outstanding = self.outstanding - 1
+  if n == 0 then w.idle = now() elseif self.timed then w.hstart = now() end
+end
+
+
 local function settle (self, w, id, good, ...)
   local cb = w.calls[id]
   if cb == nil then
     w.corrupt = "corrupt message: an answer for no call"
     return
   end
-  w.calls[id] = nil
-  w.inflight = w.inflight - 1
-  self.outstanding = self.outstanding - 1
-  if w.inflight == 0 then w.idle = now() end
+  answered(self, w, id)
   deliver(self, cb, good, ...)
 end
 
@@ -218,7 +231,7 @@ local function failqueue (self, msg)
   while q.head <= q.tail do
     local h = q.head
     local cb = q.cb[h]
-    q.data[h], q.cb[h], q.t[h] = nil, nil, nil
+    q.data[h], q.cb[h], q.t[h], q.tmo[h] = nil, nil, nil, nil
     q.head = h + 1
     self.outstanding = self.outstanding - 1
     deliver(self, cb, false, msg)
@@ -226,21 +239,92 @@ local function failqueue (self, msg)
 end
 
 
---- A worker's channel ended (it died, or broke the protocol): its calls
--- fail with the cause. Never yields: the bookkeeping stays whole.
-local function lost (self, w, why)
+--- Put a call back at the head of the queue.
+local function pushfront (self, data, cb, tmo)
+  local q = self.queue
+  local h = q.head - 1
+  q.head = h
+  q.data[h], q.cb[h], q.t[h], q.tmo[h] = data, cb, 0, tmo
+end
+
+
+--- w is gone: its calls leave its books. The one it was running (the
+-- first, unless `idle`) fails with msg, as does every call of an async
+-- worker (they all ran); the calls a sync worker had not started go back
+-- to the queue, in their order.
+local function unwind (self, w, msg, idle)
+  local calls, fifo = w.calls, w.fifo
+  for i = w.ft, w.fh, -1 do
+    local id = fifo[i]
+    local cb = calls[id]
+    if cb then
+      calls[id] = nil
+      w.inflight = w.inflight - 1
+      self.outstanding = self.outstanding - 1
+      if (i == w.fh and not idle) or w.async then
+        deliver(self, cb, false, msg)
+      else
+        self.outstanding = self.outstanding + 1  -- queued again
+        pushfront(self, w.sent[id], cb, w.tmo[id])
+      end
+    end
+  end
+  w.fh, w.ft, w.fifo = 1, 0, {}
+end
+
+
+--- A worker's channel ended (it died, or broke the protocol): the call
+-- it ran fails with the cause. Never yields: the bookkeeping stays whole.
+local function lost (self, w, why, idle)
   if w.dead then return end
   removeworker(self, w)
   local how, code = core.pool_reap(w.pid, 1)
   if w.inflight > 0 then
-    local msg = ("pool worker %d died during the call (%s)"):format(w.pid,
-      why or cause(how, code))
-    local calls = w.calls
-    for id, cb in pairs(calls) do
-      calls[id] = nil
-      w.inflight = w.inflight - 1
-      self.outstanding = self.outstanding - 1
-      deliver(self, cb, false, msg)
+    unwind(self, w, ("pool worker %d died during the call (%s)"):format(
+      w.pid, why or cause(how, code)), idle)
+  end
+end
+
+
+--- Kill w and what it started (its process group).
+local function killworker (w)
+  core.kill(-w.pid, "KILL")
+  core.kill(w.pid, "KILL")
+end
+
+
+--- The time w's running call must end by (math.huge: no limit); for an
+-- async worker, the first of its calls' limits.
+local function deadline (w)
+  if w.inflight == 0 then return math.huge end
+  if not w.async then
+    local tmo = w.tmo[w.fifo[w.fh]]
+    return tmo and w.hstart + tmo or math.huge
+  end
+  local due = math.huge
+  for id, t in pairs(w.tmo) do due = math.min(due, w.dl[id] + t) end
+  return due
+end
+
+
+--- Kill the workers whose call ran past its timeout: that call fails,
+-- the calls queued behind it go to other workers.
+local function expire (self)
+  local t = now()
+  for i = #self.procs, 1, -1 do
+    local w = self.procs[i]
+    if deadline(w) <= t then
+      local id = w.fifo[w.fh]
+      if w.async then  -- the call past its limit
+        for k, tmo in pairs(w.tmo) do
+          if w.dl[k] + tmo <= t then id = k break end
+        end
+      end
+      local cb, tmo = w.calls[id], w.tmo[id]
+      killworker(w)
+      answered(self, w, id)
+      lost(self, w, "killed: a call beside it timed out", true)
+      deliver(self, cb, false, ("timeout after %g s"):format(tmo))
     end
   end
 end
@@ -271,11 +355,7 @@ local function framer (self, w)
         w.corrupt = "corrupt message: an answer for no call"
         return
       end
-      calls[id] = nil
-      local n = w.inflight - 1
-      w.inflight = n
-      self.outstanding = self.outstanding - 1
-      if n == 0 then w.idle = now() end
+      answered(self, w, id)
       local good, err = pcall(okcall, cb, self.decode, data)
       if not good then
         if decoding then
@@ -335,7 +415,9 @@ local function spawn (self)
     return nil, err
   end
   local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
-             idle = now()}
+             idle = now(), async = self.async,
+             fifo = {}, fh = 1, ft = 0,  -- call ids in the order sent
+             sent = {}, tmo = {}, dl = {}, hstart = 0}
   w.onframe = framer(self, w)
   self.ep:ctl("add", fd, "r")
   self.byfd[fd] = w
@@ -361,7 +443,7 @@ end
 -- everything sent.
 local function dispatch (self)
   local q, load, workers = self.queue, self.load, self.procs
-  local qdata, qcb = q.data, q.cb
+  local qdata, qcb, qtmo = q.data, q.cb, q.tmo
   local dirty, spawnerr = nil, nil
   while q.head <= q.tail do
     local best = nil
@@ -381,13 +463,20 @@ local function dispatch (self)
     end
     if best == nil then break end
     local h = q.head
-    local data, cb = qdata[h], qcb[h]
-    qdata[h], qcb[h], q.t[h] = nil, nil, nil
+    local data, cb, tmo = qdata[h], qcb[h], qtmo[h]
+    qdata[h], qcb[h], q.t[h], qtmo[h] = nil, nil, nil, nil
     q.head = h + 1
     local id = self.nextid
     self.nextid = id < 0x7fffffff and id + 1 or 1
     best.ch:send(CALL, id, data)
     best.calls[id] = cb
+    local ft = best.ft + 1
+    best.ft, best.fifo[ft], best.sent[id] = ft, id, data
+    if tmo then
+      best.tmo[id] = tmo
+      if best.async then best.dl[id] = now() end
+    end
+    if best.inflight == 0 and self.timed then best.hstart = now() end
     best.inflight = best.inflight + 1
     best.idle = nil
     if best ~= dirty then
@@ -445,6 +534,9 @@ local function nextdue (self)
      and not self.failed then
     due = math.min(due, q.t[q.head] + self.busy_time)
   end
+  if self.timed then
+    for _, w in ipairs(self.procs) do due = math.min(due, deadline(w)) end
+  end
   return due
 end
 
@@ -488,12 +580,13 @@ local function pump (self, timeout)
   for _, w in ipairs(self.procs) do
     if w.ch:buffered() then take(self, w) end
   end
+  if self.timed then expire(self) end
   dispatch(self)
   raise(self)
 end
 
 
-local function enqueue (self, data, cb)
+local function enqueue (self, data, cb, tmo)
   if type(data) ~= "string" then
     return cb(false, "the serialiser's encode returned a " .. type(data))
   end
@@ -507,6 +600,7 @@ local function enqueue (self, data, cb)
   local t = q.tail + 1
   q.tail = t
   q.data[t], q.cb[t], q.t[t] = data, cb, self.busy_time > 0 and now() or 0
+  if tmo then q.tmo[t], self.timed = tmo, true end
   self.outstanding = self.outstanding + 1
   if self.failed then self.failed = nil end  -- try again with new calls
   -- with calls waiting already, no worker has room: the next turn sends
@@ -518,9 +612,10 @@ end
 
 
 --- pool:call(args..., cb) queues; pool:call(args...) awaits the answer:
--- ok, results... or false, message.
-function Pool:call (...)
-  check(not self.closing, "call on a closed pool")
+-- ok, results... or false, message. (opts: the call's options, or nil)
+local function call (self, opts, ...)
+  check(not self.closing, "call on a closed pool", 4)
+  local tmo = opts and opts.timeout or self.timeout
   local n = select("#", ...)
   local cb = n > 0 and select(n, ...) or nil
   if type(cb) == "function" then
@@ -531,7 +626,7 @@ function Pool:call (...)
       good, data = pcall(self.encode, unpack(args, 1, n - 1))
     end
     if not good then return cb(false, tostring(data)) end
-    return enqueue(self, data, cb)
+    return enqueue(self, data, cb, tmo)
   end
   local good, data = pcall(self.encode, ...)
   if not good then return false, tostring(data) end
@@ -541,13 +636,38 @@ function Pool:call (...)
     r = pack(...)
     -- read by another coroutine's turn: wake this one
     if coroutine.running() ~= co and self.ep then self.ep:kick() end
-  end)
+  end, tmo)
   self.waiting = self.waiting + 1
   local ok, err = pcall(function () while not r do pump(self) end end)
   self.waiting = self.waiting - 1
   if not ok then error(err, 0) end
   return unpack(r, 1, r.n)
 end
+
+function Pool:call (...) return call(self, nil, ...) end
+
+
+local function checktimeout (t, lvl)
+  check(t == nil or (type(t) == "number" and t > 0),
+        "timeout must be a number > 0", lvl)
+end
+
+
+--- pool:with{timeout = s}: the pool, its calls with these options:
+-- pool:with(opts):call(...), :map(list), :imap(list).
+local View = {}
+View.__index = View
+
+function Pool:with (opts)
+  check(type(opts) == "table", "with: a table of options expected")
+  for k in pairs(opts) do
+    check(k == "timeout", "with: unknown option '" .. tostring(k) .. "'")
+  end
+  checktimeout(opts.timeout)
+  return setmetatable({pool = self, opts = opts}, View)
+end
+
+function View:call (...) return call(self.pool, self.opts, ...) end
 
 
 --- Run the loop until every queued call has answered.
@@ -618,12 +738,39 @@ local function teardown (self)
 end
 
 
---- No new calls; wait for the queued ones, let the processes go, then
--- on_destroy. Blocks (yields inside worker:serve).
-function Pool:close ()
+--- Fail every call still unanswered (msg), killing the workers busy
+-- with one.
+local function cutoff (self, msg)
+  for i = #self.procs, 1, -1 do
+    local w = self.procs[i]
+    if w.inflight > 0 then
+      killworker(w)
+      removeworker(self, w)
+      core.pool_reap(w.pid, 1)
+      w.async = true  -- none of its calls goes back to the queue
+      unwind(self, w, msg)
+    end
+  end
+  failqueue(self, msg)
+end
+
+
+--- No new calls; wait for the queued ones (at most timeout seconds: then
+-- they fail and their workers are killed), let the processes go, then
+-- on_destroy. Blocks (yields inside worker:serve). true, or nil and
+-- what was cut off.
+function Pool:close (timeout)
   if self.closed then return true end
+  checktimeout(timeout, 3)
   self.closing = true
-  self:wait()
+  local limit = timeout and now() + timeout or math.huge
+  while self.outstanding > 0 and now() < limit do
+    pump(self, limit - now())
+  end
+  local cut = self.outstanding
+  if cut > 0 then
+    cutoff(self, ("pool closed: no answer after %g s"):format(timeout))
+  end
   while self.waiting > 0 do  -- awaiting coroutines see their answers first
     self.ep:kick()
     pump(self, 0.01)
@@ -631,6 +778,7 @@ function Pool:close ()
   self.closed = true
   for _, pid in ipairs(teardown(self)) do core.pool_reap(pid, 2) end
   if self.on_destroy then self.on_destroy() end
+  if cut > 0 then return nil, ("%d calls cut off after %g s"):format(cut, timeout) end
   return true
 end
 
@@ -663,7 +811,8 @@ local function new (opts)
       check(type(v) == "number" and v >= 0, k .. " must be a number >= 0")
     elseif not (k == 1 or k == "run" or k == "require" or k == "eval"
                 or k == "init" or k == "async" or k == "serialiser"
-                or k == "on_error" or k == "on_event" or k == "on_destroy") then
+                or k == "on_error" or k == "on_event" or k == "on_destroy"
+                or k == "timeout") then
       check(false, "unknown option '" .. tostring(k) .. "'")
     end
   end
@@ -673,6 +822,7 @@ local function new (opts)
   check(opts.require == nil or type(opts.require) == "table",
         "require must be a list of module names")
   check(opts.eval == nil or type(opts.eval) == "string", "eval must be a string")
+  checktimeout(opts.timeout)
   check(opts.init == nil or type(opts.init) == "string"
         or type(opts.init) == "function", "init must be a function or a name")
   local ser = opts.serialiser
@@ -680,7 +830,9 @@ local function new (opts)
         and type(ser.decode) == "function"),
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
-    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}}, procs = {},
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}},
+    procs = {}, async = opts.async and true or false, timeout = opts.timeout,
+    timed = opts.timeout ~= nil,
     byfd = {}, nextid = 1, outstanding = 0, waiting = 0,
     encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
     on_error = opts.on_error, on_event = opts.on_event,
