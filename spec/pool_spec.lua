@@ -90,6 +90,29 @@ function TestPool:test_a_job_that_raises_costs_only_its_call ()
   lu.assertEquals(p2, p1)  -- the same worker serves on
 end
 
+function TestPool:test_an_error_value_arrives_as_itself ()
+  local function job (how)
+    if how == "table" then error{code = 42, why = {"nested"}} end
+    if how == "number" then error(7) end
+    if how == "nil" then error(nil) end
+    error(setmetatable({f = print}, {__tostring = function () return "my error" end}))
+  end
+  self.pool = prefork.pool{job}
+  lu.assertEquals({self.pool:call("table")}, {false, {code = 42, why = {"nested"}}})
+  lu.assertEquals({self.pool:call("number")}, {false, 7})
+  local r = table.pack(self.pool:call("nil"))
+  lu.assertEquals(r, {false, nil, n = 2})
+  local ok, msg = self.pool:call("function")
+  lu.assertFalse(ok)
+  lu.assertStrContains(msg, "an error value that cannot be sent")
+  lu.assertStrContains(msg, "cannot send a function")
+  lu.assertStrContains(msg, "my error")
+  -- an async job's error value too
+  self.pool:close()
+  self.pool = prefork.pool{function (done, x) error{x} end, async = true}
+  lu.assertEquals({self.pool:call(5)}, {false, {5}})
+end
+
 function TestPool:test_a_worker_dying_mid_call_names_the_cause ()
   self.pool = prefork.pool{function (how)
     if how == "exit" then require("prefork.core").exit(3) end

@@ -18,7 +18,7 @@ local pack, unpack = table.pack, table.unpack
 local select, type, pcall, error = select, type, pcall, error
 
 -- frame kinds
-local CALL, OK, ERR, EVENT, RETIRE, FAIL = 1, 2, 3, 4, 5, 6
+local CALL, OK, ERR, EVENT, RETIRE, FAIL, ERRV = 1, 2, 3, 4, 5, 6, 7
 
 local MAXMSG = core.pool_maxmsg
 
@@ -80,8 +80,17 @@ local function workermain (opts, fd)
       else
         ch:send(OK, id, s)
       end
-    else
-      ch:send(ERR, id, tostring((...)))
+    elseif type((...)) == "string" then
+      ch:send(ERR, id, (...))
+    else  -- an error value: itself, when it can travel
+      local err = ...
+      local eok, s = pcall(enc, err)
+      if eok and type(s) == "string" and #s <= MAXMSG then
+        ch:send(ERRV, id, s)
+      else
+        ch:send(ERR, id, ("an error value that cannot be sent (%s): %s")
+                :format(eok and "too large" or tostring(s), tostring(err)))
+      end
     end
     if w.retire and not w.retired then
       w.retired = true
@@ -367,6 +376,9 @@ local function framer (self, w)
       end
     elseif kind == ERR then
       settle(self, w, id, false, data)
+    elseif kind == ERRV then
+      local _, err = pcall(self.decode, data)  -- the value, or why not
+      settle(self, w, id, false, err)
     elseif kind == EVENT then
       local good, err = pcall(function ()
         if self.on_event then self.on_event(self.decode(data)) end
