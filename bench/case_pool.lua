@@ -17,9 +17,9 @@ B.case{name = "pool", title = "pool: trivial job (return x), 2 workers, one call
   run = function ()
     local n = quick and 50000 or 200000
     local cmds = {
-      {"lua-prefork", ("%s bench/pool.lua %d 64"):format(H.lua, n)},
-      {"lua-prefork, load = 2", ("%s bench/pool.lua %d 2"):format(H.lua, n)},
-      {"python multiprocessing", ("python3 bench/peers/mp_pool.py %d"):format(n)},
+      {"lua-prefork", ("%s bench/pool.lua calls %d 64"):format(H.lua, n)},
+      {"lua-prefork, load = 2", ("%s bench/pool.lua calls %d 2"):format(H.lua, n)},
+      {"python multiprocessing", ("python3 bench/peers/mp_pool.py calls %d"):format(n)},
     }
     local samples = {}
     for r = 1, B.rounds do

@@ -76,6 +76,98 @@ function TestPool:test_map_in_order_and_raises_on_a_job_error ()
   lu.assertEquals(self.pool:map{7}, {14})  -- the pool goes on
 end
 
+--- The job of the map specs: doubles x; raises for "bad" (a string) and
+-- "tbl" (a table).
+local function double (x)
+  if x == "bad" then error("no good", 0) end
+  if x == "tbl" then error{code = 42} end
+  return x * 2
+end
+
+function TestPool:test_map_in_chunks_keeps_the_order_and_names_the_failed_item ()
+  self.pool = prefork.pool{double, max = 2}
+  local list, want = {}, {}
+  for i = 1, 1000 do list[i], want[i] = i, 2 * i end
+  lu.assertEquals(self.pool:map(list), want)  -- chunked by default
+  for _, size in ipairs{1, 7, 1000, 5000} do
+    lu.assertEquals(self.pool:map(list, {chunksize = size}), want)
+  end
+  lu.assertEquals(self.pool:map{}, {})
+  -- the failed item is named, wherever it is in its chunk
+  local ok, err = pcall(self.pool.map, self.pool, {1, 2, "bad", 4, 5}, {chunksize = 5})
+  lu.assertFalse(ok)
+  lu.assertStrContains(err, "item 3: no good")
+  ok, err = pcall(self.pool.map, self.pool, {1, "tbl"})
+  lu.assertEquals(err, {code = 42})  -- an error value raises as itself
+  ok, err = pcall(self.pool.map, self.pool, {1, print, 3}, {chunksize = 3})
+  lu.assertStrContains(err, "item 2: encode: cannot send a function")
+  lu.assertEquals(self.pool:map({7, 8}, {chunksize = 1}), {14, 16})
+end
+
+function TestPool:test_imap_streams_in_order_or_as_they_come ()
+  self.pool = prefork.pool{double, max = 2}
+  local got = {}
+  for i, ok, v in self.pool:imap({1, 2, "bad", 4, "tbl", 6}, {chunksize = 2}) do
+    got[#got + 1] = {i, ok, v}
+  end
+  lu.assertEquals(got, {{1, true, 2}, {2, true, 4}, {3, false, "no good"},
+                        {4, true, 8}, {5, false, {code = 42}}, {6, true, 12}})
+  local seen, n = {}, 0
+  for i, ok, v in self.pool:imap({1, 2, 3, 4, 5, 6, 7}, {chunksize = 2, ordered = false}) do
+    lu.assertTrue(ok)
+    lu.assertEquals(v, 2 * i)
+    seen[i], n = true, n + 1
+  end
+  lu.assertEquals(n, 7)
+  lu.assertEquals(H.count(seen), 7)
+  -- leaving early: the pool goes on, nothing is left owed
+  for i in self.pool:imap({1, 2, 3, 4, 5, 6, 7, 8}, {chunksize = 1}) do
+    if i == 2 then break end
+  end
+  self.pool:wait()
+  lu.assertEquals({self.pool:call(21)}, {true, 42})
+end
+
+function TestPool:test_map_on_async_custom_serialiser_and_dying_workers ()
+  self.pool = prefork.pool{function (done, x)
+    if x == "bad" then error("async no good", 0) end
+    prefork.sleep(0.001)
+    done(x + 1)
+  end, async = true}
+  lu.assertEquals(self.pool:map({1, 2, 3, 4, 5}, {chunksize = 2}), {2, 3, 4, 5, 6})
+  lu.assertErrorMsgContains("item 2: async no good", self.pool.map, self.pool, {1, "bad"})
+  self.pool:close()
+  local ser = {
+    encode = function (...) return table.concat({...}, "|") end,
+    decode = function (s)
+      local t = {}
+      for x in s:gmatch("[^|]+") do t[#t + 1] = x end
+      return table.unpack(t)
+    end,
+  }
+  self.pool = prefork.pool{function (a) return math.type(a) or type(a) end, serialiser = ser}
+  lu.assertEquals(self.pool:map({1, 2, 3}, {chunksize = 2}), {"string", "string", "string"})
+  self.pool:close()
+  self.pool = prefork.pool{function (x)
+    if x == 3 then prefork.kill(prefork.getpid(), "KILL") end
+    return x
+  end, max = 1}
+  local ok, err = pcall(self.pool.map, self.pool, {1, 2, 3, 4}, {chunksize = 2})
+  lu.assertFalse(ok)
+  lu.assertStrContains(err, "item 3: pool worker")
+  lu.assertStrContains(err, "(a chunk of items 3..4)")
+  lu.assertEquals(self.pool:map{1, 2}, {1, 2})
+end
+
+function TestPool:test_bad_map_options_raise ()
+  self.pool = prefork.pool{double}
+  lu.assertErrorMsgContains("chunksize must be an integer >= 1", self.pool.map,
+                            self.pool, {1}, {chunksize = 0})
+  lu.assertErrorMsgContains("unknown option 'chunk'", self.pool.imap,
+                            self.pool, {1}, {chunk = 2})
+  lu.assertErrorMsgContains("a list expected", self.pool.map, self.pool, 5)
+end
+
 function TestPool:test_a_job_that_raises_costs_only_its_call ()
   self.pool = prefork.pool{function (x)
     if x then error("boom " .. x) end

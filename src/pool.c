@@ -109,6 +109,7 @@ static char *room (lua_State *L, buf *b, size_t n) {
 /* core.chan(fd | conn) -> a channel on fd, or on the connection's fd
 ** (taken over: the channel closes it; the connection is left closed) */
 static int l_chan (lua_State *L) {
+  static const int bufsize = 1 << 20;  /* a chunk of a map in one write */
   pf_conn *conn = (pf_conn *)luaL_testudata(L, 1, PF_CONN);
   int fd = conn ? conn->fd : (int)luaL_checkinteger(L, 1);
   chan *c;
@@ -122,6 +123,7 @@ static int l_chan (lua_State *L) {
     return pf_fail(L, "fcntl");
   if (conn) conn->fd = -1;
   c->fd = fd;
+  (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof(bufsize));
   return 1;
 }
 

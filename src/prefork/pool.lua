@@ -13,12 +13,14 @@
 local core = require "prefork.core"
 
 local encode, decode, encodeargs = core.encode, core.decode, core.encodeargs
+local encodelist, decodeinto, newlist = core.encodelist, core.decodeinto, core.newlist
 local wait_fd, now = core.wait_fd, core.now
 local pack, unpack = table.pack, table.unpack
 local select, type, pcall, error = select, type, pcall, error
 
 -- frame kinds
 local CALL, OK, ERR, EVENT, RETIRE, FAIL, ERRV = 1, 2, 3, 4, 5, 6, 7
+local CHUNK, CHUNKOK, ITEMERR = 8, 9, 10  -- a map's chunk, its results, an item's error
 
 local MAXMSG = core.pool_maxmsg
 
@@ -52,9 +54,59 @@ local function resolve (name, what)
 end
 
 
+--- An error value as a frame: ERR with a string, ERRV with another value
+-- that can travel (error values go by the built-in serialiser).
+local function errframe (err)
+  if type(err) == "string" then return ERR, err end
+  local ok, s = pcall(encode, err)
+  if ok and #s <= MAXMSG then return ERRV, s end
+  return ERR, ("an error value that cannot be sent (%s): %s"):format(
+    ok and "too large" or tostring(s), tostring(err))
+end
+
+
+--- How a chunk of a map travels: enchunk(t, i, j) encodes t[i..j],
+-- dechunk(s, t, off) decodes into t[off + 1 ..] (t nil: a new list) and
+-- returns the count and t.
+-- The built-in serialiser does each in one C call.
+local function chunkcodec (ser)
+  if not ser then return encodelist, decodeinto end
+  return function (t, i, j) return ser.encode(unpack(t, i, j)) end,
+    function (s, t, off)
+      local r = pack(ser.decode(s))
+      t = t or {}
+      for k = 1, r.n do t[off + k] = r[k] end
+      return r.n, t
+    end
+end
+
+
+--- Run job(done) in a coroutine of its own (an async worker); after(true,
+-- values) once done is called, or after(false, err) if it raised first.
+local function spawnjob (job, after)
+  core.go(function ()
+    local called = false
+    local function done (...)
+      if called then error("done called twice", 2) end
+      called = true
+      after(true, ...)
+    end
+    local good, err = pcall(job, done)
+    if good then return end
+    if called then
+      core.log("error", "pool worker: after done: " .. tostring(err))
+    else
+      called = true
+      after(false, err)
+    end
+  end)
+end
+
+
 local function workermain (opts, fd)
   local ser = opts.serialiser
   local enc, dec = ser and ser.encode or encode, ser and ser.decode or decode
+  local enchunk, dechunk = chunkcodec(ser)
   local w = {ch = assert(core.chan(fd)), fd = fd, enc = enc}
   inworker = w
   local ch = w.ch
@@ -70,6 +122,13 @@ local function workermain (opts, fd)
     core.exit(1)
   end
 
+  local function retiring ()
+    if w.retire and not w.retired then
+      w.retired = true
+      ch:send(RETIRE, 0)
+    end
+  end
+
   local function answer (id, good, ...)
     if good then
       local eok, s = pcall(enc, ...)
@@ -80,47 +139,51 @@ local function workermain (opts, fd)
       else
         ch:send(OK, id, s)
       end
-    elseif type((...)) == "string" then
-      ch:send(ERR, id, (...))
-    else  -- an error value: itself, when it can travel
-      local err = ...
-      local eok, s = pcall(enc, err)
-      if eok and type(s) == "string" and #s <= MAXMSG then
-        ch:send(ERRV, id, s)
-      else
-        ch:send(ERR, id, ("an error value that cannot be sent (%s): %s")
-                :format(eok and "too large" or tostring(s), tostring(err)))
-      end
+    else
+      local kind, s = errframe((...))
+      ch:send(kind, id, s)
     end
-    if w.retire and not w.retired then
-      w.retired = true
-      ch:send(RETIRE, 0)
+    retiring()
+  end
+
+  -- a chunk's item k failed with err: said before the chunk's results
+  local function itemfailed (id, k, err)
+    local kind, s = errframe(err)
+    ch:send(ITEMERR, id, encode(k, kind == ERRV and decode(s) or s))
+  end
+
+  -- a chunk's results res[1..n]
+  local function chunkdone (id, res, n)
+    local eok, s = pcall(enchunk, res, 1, n)
+    if not eok then
+      ch:send(ERR, id, "cannot send the results: " .. tostring(s))
+    elseif #s > MAXMSG then
+      ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
+    else
+      ch:send(CHUNKOK, id, s)
     end
+    retiring()
   end
 
   local handle
   if opts.async then
     handle = function (kind, id, data)
-      if kind ~= CALL then core.exit(3) end
-      core.go(function ()
-        local called = false
-        local function done (...)
-          if called then error("done called twice", 2) end
-          called = true
-          answer(id, true, ...)
-          flushall(w)
-        end
-        local good, err = pcall(function () return fn(done, dec(data)) end)
-        if not good then
-          if called then
-            core.log("error", "pool worker: after done: " .. tostring(err))
-          else
-            called = true
-            answer(id, false, err)
-            flushall(w)
-          end
-        end
-      end)
+      if kind == CALL then
+        spawnjob(function (done) return fn(done, dec(data)) end,
+                 function (...) answer(id, ...) flushall(w) end)
+        return
+      elseif kind ~= CHUNK then core.exit(3) end
+      local n, items = dechunk(data, nil, 0)
+      local res, left = newlist(n), n
+      if n == 0 then chunkdone(id, res, 0) return end
+      for k = 1, n do
+        spawnjob(function (done) return fn(done, items[k]) end,
+                 function (good, r)
+                   if good then res[k] = r else itemfailed(id, k, r) end
+                   left = left - 1
+                   if left == 0 then chunkdone(id, res, n) flushall(w) end
+                 end)
+      end
     end
     core.run(function ()
       while true do
@@ -131,9 +194,30 @@ local function workermain (opts, fd)
     end)
   else
     local function run (data) return fn(dec(data)) end
+    local items, res, from, to = nil, nil, 1, 0
+    local function loop ()  -- from: the item running, when one raises
+      for k = from, to do
+        from = k
+        res[k] = fn(items[k])
+      end
+    end
     handle = function (kind, id, data)
-      if kind ~= CALL then core.exit(3) end
-      answer(id, pcall(run, data))
+      if kind == CALL then
+        answer(id, pcall(run, data))
+      elseif kind == CHUNK then
+        to, items = dechunk(data, nil, 0)
+        from, res = 1, newlist(to)
+        while true do
+          local good, err = pcall(loop)
+          if good then break end
+          res[from] = nil
+          itemfailed(id, from, err)
+          from = from + 1
+        end
+        chunkdone(id, res, to)
+      else
+        core.exit(3)
+      end
       flushall(w)  -- at once: the next call may take long
     end
     while true do
@@ -199,7 +283,7 @@ end
 local function answered (self, w, id)
   local calls, fifo = w.calls, w.fifo
   calls[id] = nil
-  w.sent[id], w.tmo[id] = nil, nil
+  w.sent[id], w.tmo[id], w.kind[id] = nil, nil, nil
   local h = w.fh
   while h <= w.ft and calls[fifo[h]] == nil do fifo[h] = nil h = h + 1 end
   w.fh = h
@@ -240,7 +324,7 @@ local function failqueue (self, msg)
   while q.head <= q.tail do
     local h = q.head
     local cb = q.cb[h]
-    q.data[h], q.cb[h], q.t[h], q.tmo[h] = nil, nil, nil, nil
+    q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
     q.head = h + 1
     self.outstanding = self.outstanding - 1
     deliver(self, cb, false, msg)
@@ -249,11 +333,11 @@ end
 
 
 --- Put a call back at the head of the queue.
-local function pushfront (self, data, cb, tmo)
+local function pushfront (self, data, cb, tmo, kind)
   local q = self.queue
   local h = q.head - 1
   q.head = h
-  q.data[h], q.cb[h], q.t[h], q.tmo[h] = data, cb, 0, tmo
+  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = data, cb, 0, tmo, kind
 end
 
 
@@ -274,7 +358,7 @@ local function unwind (self, w, msg, idle)
         deliver(self, cb, false, msg)
       else
         self.outstanding = self.outstanding + 1  -- queued again
-        pushfront(self, w.sent[id], cb, w.tmo[id])
+        pushfront(self, w.sent[id], cb, w.tmo[id], w.kind[id])
       end
     end
   end
@@ -377,8 +461,17 @@ local function framer (self, w)
     elseif kind == ERR then
       settle(self, w, id, false, data)
     elseif kind == ERRV then
-      local _, err = pcall(self.decode, data)  -- the value, or why not
+      local _, err = pcall(decode, data)  -- the value, or why not
       settle(self, w, id, false, err)
+    elseif kind == CHUNKOK then
+      settle(self, w, id, true, data)  -- decoded by the map, in place
+    elseif kind == ITEMERR then
+      local cb = calls[id]
+      if cb == nil then
+        w.corrupt = "corrupt message: an answer for no call"
+        return
+      end
+      deliver(self, cb, nil, data)
     elseif kind == EVENT then
       local good, err = pcall(function ()
         if self.on_event then self.on_event(self.decode(data)) end
@@ -429,7 +522,7 @@ local function spawn (self)
   local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
              idle = now(), async = self.async,
              fifo = {}, fh = 1, ft = 0,  -- call ids in the order sent
-             sent = {}, tmo = {}, dl = {}, hstart = 0}
+             sent = {}, tmo = {}, dl = {}, kind = {}, hstart = 0}
   w.onframe = framer(self, w)
   self.ep:ctl("add", fd, "r")
   self.byfd[fd] = w
@@ -455,9 +548,16 @@ end
 -- everything sent.
 local function dispatch (self)
   local q, load, workers = self.queue, self.load, self.procs
-  local qdata, qcb, qtmo = q.data, q.cb, q.tmo
+  local qdata, qcb, qtmo, qkind = q.data, q.cb, q.tmo, q.kind
   local dirty, spawnerr = nil, nil
   while q.head <= q.tail do
+    if qdata[q.head] == false then  -- a chunk of a map let go
+      local h = q.head
+      qdata[h], qcb[h], q.t[h], qtmo[h], qkind[h] = nil, nil, nil, nil, nil
+      q.head = h + 1
+      self.outstanding = self.outstanding - 1
+      goto continue
+    end
     local best = nil
     for i = 1, #workers do
       local w = workers[i]
@@ -475,13 +575,14 @@ local function dispatch (self)
     end
     if best == nil then break end
     local h = q.head
-    local data, cb, tmo = qdata[h], qcb[h], qtmo[h]
-    qdata[h], qcb[h], q.t[h], qtmo[h] = nil, nil, nil, nil
+    local data, cb, tmo, kind = qdata[h], qcb[h], qtmo[h], qkind[h]
+    qdata[h], qcb[h], q.t[h], qtmo[h], qkind[h] = nil, nil, nil, nil, nil
     q.head = h + 1
     local id = self.nextid
     self.nextid = id < 0x7fffffff and id + 1 or 1
-    best.ch:send(CALL, id, data)
+    best.ch:send(kind or CALL, id, data)
     best.calls[id] = cb
+    if kind then best.kind[id] = kind end
     local ft = best.ft + 1
     best.ft, best.fifo[ft], best.sent[id] = ft, id, data
     if tmo then
@@ -495,6 +596,7 @@ local function dispatch (self)
       if dirty then flush(self, dirty) end
       dirty = best
     end
+    ::continue::
   end
   if dirty then flush(self, dirty) end
   -- retired workers go once they answered; idle ones by the knobs
@@ -598,7 +700,7 @@ local function pump (self, timeout)
 end
 
 
-local function enqueue (self, data, cb, tmo)
+local function enqueue (self, data, cb, tmo, kind)
   if type(data) ~= "string" then
     return cb(false, "the serialiser's encode returned a " .. type(data))
   end
@@ -613,6 +715,7 @@ local function enqueue (self, data, cb, tmo)
   q.tail = t
   q.data[t], q.cb[t], q.t[t] = data, cb, self.busy_time > 0 and now() or 0
   if tmo then q.tmo[t], self.timed = tmo, true end
+  if kind then q.kind[t] = kind end
   self.outstanding = self.outstanding + 1
   if self.failed then self.failed = nil end  -- try again with new calls
   -- with calls waiting already, no worker has room: the next turn sends
@@ -699,23 +802,168 @@ function Pool:poll (timeout)
 end
 
 
---- list in, one call per element, list of first results out; raises on
--- the first job error in the list's order (after every call answered).
-function Pool:map (list)
-  check(type(list) == "table", "map: a list expected")
-  local res, errs, left = {}, {}, #list
-  for i = 1, #list do
-    self:call(list[i], function (ok, r)
-      left = left - 1
-      if ok then res[i] = r else errs[i] = r end
-    end)
-  end
-  while left > 0 do pump(self) end
-  for i = 1, #list do
-    if errs[i] then error(errs[i], 2) end
-  end
-  return res
+-- {------------------------------------------------------
+-- map and imap: a list in chunks, several items per message each way
+-- -------------------------------------------------------
+
+--- The items per chunk when none is asked for: about four chunks for
+-- each worker that can run at once (Python's rule).
+local function autochunk (self, n)
+  local workers = math.max(1, math.min(self.max, core.ncpu()))
+  return math.max(1, -(-n // (4 * workers)))
 end
+
+
+local mapopts = {chunksize = true, ordered = true, timeout = true}
+
+local function checkmapopts (opts, what)
+  check(opts == nil or type(opts) == "table", what .. ": options must be a table", 4)
+  for k in pairs(opts or {}) do
+    check(mapopts[k], what .. ": unknown option '" .. tostring(k) .. "'", 4)
+  end
+  local size = opts and opts.chunksize
+  check(size == nil or (math.type(size) == "integer" and size >= 1),
+        what .. ": chunksize must be an integer >= 1", 4)
+  checktimeout(opts and opts.timeout, 4)
+end
+
+
+--- The callback of the chunk list[i..j] of the map m.
+local function chunkcb (m, i, j)
+  return function (ok, data)
+    if m.cancelled then return end
+    if ok == nil then  -- an item failed; the chunk's results follow
+      local k, err = decode(data)
+      m.failed[i - 1 + k], m.err[i - 1 + k] = true, err
+      return
+    end
+    if ok then
+      local good, err = pcall(m.dechunk, data, m.res, i - 1)
+      if not good then ok, data = false, err end
+    end
+    if not ok then
+      if j > i then data = ("%s (a chunk of items %d..%d)"):format(data, i, j) end
+      for k = i, j do m.failed[k], m.err[k] = true, data end
+    end
+    m.left = m.left - (j - i + 1)
+    m.ends[i] = j
+    local r = m.ready
+    r[#r + 1] = i
+  end
+end
+
+
+--- Queue the chunk list[i..j] of m.
+local function sendchunk (self, m, list, i, j)
+  local good, data = pcall(m.enchunk, list, i, j)
+  if good and (type(data) ~= "string" or #data > MAXMSG) and i < j then
+    good = false  -- too large: one item a message
+  end
+  if not good and i < j then  -- which item cannot go? each on its own
+    for k = i, j do sendchunk(self, m, list, k, k) end
+    return
+  end
+  local cb = chunkcb(m, i, j)
+  if not good then return cb(false, tostring(data)) end
+  local tmo = m.timeout and m.timeout * (j - i + 1)
+  enqueue(self, data, cb, tmo, CHUNK)
+  local q = self.queue
+  if q.cb[q.tail] == cb then m.queued[q.tail] = cb end
+end
+
+
+--- Start a map of list: its chunks queued.
+local function startmap (self, list, opts, what)
+  check(not self.closing, what .. " on a closed pool", 4)
+  check(type(list) == "table", what .. ": a list expected", 4)
+  checkmapopts(opts, what)
+  opts = opts or {}
+  local n = #list
+  local size = opts.chunksize or autochunk(self, n)
+  local enchunk, dechunk = chunkcodec(self.serialiser)
+  local m = {n = n, left = n, res = newlist(n), failed = {}, err = {}, ends = {},
+             ready = {}, rh = 1, queued = {}, enchunk = enchunk,
+             dechunk = dechunk, timeout = opts.timeout or self.timeout,
+             ordered = opts.ordered ~= false}
+  for i = 1, n, size do sendchunk(self, m, list, i, math.min(n, i + size - 1)) end
+  return m
+end
+
+
+--- A map let go before its end: its chunks still queued are not sent.
+local function cancel (self, m)
+  if m.left == 0 or m.cancelled then return end
+  m.cancelled = true
+  local q = self.queue
+  for h, cb in pairs(m.queued) do
+    if h >= q.head and q.cb[h] == cb then q.data[h] = false end
+  end
+end
+
+
+--- list in, list of first results out, in order (chunked: several items
+-- a message); raises on the first item that failed, in the list's order
+-- (after every item answered): "item K: message" for a string error,
+-- the error value itself otherwise.
+function Pool:map (list, opts)
+  local m = startmap(self, list, opts, "map")
+  while m.left > 0 do pump(self) end
+  local failed = m.failed
+  if next(failed) then
+    for k = 1, m.n do
+      if failed[k] then
+        local err = m.err[k]
+        if type(err) == "string" then error(("item %d: %s"):format(k, err), 2) end
+        error(err, 2)
+      end
+    end
+  end
+  return m.res
+end
+
+
+--- for i, ok, value in pool:imap(list [, opts]): the items' results as
+-- they come, in the list's order (ordered = false: in the order they
+-- come); ok false: value is the item's error. Leaving the loop early
+-- drops the chunks not sent yet.
+function Pool:imap (list, opts)
+  local m = startmap(self, list, opts, "imap")
+  local pos, last = 0, 0  -- the item given last, the end of its chunk
+  local function step ()
+    if pos < last then
+      pos = pos + 1
+    else
+      local i
+      if m.ordered then
+        i = pos + 1
+        if i > m.n then return nil end
+        while not m.ends[i] do pump(self) end
+      else
+        if m.rh > #m.ready and m.left == 0 then return nil end
+        while m.rh > #m.ready do pump(self) end
+        i = m.ready[m.rh]
+        m.rh = m.rh + 1
+      end
+      pos, last = i, m.ends[i]
+    end
+    if m.failed[pos] then return pos, false, m.err[pos] end
+    return pos, true, m.res[pos]
+  end
+  local closer = setmetatable({}, {__close = function () cancel(self, m) end})
+  return step, nil, nil, closer
+end
+
+--- The view's options, then opts over them.
+local function viewopts (self, opts)
+  local o = {timeout = self.opts.timeout}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return o
+end
+
+function View:map (list, opts) return self.pool:map(list, viewopts(self, opts)) end
+function View:imap (list, opts) return self.pool:imap(list, viewopts(self, opts)) end
+
+-- }------------------------------------------------------
 
 
 --- The pool's workers: a list of {pid =, inflight =}.
@@ -842,13 +1090,13 @@ local function new (opts)
         and type(ser.decode) == "function"),
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
-    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}},
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {}},
     procs = {}, async = opts.async and true or false, timeout = opts.timeout,
     timed = opts.timeout ~= nil,
     byfd = {}, nextid = 1, outstanding = 0, waiting = 0,
     encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
     on_error = opts.on_error, on_event = opts.on_event,
-    on_destroy = opts.on_destroy,
+    on_destroy = opts.on_destroy, serialiser = ser,
   }, Pool)
   for k, v in pairs(knobs) do self[k] = opts[k] or v end
   check(self.max >= 1, "max must be at least 1")
