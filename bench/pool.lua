@@ -5,14 +5,20 @@
 --   map N [CHUNKSIZE]   pool:map of that job over 1..N (default chunking,
 --                       or chunksize = CHUNKSIZE): items/s
 --   kb N [CHUNKSIZE]    pool:map of s:upper() over N strings of 1 KB: items/s
+--   mix SECONDS [LOAD]  open loop for SECONDS: 10 fast calls (return x) a
+--                       millisecond and a slow one (10 ms) every 20 ms;
+--                       prints the fast calls' latency, "p50 <ms> p99 <ms>"
 local prefork = require "prefork"
 local now = require("prefork.core").now
 local mode, n, extra = arg[1], tonumber(arg[2]) or 200000, tonumber(arg[3])
 
 local job = function (x) return x end
 if mode == "kb" then job = function (s) return s:upper() end end
+if mode == "mix" then
+  job = function (x) if x == "slow" then prefork.sleep(0.01) end return x end
+end
 local opts = {job, min = 2, max = 2}
-if mode == "calls" then opts.load = extra end
+if mode == "calls" or mode == "mix" then opts.load = extra end
 local pool = prefork.pool(opts)
 local list = {}
 if mode == "kb" then
@@ -24,7 +30,31 @@ end
 pool:map({list[1], list[2], list[3], list[4]}, {chunksize = 1})  -- both workers up
 
 local t0, dt = now(), nil
-if mode == "calls" then
+if mode == "mix" then
+  local lat, sent = {}, 0
+  local function fast (t)
+    return function () lat[#lat + 1] = now() - t end
+  end
+  local stop, nextslow = t0 + n, t0
+  while now() < stop do
+    local t = now()
+    for _ = sent, math.floor((t - t0) * 10000) do  -- 10 a millisecond
+      pool:call(t, fast(t))
+      sent = sent + 1
+    end
+    if t >= nextslow then
+      pool:call("slow", function () end)
+      nextslow = nextslow + 0.02
+    end
+    pool:poll(0.0005)
+  end
+  pool:wait()
+  table.sort(lat)
+  local stuck = 0
+  for _, l in ipairs(lat) do if l > 0.005 then stuck = stuck + 1 end end
+  print(("p50 %.3f p90 %.3f p99 %.3f stuck/slow %.2f"):format(lat[#lat // 2] * 1e3,
+    lat[#lat * 9 // 10] * 1e3, lat[#lat * 99 // 100] * 1e3, stuck / (n / 0.02)))
+elseif mode == "calls" then
   local got = 0
   local function cb (ok) if ok then got = got + 1 end end
   for i = 1, n do pool:call(i, cb) end

@@ -264,6 +264,30 @@ function TestPool:test_least_loaded_and_max ()
   for _, n in pairs(per) do lu.assertEquals(n, 2) end
 end
 
+function TestPool:test_calls_pass_a_worker_whose_call_runs_long ()
+  local flag = H.tmpname()
+  os.remove(flag)  -- made by tmpname: hold until it is there again
+  self.pool = prefork.pool{function (path)
+    if path then
+      local f = io.open(path .. ".started", "w") f:close()
+      return hold(path)
+    end
+    return prefork.getpid()
+  end, min = 2, max = 2}
+  local holder
+  self.pool:call(flag, function (_, p) holder = p end)
+  H.wait_until(function () return H.readfile(flag .. ".started") end, 5, "the long call to start")
+  local pids = {}
+  for i = 1, 10 do self.pool:call(function (_, p) pids[i] = p end) end
+  H.wait_until(function () self.pool:poll(0.05) return #pids == 10 end, 4,
+               "the short calls, answered while the long one runs")
+  lu.assertNil(holder)
+  H.writefile(flag, "go")
+  self.pool:wait()
+  for _, p in ipairs(pids) do lu.assertNotEquals(p, holder) end
+  os.remove(flag .. ".started")
+end
+
 function TestPool:test_min_processes_and_idle_ones_stop ()
   self.pool = prefork.pool{pid, min = 1, max = 4, idle_time = 0.2,
                            max_idle = 4, load = 1}
@@ -586,6 +610,9 @@ function TestPool:test_a_call_past_its_timeout_fails_and_the_calls_behind_it_go_
   lu.assertEquals({quick:call("fine", path)}, {true, "fine"})
   lu.assertEquals({self.pool:call("plain", path)}, {true, "plain"})
   allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  self.pool:close()  -- an async pool's calls with a limit
+  self.pool = prefork.pool{function (done, x) done(x) end, async = true, timeout = 5}
+  lu.assertEquals({self.pool:call(1)}, {true, 1})
 end
 
 function TestPool:test_close_with_a_time_limit_cuts_a_hung_call_off ()

@@ -233,17 +233,24 @@ static int l_recv (lua_State *L) {
 }
 
 
-/* ch:buffered() -> true when a whole frame (or a bad header) waits in
-** the read buffer: recv has something to hand over without reading */
+/* ch:buffered([k]) -> true when k whole frames (default 1), or a bad
+** header, wait in the read buffer: recv has them to hand over without
+** reading */
 static int l_buffered (lua_State *L) {
   chan *c = checkchan(L, 1);
+  lua_Integer k = luaL_optinteger(L, 2, 1);
   buf *b = &c->in;
-  int yes = 0;
-  if (b->w - b->r >= HEAD) {
-    uint32_t len = pf_get32((const unsigned char *)b->p + b->r);
-    yes = len < 5 || len - 5 > PF_MAXMSG || b->w - b->r >= 4 + (size_t)len;
+  size_t r = b->r;
+  while (k > 0 && b->w - r >= HEAD) {
+    uint32_t len = pf_get32((const unsigned char *)b->p + r);
+    if (len < 5 || len - 5 > PF_MAXMSG) break;  /* bad: recv says so */
+    if (b->w - r < 4 + (size_t)len) break;
+    r += 4 + (size_t)len;
+    k--;
   }
-  lua_pushboolean(L, yes);
+  lua_pushboolean(L, k <= 0 || (b->w - r >= HEAD
+                   && (pf_get32((const unsigned char *)b->p + r) < 5
+                       || pf_get32((const unsigned char *)b->p + r) - 5 > PF_MAXMSG)));
   return 1;
 }
 

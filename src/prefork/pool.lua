@@ -21,8 +21,15 @@ local select, type, pcall, error = select, type, pcall, error
 -- frame kinds
 local CALL, OK, ERR, EVENT, RETIRE, FAIL, ERRV = 1, 2, 3, 4, 5, 6, 7
 local CHUNK, CHUNKOK, ITEMERR = 8, 9, 10  -- a map's chunk, its results, an item's error
+-- added to a call's kind: answers waiting go out before it runs (its
+-- time limit counts from the answer before it)
+local FLUSHFIRST = 64
 
 local MAXMSG = core.pool_maxmsg
+
+-- a worker's answers wait to go out with the next ones while at least
+-- BATCH calls wait for it, FLUSHGAP seconds at most
+local BATCH, FLUSHGAP = 8, 0.0001
 
 
 -- {======================================================
@@ -168,6 +175,7 @@ local function workermain (opts, fd)
   local handle
   if opts.async then
     handle = function (kind, id, data)
+      if kind > FLUSHFIRST then kind = kind - FLUSHFIRST end  -- (flushed each)
       if kind == CALL then
         spawnjob(function (done) return fn(done, dec(data)) end,
                  function (...) answer(id, ...) flushall(w) end)
@@ -195,6 +203,7 @@ local function workermain (opts, fd)
   else
     local function run (data) return fn(dec(data)) end
     local items, res, from, to = nil, nil, 1, 0
+    local flushed = now()  -- when answers last went out
     local function loop ()  -- from: the item running, when one raises
       for k = from, to do
         from = k
@@ -202,6 +211,10 @@ local function workermain (opts, fd)
       end
     end
     handle = function (kind, id, data)
+      if kind > FLUSHFIRST then
+        flushall(w)
+        kind = kind - FLUSHFIRST
+      end
       if kind == CALL then
         answer(id, pcall(run, data))
       elseif kind == CHUNK then
@@ -218,11 +231,23 @@ local function workermain (opts, fd)
       else
         core.exit(3)
       end
-      flushall(w)  -- at once: the next call may take long
+      -- answers go out at once (the next call may take long), but in one
+      -- write for several when the owner keeps this worker busy (BATCH
+      -- calls wait here), at most FLUSHGAP seconds late
+      if not ch:buffered(BATCH) then
+        flushall(w)
+      else
+        local t = now()
+        if t - flushed >= FLUSHGAP then
+          flushall(w)
+          flushed = t
+        end
+      end
     end
     while true do
       if not ch:recv(handle) then break end
       flushall(w)
+      flushed = now()
       wait_fd(fd, "r")
     end
   end
@@ -290,7 +315,7 @@ local function answered (self, w, id)
   local n = w.inflight - 1
   w.inflight = n
   self.outstanding = self.outstanding - 1
-  if n == 0 then w.idle = now() elseif self.timed then w.hstart = now() end
+  if n == 0 then w.idle = self.clock else w.hstart = self.clock end
 end
 
 
@@ -543,64 +568,59 @@ local function flush (self, w)
 end
 
 
---- Send queued calls to workers with room; start workers as needed;
--- stop idle ones beyond the knobs. Faults are raised at the end, with
--- everything sent.
-local function dispatch (self)
-  local q, load, workers = self.queue, self.load, self.procs
-  local qdata, qcb, qtmo, qkind = q.data, q.cb, q.tmo, q.kind
-  local dirty, spawnerr = nil, nil
-  while q.head <= q.tail do
-    if qdata[q.head] == false then  -- a chunk of a map let go
-      local h = q.head
-      qdata[h], qcb[h], q.t[h], qtmo[h], qkind[h] = nil, nil, nil, nil, nil
-      q.head = h + 1
-      self.outstanding = self.outstanding - 1
-      goto continue
-    end
-    local best = nil
-    for i = 1, #workers do
-      local w = workers[i]
-      if not w.retiring and w.inflight < load
-         and (best == nil or w.inflight < best.inflight) then
-        best = w
+-- a worker whose running call has run longer than this (seconds) gets no
+-- new call while another has room: fast calls do not queue behind a slow one
+local LAG = 0.0002
+
+--- The worker for the next call at time t: the least loaded with room,
+-- passing over those whose running call lags; then whether it lags.
+local function pick (self, t)
+  local best, lagging, load = nil, nil, self.load
+  local workers = self.procs
+  for i = 1, #workers do
+    local w = workers[i]
+    local n = w.inflight
+    if n < load and not w.retiring then
+      if n > 0 and t - w.hstart > LAG then
+        if lagging == nil or n < lagging.inflight then lagging = w end
+      elseif best == nil or n < best.inflight
+             or (n == best.inflight and w.hstart > best.hstart) then
+        best = w  -- of two as loaded, the one whose call started later
       end
     end
-    if (best == nil or best.inflight > 0) and #workers < self.max
-       and not self.failed and not spawnerr
-       and (self.busy_time <= 0 or now() - q.t[q.head] >= self.busy_time) then
-      local w, err = spawn(self)
-      best = w or best
-      spawnerr = err
-    end
-    if best == nil then break end
-    local h = q.head
-    local data, cb, tmo, kind = qdata[h], qcb[h], qtmo[h], qkind[h]
-    qdata[h], qcb[h], q.t[h], qtmo[h], qkind[h] = nil, nil, nil, nil, nil
-    q.head = h + 1
-    local id = self.nextid
-    self.nextid = id < 0x7fffffff and id + 1 or 1
-    best.ch:send(kind or CALL, id, data)
-    best.calls[id] = cb
-    if kind then best.kind[id] = kind end
-    local ft = best.ft + 1
-    best.ft, best.fifo[ft], best.sent[id] = ft, id, data
-    if tmo then
-      best.tmo[id] = tmo
-      if best.async then best.dl[id] = now() end
-    end
-    if best.inflight == 0 and self.timed then best.hstart = now() end
-    best.inflight = best.inflight + 1
-    best.idle = nil
-    if best ~= dirty then
-      if dirty then flush(self, dirty) end
-      dirty = best
-    end
-    ::continue::
   end
-  if dirty then flush(self, dirty) end
-  -- retired workers go once they answered; idle ones by the knobs
-  local t, nidle = now(), 0
+  return best, lagging
+end
+
+
+--- Send the call at the head of the queue to w.
+local function sendone (self, w, t)
+  local q = self.queue
+  local h = q.head
+  local data, cb, tmo, kind = q.data[h], q.cb[h], q.tmo[h], q.kind[h]
+  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
+  q.head = h + 1
+  local id = self.nextid
+  self.nextid = id < 0x7fffffff and id + 1 or 1
+  w.ch:send((kind or CALL) + (tmo and FLUSHFIRST or 0), id, data)
+  w.calls[id] = cb
+  if kind then w.kind[id] = kind end
+  local ft = w.ft + 1
+  w.ft, w.fifo[ft], w.sent[id] = ft, id, data
+  if tmo then
+    w.tmo[id] = tmo
+    if w.async then w.dl[id] = t end
+  end
+  if w.inflight == 0 then w.hstart = t end
+  w.inflight = w.inflight + 1
+  w.idle = nil
+end
+
+
+--- Retired workers go once they answered; idle ones by the knobs; at
+-- least min run. The error of a failed start, if any.
+local function trim (self, spawnerr)
+  local workers, t, nidle = self.procs, now(), 0
   for i = #workers, 1, -1 do
     local w = workers[i]
     if w.retiring and w.inflight == 0 then
@@ -622,6 +642,44 @@ local function dispatch (self)
     local _, err = spawn(self)
     spawnerr = err
   end
+  return spawnerr
+end
+
+
+--- Send queued calls to workers with room (one write each); start
+-- workers as needed; stop idle ones beyond the knobs. Faults are raised
+-- at the end, with everything sent.
+local function dispatch (self)
+  local q, workers = self.queue, self.procs
+  local dirty, spawnerr, t = nil, nil, now()
+  self.clock = t
+  while q.head <= q.tail do
+    if q.data[q.head] == false then  -- a chunk of a map let go
+      local h = q.head
+      q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
+      q.head = h + 1
+      self.outstanding = self.outstanding - 1
+      goto continue
+    end
+    local best, lagging = pick(self, t)
+    if (best == nil or best.inflight > 0) and #workers < self.max
+       and not self.failed and not spawnerr
+       and (self.busy_time <= 0 or t - q.t[q.head] >= self.busy_time) then
+      local w, err = spawn(self)
+      best = w or best
+      spawnerr = err
+    end
+    best = best or lagging
+    if best == nil then break end
+    sendone(self, best, t)
+    if best ~= dirty then
+      if dirty then flush(self, dirty) end
+      dirty = best
+    end
+    ::continue::
+  end
+  if dirty then flush(self, dirty) end
+  spawnerr = trim(self, spawnerr)
   if spawnerr then
     if #workers == 0 then  -- nothing will serve what waits
       failqueue(self, spawnerr)
@@ -684,6 +742,7 @@ local function pump (self, timeout)
     if #self.procs == 0 and self.queue.head > self.queue.tail then left = 0 end
   end
   local ready = pack(self.ep:wait(left > 0 and (left ~= math.huge and left or -1) or 0))
+  self.clock = now()  -- the time of this turn's answers
   for i = 1, ready.n do
     local w = self.byfd[ready[i]]
     if w then
@@ -1059,7 +1118,7 @@ end
 -- =======================================================
 
 local knobs = {min = 0, max = 8, busy_time = 0, max_idle = 1, idle_time = 1,
-               load = 2}
+               load = 32}
 
 local function new (opts)
   check(type(opts) == "table", "a table of options expected")
@@ -1093,7 +1152,7 @@ local function new (opts)
     queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {}},
     procs = {}, async = opts.async and true or false, timeout = opts.timeout,
     timed = opts.timeout ~= nil,
-    byfd = {}, nextid = 1, outstanding = 0, waiting = 0,
+    byfd = {}, nextid = 1, outstanding = 0, waiting = 0, clock = now(),
     encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
     on_error = opts.on_error, on_event = opts.on_event,
     on_destroy = opts.on_destroy, serialiser = ser,
