@@ -248,25 +248,35 @@ static int l_encodeargs (lua_State *L) {
 }
 
 
-/* core.encodelist(t, i, j) -> string: encode(t[i], ..., t[j]) in one
-** call (a chunk of a pool's map) */
+/*
+** core.encodelist(t, i, j [, max]) -> string, k: encode(t[i], ..., t[k])
+** in one call (a chunk of a pool's map), where k is j, or the first index
+** whose value brings the string to max bytes or more (at least one value).
+** The head goes in last, right-aligned in the room kept for it.
+*/
 static int l_encodelist (lua_State *L) {
   lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3), k;
+  size_t max = (size_t)luaL_optinteger(L, 4, LUA_MAXINTEGER), hn;
+  unsigned char h[11];
   obuf *b;
   luaL_checktype(L, 1, LUA_TTABLE);
   luaL_argcheck(L, i >= 1 && j >= i - 1 && j - i < (1 << 30), 3,
                 "a range of the list expected");
-  lua_settop(L, 3);
-  b = newobuf(L, (size_t)(j - i + 1));
-  reserve(L, b, (size_t)(j - i + 1) * 4);  /* small numbers, say */
+  lua_settop(L, 4);
+  b = newobuf(L, 0);
+  b->n = sizeof(h);  /* room for the head */
   lua_newtable(L);  /* seen */
-  for (k = i; k <= j; k++) {
+  for (k = i; k <= j && (k == i || b->n - sizeof(h) < max); k++) {
     lua_geti(L, 1, k);
-    encode(L, b, 6, 5, 0);
+    encode(L, b, 7, 6, 0);
     lua_pop(L, 1);
   }
-  lua_pushlstring(L, b->p, b->n);
-  return 1;
+  h[0] = MAGIC;
+  hn = 1 + varint(h + 1, (size_t)(k - i));
+  memcpy(b->p + sizeof(h) - hn, h, hn);
+  lua_pushlstring(L, b->p + sizeof(h) - hn, b->n - sizeof(h) + hn);
+  lua_pushinteger(L, k - 1);
+  return 2;
 }
 
 /* }====================================================== */

@@ -2,14 +2,11 @@
 # the same jobs as bench/pool.lua; prints "<unit> <figure>".
 #   calls N        pool.map(chunksize=1) of the trivial job: calls/s
 #   map N [CS]     pool.map of the trivial job, default chunksize (or CS)
-#   kb N [CS]      pool.map of s.upper() over N strings of 1 KB
+#   kb N [CS]      pool.map of the trivial job over N strings of 1 KB
 import multiprocessing, sys, time
 
 def ident(x):
     return x
-
-def upper(s):
-    return s.upper()
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "calls"
@@ -20,7 +17,7 @@ if __name__ == "__main__":
         cs = 1
     if mode == "kb":
         base = ("abcdefghijklmnop" * 64)[:1000]
-        job, items = upper, [base + "%024d" % i for i in range(n)]
+        items = [base + "%024d" % i for i in range(n)]
     with multiprocessing.Pool(2) as pool:
         pool.map(ident, range(4), chunksize=1)  # both workers up
         t0 = time.monotonic()

@@ -72,13 +72,14 @@ local function errframe (err)
 end
 
 
---- How a chunk of a map travels: enchunk(t, i, j) encodes t[i..j],
+--- How a chunk of a map travels: enchunk(t, i, j [, max]) encodes t[i..k]
+-- and returns it and k (j, or less where max bytes were reached);
 -- dechunk(s, t, off) decodes into t[off + 1 ..] (t nil: a new list) and
--- returns the count and t.
--- The built-in serialiser does each in one C call.
+-- returns the count and t. The built-in serialiser does each in one C
+-- call; another one takes t[i..j].
 local function chunkcodec (ser)
   if not ser then return encodelist, decodeinto end
-  return function (t, i, j) return ser.encode(unpack(t, i, j)) end,
+  return function (t, i, j) return ser.encode(unpack(t, i, j)), j end,
     function (s, t, off)
       local r = pack(ser.decode(s))
       t = t or {}
@@ -202,7 +203,7 @@ local function workermain (opts, fd)
     end)
   else
     local function run (data) return fn(dec(data)) end
-    local items, res, from, to = nil, nil, 1, 0
+    local items, res, from, to, cap = nil, nil, 1, 0, -1  -- kept for each chunk
     local flushed = now()  -- when answers last went out
     local function loop ()  -- from: the item running, when one raises
       for k = from, to do
@@ -218,8 +219,9 @@ local function workermain (opts, fd)
       if kind == CALL then
         answer(id, pcall(run, data))
       elseif kind == CHUNK then
-        to, items = dechunk(data, nil, 0)
-        from, res = 1, newlist(to)
+        to, items = dechunk(data, items, 0)  -- (nil at first: a new list)
+        if to > cap then res, cap = newlist(to), to end
+        from = 1
         while true do
           local good, err = pcall(loop)
           if good then break end
@@ -875,6 +877,10 @@ end
 
 local mapopts = {chunksize = true, ordered = true, timeout = true}
 
+-- bytes of a chunk, about, at most, when the chunk size is automatic: a
+-- chunk stays in the caches, and the workers start sooner
+local CHUNKBYTES = 256 * 1024
+
 local function checkmapopts (opts, what)
   check(opts == nil or type(opts) == "table", what .. ": options must be a table", 4)
   for k in pairs(opts or {}) do
@@ -912,22 +918,25 @@ local function chunkcb (m, i, j)
 end
 
 
---- Queue the chunk list[i..j] of m.
-local function sendchunk (self, m, list, i, j)
-  local good, data = pcall(m.enchunk, list, i, j)
+--- Queue a chunk of m from list[i] to list[j] at most (max bytes at
+-- most, when given); the index of its last item.
+local function sendchunk (self, m, list, i, j, max)
+  local good, data, last = pcall(m.enchunk, list, i, j, max)
   if good and (type(data) ~= "string" or #data > MAXMSG) and i < j then
     good = false  -- too large: one item a message
   end
   if not good and i < j then  -- which item cannot go? each on its own
     for k = i, j do sendchunk(self, m, list, k, k) end
-    return
+    return j
   end
+  j = good and last or j
   local cb = chunkcb(m, i, j)
-  if not good then return cb(false, tostring(data)) end
+  if not good then cb(false, tostring(data)) return j end
   local tmo = m.timeout and m.timeout * (j - i + 1)
   enqueue(self, data, cb, tmo, CHUNK)
   local q = self.queue
   if q.cb[q.tail] == cb then m.queued[q.tail] = cb end
+  return j
 end
 
 
@@ -944,7 +953,9 @@ local function startmap (self, list, opts, what)
              ready = {}, rh = 1, queued = {}, enchunk = enchunk,
              dechunk = dechunk, timeout = opts.timeout or self.timeout,
              ordered = opts.ordered ~= false}
-  for i = 1, n, size do sendchunk(self, m, list, i, math.min(n, i + size - 1)) end
+  local max = not opts.chunksize and CHUNKBYTES or nil
+  local i = 1
+  while i <= n do i = sendchunk(self, m, list, i, math.min(n, i + size - 1), max) + 1 end
   return m
 end
 
