@@ -34,37 +34,32 @@ end
 local function lua (args) return ("%s bench/pool.lua %s"):format(H.lua, args) end
 local function py (args) return "python3 bench/peers/mp_pool.py " .. args end
 
+--- A case of lua-prefork's map against Python's, `args` for both.
+local function mapcase (name, title, ratio, args, note)
+  B.case{name = name, title = title, unit = "items/s", better = "higher",
+    target = {peer = PY, ratio = ratio}, note = note,
+    run = function ()
+      return rounds({{"lua-prefork", lua(args)}, {PY, py(args)}}, "items/s (%d+)", "items/s")
+    end}
+end
+
 local N = quick and 50000 or 200000
-B.case{name = "pool_map", title = ("pool:map of %d trivial items (return x), 2 workers, "
-  .. "default options"):format(N),
-  unit = "items/s", better = "higher", target = {peer = PY, ratio = 1.5},
-  note = "Python: Pool(2).map with its default chunksize (4 chunks a worker); "
-    .. "lua-prefork: pool:map(list) with its default chunking (4 chunks a worker).",
-  run = function ()
-    return rounds({{"lua-prefork", lua("map " .. N)}, {PY, py("map " .. N)}},
-                  "items/s (%d+)", "items/s")
-  end}
+mapcase("pool_map", ("pool:map of %d trivial items (return x), 2 workers, default options")
+  :format(N), 1.5, "map " .. N,
+  "Python: Pool(2).map with its default chunksize (4 chunks a worker); "
+  .. "lua-prefork: pool:map(list) with its default chunking (4 chunks a worker, "
+  .. "about 256 KB at most).")
 
 local N1 = quick and 10000 or 50000
-B.case{name = "pool_map1", title = ("pool:map of %d trivial items, chunksize = 1 "
-  .. "(one item a message), 2 workers"):format(N1),
-  unit = "items/s", better = "higher", target = {peer = PY, ratio = 1.0},
-  run = function ()
-    return rounds({{"lua-prefork", lua("map " .. N1 .. " 1")}, {PY, py("map " .. N1 .. " 1")}},
-                  "items/s (%d+)", "items/s")
-  end}
+mapcase("pool_map1", ("pool:map of %d trivial items, chunksize = 1 (one item a message), "
+  .. "2 workers"):format(N1), 1.0, "map " .. N1 .. " 1")
 
 local NK = quick and 20000 or 100000
-B.case{name = "pool_kb", title = ("pool:map of the trivial job over %d strings of 1 KB, 2 workers, "
-  .. "default options"):format(NK),
-  unit = "items/s", better = "higher", target = {peer = PY, ratio = 1.0},
-  note = "The same map with a payload: 1 KB each way per item. lua-prefork's "
-    .. "automatic chunks also stop at about 256 KB, so a chunk of large items "
-    .. "stays in the caches.",
-  run = function ()
-    return rounds({{"lua-prefork", lua("kb " .. NK)}, {PY, py("kb " .. NK)}},
-                  "items/s (%d+)", "items/s")
-  end}
+mapcase("pool_kb", ("pool:map of the trivial job over %d strings of 1 KB, 2 workers, "
+  .. "default options"):format(NK), 1.0, "kb " .. NK,
+  "The same map with a payload: 1 KB each way per item. lua-prefork's "
+  .. "automatic chunks also stop at about 256 KB, so a chunk of large items "
+  .. "stays in the caches.")
 
 B.case{name = "pool", title = ("pool: %d single calls of a trivial job (return x), 2 workers, "
   .. "all queued at once, default options"):format(N),

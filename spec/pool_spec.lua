@@ -18,6 +18,16 @@ end
 
 local function pid () return prefork.getpid() end
 
+--- A serialiser of strings joined by "|": numbers arrive as strings.
+local BARS = {
+  encode = function (...) return table.concat({...}, "|") end,
+  decode = function (s)
+    local t = {}
+    for x in s:gmatch("[^|]+") do t[#t + 1] = x end
+    return table.unpack(t)
+  end,
+}
+
 --- A job that holds its call until the file exists (5 s at most), so
 -- that calls stay in flight together; the worker's pid.
 local function hold (path)
@@ -137,15 +147,7 @@ function TestPool:test_map_on_async_custom_serialiser_and_dying_workers ()
   lu.assertEquals(self.pool:map({1, 2, 3, 4, 5}, {chunksize = 2}), {2, 3, 4, 5, 6})
   lu.assertErrorMsgContains("item 2: async no good", self.pool.map, self.pool, {1, "bad"})
   self.pool:close()
-  local ser = {
-    encode = function (...) return table.concat({...}, "|") end,
-    decode = function (s)
-      local t = {}
-      for x in s:gmatch("[^|]+") do t[#t + 1] = x end
-      return table.unpack(t)
-    end,
-  }
-  self.pool = prefork.pool{function (a) return math.type(a) or type(a) end, serialiser = ser}
+  self.pool = prefork.pool{function (a) return math.type(a) or type(a) end, serialiser = BARS}
   lu.assertEquals(self.pool:map({1, 2, 3}, {chunksize = 2}), {"string", "string", "string"})
   self.pool:close()
   self.pool = prefork.pool{function (x)
@@ -394,17 +396,9 @@ function TestPool:test_retire_ends_the_worker_after_its_call ()
 end
 
 function TestPool:test_custom_serialiser_both_ways ()
-  local ser = {
-    encode = function (...) return table.concat({...}, "|") end,
-    decode = function (s)
-      local t = {}
-      for x in s:gmatch("[^|]+") do t[#t + 1] = x end
-      return table.unpack(t)
-    end,
-  }
   self.pool = prefork.pool{function (a, b)
     return math.type(a) or type(a), a .. b
-  end, serialiser = ser}
+  end, serialiser = BARS}
   -- the numbers travel as strings: the custom serialiser did it
   lu.assertEquals({self.pool:call(1, 2)}, {true, "string", "12"})
 end
@@ -501,8 +495,28 @@ function TestPool:test_close_waits_then_nothing_is_left ()
   lu.assertEquals(destroyed, 1)
   p:close()  -- again: nothing
   lu.assertEquals(destroyed, 1)
-  lu.assertErrorMsgContains("closed pool", p.call, p, 1)
+  for _, f in ipairs{p.call, p.poll, p.map, p.imap, p.with} do  -- one way
+    lu.assertErrorMsgContains("attempt to use a closed pool", f, p, {})
+  end
   nothingleft()
+end
+
+function TestPool:test_closed_channels_and_a_reap_of_no_child_say_so ()
+  local core = require "prefork.core"
+  local a, b = prefork.socketpair()
+  local ch = core.chan(b)
+  ch:close()
+  lu.assertErrorMsgContains("attempt to use a closed channel", ch.send, ch, 1, 1, "")
+  lu.assertErrorMsgContains("attempt to use a closed channel", ch.recv, ch, print)
+  local ep = core.epoll()
+  ep:close()
+  lu.assertErrorMsgContains("attempt to use a closed epoll set", ep.wait, ep, 0)
+  a:close()
+  -- not a child of ours: the fail triple
+  local r = table.pack(core.pool_reap(1, 0))
+  lu.assertNil(r[1])
+  lu.assertStrContains(r[2], "wait: ")
+  lu.assertEquals(r[3], 10)  -- ECHILD
 end
 
 function TestPool:test_owner_killed_leaves_no_process ()

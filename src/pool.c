@@ -78,7 +78,7 @@ typedef struct chan {
 
 static chan *checkchan (lua_State *L, int idx) {
   chan *c = (chan *)luaL_checkudata(L, idx, PF_CHAN);
-  if (c->fd < 0) luaL_argerror(L, idx, "closed channel");
+  if (c->fd < 0) luaL_error(L, "attempt to use a closed channel");
   return c;
 }
 
@@ -287,7 +287,7 @@ typedef struct epset {
 
 static epset *checkep (lua_State *L) {
   epset *e = (epset *)luaL_checkudata(L, 1, PF_EPOLL);
-  if (e->ep < 0) luaL_argerror(L, 1, "closed epoll set");
+  if (e->ep < 0) luaL_error(L, "attempt to use a closed epoll set");
   return e;
 }
 
@@ -403,7 +403,8 @@ static int l_epclose (lua_State *L) {
 ** The template process
 ** ======================================================= */
 
-static int readall (int fd, void *p, size_t n) {
+/* read exactly n bytes (blocking): 1, 0 at EOF before them, -1 */
+static int readexact (int fd, void *p, size_t n) {
   char *s = (char *)p;
   while (n > 0) {
     ssize_t r = read(fd, s, n);
@@ -415,7 +416,8 @@ static int readall (int fd, void *p, size_t n) {
 }
 
 
-static int writeall (int fd, const void *p, size_t n) {
+/* send exactly n bytes (blocking, no SIGPIPE): 0, -1 */
+static int sendexact (int fd, const void *p, size_t n) {
   const char *s = (const char *)p;
   while (n > 0) {
     ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
@@ -486,7 +488,7 @@ static void spawn (lua_State *L, int ctl, pid_t owner) {
   int32_t en;
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     en = -(int32_t)errno;  /* a negative pid, no fd: what failed */
-    writeall(ctl, &en, 4);
+    sendexact(ctl, &en, 4);
     return;
   }
   fflush(NULL);
@@ -502,7 +504,7 @@ static void spawn (lua_State *L, int ctl, pid_t owner) {
   }
   en = -(int32_t)errno;
   close(sv[1]);
-  if (pid < 0) writeall(ctl, &en, 4);
+  if (pid < 0) sendexact(ctl, &en, 4);
   else if (sendworker(ctl, pid, sv[0]) != 0) kill(pid, SIGKILL);
   close(sv[0]);
 }
@@ -558,13 +560,13 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl, pid_t owner) {
     const char *msg = lua_tolstring(L, -1, &n);
     if (msg == NULL) msg = "(no message)", n = strlen(msg);
     len = (uint32_t)n;
-    writeall(ctl, &len, 4);
-    writeall(ctl, msg, n);
+    sendexact(ctl, &len, 4);
+    sendexact(ctl, msg, n);
     pf_exit(1);
   }
-  writeall(ctl, &len, 4);
+  sendexact(ctl, &len, 4);
   lua_settop(L, 2);  /* main on top */
-  while (readall(ctl, &cmd, 1) == 1)
+  while (readexact(ctl, &cmd, 1) == 1)
     spawn(L, ctl, owner);
   pf_exit(0);
 }
@@ -598,7 +600,7 @@ static int l_template (lua_State *L) {
     templatelife(L, sv[1], owner);
   }
   close(sv[1]);
-  if (readall(sv[0], &len, 4) != 1) {
+  if (readexact(sv[0], &len, 4) != 1) {
     close(sv[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
@@ -607,7 +609,7 @@ static int l_template (lua_State *L) {
   }
   if (len > 0) {  /* its error message */
     char *msg = (char *)malloc(len);
-    int ok = msg != NULL && readall(sv[0], msg, len) == 1;
+    int ok = msg != NULL && readexact(sv[0], msg, len) == 1;
     close(sv[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
@@ -627,7 +629,7 @@ static int l_spawn (lua_State *L) {
   int ctl = (int)luaL_checkinteger(L, 1);
   pid_t pid = 0;
   int fd, r;
-  if (writeall(ctl, "s", 1) != 0) return pf_fail(L, "pool template");
+  if (sendexact(ctl, "s", 1) != 0) return pf_fail(L, "pool template");
   r = recvworker(ctl, &pid, &fd);
   if (r == 0) {
     luaL_pushfail(L);
@@ -642,10 +644,11 @@ static int l_spawn (lua_State *L) {
 }
 
 /*
-** core.pool_reap(pid, grace) -> "exit"|"signal", code | nil: the status
+** core.pool_reap(pid, grace) -> "exit"|"signal", code | fail: the status
 ** of a pool worker whose channel ended, waiting up to grace seconds
 ** (without yielding: the caller is in the middle of its bookkeeping),
-** then KILL. nil when it is not (or no longer) a child of ours.
+** then KILL. Fails ("wait: No child processes", ECHILD) when it is not,
+** or no longer, a child of ours.
 */
 static int l_reap (lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
@@ -656,10 +659,7 @@ static int l_reap (lua_State *L) {
     pid_t got = pf_takereaped(pid, &status);
     if (got == 0) got = waitpid(pid, &status, killed ? 0 : WNOHANG);
     if (got == pid) return pf_pushstatus(L, status);
-    if (got < 0 && errno != EINTR) {
-      luaL_pushfail(L);
-      return 1;
-    }
+    if (got < 0 && errno != EINTR) return pf_fail(L, "wait");
     if (got == 0 && pf_now() >= deadline && !killed) {
       kill(pid, SIGKILL);
       killed = 1;

@@ -137,20 +137,23 @@ local function workermain (opts, fd)
     end
   end
 
-  local function answer (id, good, ...)
-    if good then
-      local eok, s = pcall(enc, ...)
-      if not eok then
-        ch:send(ERR, id, "cannot send the results: " .. tostring(s))
-      elseif #s > MAXMSG then
-        ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
-      else
-        ch:send(OK, id, s)
-      end
+  -- the results of call id, as the encoder's pcall gave them (eok, s), in
+  -- a frame of kind
+  local function results (kind, id, eok, s)
+    if not eok then
+      ch:send(ERR, id, "cannot send the results: " .. tostring(s))
+    elseif #s > MAXMSG then
+      ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
     else
-      local kind, s = errframe((...))
       ch:send(kind, id, s)
     end
+    retiring()
+  end
+
+  local function answer (id, good, ...)
+    if good then return results(OK, id, pcall(enc, ...)) end
+    local kind, s = errframe((...))
+    ch:send(kind, id, s)
     retiring()
   end
 
@@ -162,15 +165,7 @@ local function workermain (opts, fd)
 
   -- a chunk's results res[1..n]
   local function chunkdone (id, res, n)
-    local eok, s = pcall(enchunk, res, 1, n)
-    if not eok then
-      ch:send(ERR, id, "cannot send the results: " .. tostring(s))
-    elseif #s > MAXMSG then
-      ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
-    else
-      ch:send(CHUNKOK, id, s)
-    end
-    retiring()
+    results(CHUNKOK, id, pcall(enchunk, res, 1, n))
   end
 
   local handle
@@ -277,7 +272,7 @@ local function cause (how, code)
   if how == "signal" then
     return "killed by signal " .. code .. " (" .. (core.signame(code) or "?") .. ")"
   end
-  return "no status"
+  return code or "no status"  -- why its status is not to be had
 end
 
 
@@ -492,13 +487,9 @@ local function framer (self, w)
       settle(self, w, id, false, err)
     elseif kind == CHUNKOK then
       settle(self, w, id, true, data)  -- decoded by the map, in place
-    elseif kind == ITEMERR then
-      local cb = calls[id]
-      if cb == nil then
-        w.corrupt = "corrupt message: an answer for no call"
-        return
-      end
-      deliver(self, cb, nil, data)
+    elseif kind == ITEMERR then  -- the chunk's results follow
+      if calls[id] then deliver(self, calls[id], nil, data)
+      else w.corrupt = "corrupt message: an answer for no call" end
     elseif kind == EVENT then
       local good, err = pcall(function ()
         if self.on_event then self.on_event(self.decode(data)) end
@@ -790,7 +781,7 @@ end
 --- pool:call(args..., cb) queues; pool:call(args...) awaits the answer:
 -- ok, results... or false, message. (opts: the call's options, or nil)
 local function call (self, opts, ...)
-  check(not self.closing, "call on a closed pool", 4)
+  check(not self.closing, "attempt to use a closed pool", 4)
   local tmo = opts and opts.timeout or self.timeout
   local n = select("#", ...)
   local cb = n > 0 and select(n, ...) or nil
@@ -835,6 +826,7 @@ local View = {}
 View.__index = View
 
 function Pool:with (opts)
+  check(not self.closing, "attempt to use a closed pool")
   check(type(opts) == "table", "with: a table of options expected")
   for k in pairs(opts) do
     check(k == "timeout", "with: unknown option '" .. tostring(k) .. "'")
@@ -857,7 +849,7 @@ end
 -- answers that came are handed to their callbacks. Returns the number
 -- of calls not answered yet.
 function Pool:poll (timeout)
-  check(not self.closed, "poll on a closed pool")
+  check(not self.closing, "attempt to use a closed pool")
   pump(self, timeout or 0)
   return self.outstanding
 end
@@ -942,7 +934,7 @@ end
 
 --- Start a map of list: its chunks queued.
 local function startmap (self, list, opts, what)
-  check(not self.closing, what .. " on a closed pool", 4)
+  check(not self.closing, "attempt to use a closed pool", 4)
   check(type(list) == "table", what .. ": a list expected", 4)
   checkmapopts(opts, what)
   opts = opts or {}
