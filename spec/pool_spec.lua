@@ -28,6 +28,13 @@ local BARS = {
   end,
 }
 
+--- A file name for hold: no such file yet.
+local function newflag ()
+  local flag = H.tmpname()
+  os.remove(flag)  -- tmpname made it
+  return flag
+end
+
 --- A job that holds its call until the file exists (5 s at most), so
 -- that calls stay in flight together; the worker's pid.
 local function hold (path)
@@ -248,7 +255,7 @@ function TestPool:test_queued_calls_survive_a_worker_killed_from_outside ()
 end
 
 function TestPool:test_least_loaded_and_max ()
-  local flag = H.tmpname()
+  local flag = newflag()
   self.pool = prefork.pool{hold, max = 3, load = 2}
   local pids = {}
   for _ = 1, 6 do
@@ -267,8 +274,7 @@ function TestPool:test_least_loaded_and_max ()
 end
 
 function TestPool:test_calls_pass_a_worker_whose_call_runs_long ()
-  local flag = H.tmpname()
-  os.remove(flag)  -- made by tmpname: hold until it is there again
+  local flag = newflag()
   self.pool = prefork.pool{function (path)
     if path then
       local f = io.open(path .. ".started", "w") f:close()
@@ -294,7 +300,7 @@ function TestPool:test_min_processes_and_idle_ones_stop ()
   self.pool = prefork.pool{pid, min = 1, max = 4, idle_time = 0.2,
                            max_idle = 4, load = 1}
   lu.assertEquals(#self.pool:workers(), 1)  -- min runs from the start
-  local flag = H.tmpname()
+  local flag = newflag()
   -- four calls in flight start four processes
   local busy = prefork.pool{hold, min = 0, max = 4, idle_time = 0.2, max_idle = 4, load = 1}
   for _ = 1, 4 do busy:call(flag, function () end) end
@@ -309,7 +315,7 @@ function TestPool:test_min_processes_and_idle_ones_stop ()
 end
 
 function TestPool:test_max_idle_stops_the_extra_idle_ones_at_once ()
-  local flag = H.tmpname()
+  local flag = newflag()
   local busy = prefork.pool{hold, max = 3, idle_time = 100, max_idle = 1, load = 1}
   for _ = 1, 3 do busy:call(flag, function () end) end
   lu.assertEquals(#busy:workers(), 3)
@@ -563,7 +569,7 @@ local function descendants (pid, out)
 end
 
 function TestPool:test_owner_killed_while_busy_ends_every_pool_process ()
-  local flag = H.tmpname()
+  local flag = newflag()
   local p = H.spawn(H.lua .. ([[ -e '
     local prefork = require "prefork"
     local pool = prefork.pool{function (how)
@@ -656,12 +662,13 @@ function TestPool:test_bad_timeouts_raise ()
 end
 
 function TestPool:test_awaited_call_yields_inside_serve ()
-  local flag = H.tmpname()
+  local flag = newflag()
   local m = H.master(([[
 local pool
 prefork.start{listen = "127.0.0.1:0", workers = 1, on_start = announce,
   fork = function (w)
     pool = prefork.pool{function (path)
+      local f = io.open(path .. ".started", "w") f:close()
       for _ = 1, 500 do
         local f = io.open(path) if f then f:close() return "released" end
         prefork.sleep(0.01)
@@ -681,13 +688,15 @@ prefork.start{listen = "127.0.0.1:0", workers = 1, on_start = announce,
   end}]]):format(flag, flag))
   local a = H.connect(m.port)
   a:send("wait\n")
-  H.sleep(0.1)
+  H.wait_until(function () return H.readfile(flag .. ".started") end, 5,
+               "the pool call to start")
   -- the worker serves this one while the first waits on the pool
   lu.assertEquals(H.request(m.port, "set\n"), "set\n")
   a:settimeout(10)
   lu.assertEquals(a:receive("*l"), "released")
   a:close()
   os.remove(flag)
+  os.remove(flag .. ".started")
 end
 
 function TestPool:test_a_pool_holds_no_fd_of_another_pool_or_connection ()
