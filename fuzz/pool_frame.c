@@ -25,6 +25,7 @@
   "      pos = pos + step\n" \
   "    end\n" \
   "    if pos > #data then a:close() end\n" \
+  "    ch:buffered(1 + pos % 9)\n" \
   "    ok, err = ch:recv(onframe)\n" \
   "  until not ok\n" \
   "  assert(err == 'closed' or err:find('^corrupt message'), err)\n" \
