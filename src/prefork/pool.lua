@@ -566,16 +566,20 @@ end
 local LAG = 0.0002
 
 --- The worker for the next call at time t: the least loaded with room,
--- passing over those whose running call lags; then whether it lags.
+-- passing over those whose running call lags; and the best of those: the
+-- least late (by powers of two), then the least loaded.
 local function pick (self, t)
-  local best, lagging, load = nil, nil, self.load
+  local best, lagging, late, load = nil, nil, math.huge, self.load
   local workers = self.procs
   for i = 1, #workers do
     local w = workers[i]
     local n = w.inflight
     if n < load and not w.retiring then
       if n > 0 and t - w.hstart > LAG then
-        if lagging == nil or n < lagging.inflight then lagging = w end
+        local l = math.floor(math.log(t - w.hstart, 2))
+        if l < late or (l == late and n < lagging.inflight) then
+          lagging, late = w, l
+        end
       elseif best == nil or n < best.inflight
              or (n == best.inflight and w.hstart > best.hstart) then
         best = w  -- of two as loaded, the one whose call started later
