@@ -340,14 +340,21 @@ local function removeworker (self, w)
 end
 
 
+--- Take the call at the head of the queue q: data, cb, tmo, kind.
+local function unqueue (q)
+  local h = q.head
+  local data, cb, tmo, kind = q.data[h], q.cb[h], q.tmo[h], q.kind[h]
+  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h], q.lim[h] = nil, nil, nil, nil, nil, nil
+  q.head = h + 1
+  return data, cb, tmo, kind
+end
+
+
 --- Fail every call that waits in the queue.
 local function failqueue (self, msg)
   local q = self.queue
   while q.head <= q.tail do
-    local h = q.head
-    local cb = q.cb[h]
-    q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
-    q.head = h + 1
+    local _, cb = unqueue(q)
     self.outstanding = self.outstanding - 1
     deliver(self, cb, false, msg)
   end
@@ -565,11 +572,12 @@ end
 -- new call while another has room: fast calls do not queue behind a slow one
 local LAG = 0.0002
 
---- The worker for the next call at time t: the least loaded with room,
+--- The worker for the next call at time t: the least loaded with room
+-- (fewer than load calls in flight),
 -- passing over those whose running call lags; and the best of those: the
 -- least late (by powers of two), then the least loaded.
-local function pick (self, t)
-  local best, lagging, late, load = nil, nil, math.huge, self.load
+local function pick (self, t, load)
+  local best, lagging, late = nil, nil, math.huge
   local workers = self.procs
   for i = 1, #workers do
     local w = workers[i]
@@ -592,11 +600,7 @@ end
 
 --- Send the call at the head of the queue to w.
 local function sendone (self, w, t)
-  local q = self.queue
-  local h = q.head
-  local data, cb, tmo, kind = q.data[h], q.cb[h], q.tmo[h], q.kind[h]
-  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
-  q.head = h + 1
+  local data, cb, tmo, kind = unqueue(self.queue)
   local id = self.nextid
   self.nextid = id < 0x7fffffff and id + 1 or 1
   w.ch:send((kind or CALL) + (tmo and FLUSHFIRST or 0), id, data)
@@ -652,13 +656,11 @@ local function dispatch (self)
   self.clock = t
   while q.head <= q.tail do
     if q.data[q.head] == false then  -- a chunk of a map let go
-      local h = q.head
-      q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = nil, nil, nil, nil, nil
-      q.head = h + 1
+      unqueue(q)
       self.outstanding = self.outstanding - 1
       goto continue
     end
-    local best, lagging = pick(self, t)
+    local best, lagging = pick(self, t, q.lim[q.head] or self.load)
     if (best == nil or best.inflight > 0) and #workers < self.max
        and not self.failed and not spawnerr
        and (self.busy_time <= 0 or t - q.t[q.head] >= self.busy_time) then
@@ -756,7 +758,7 @@ local function pump (self, timeout)
 end
 
 
-local function enqueue (self, data, cb, tmo, kind)
+local function enqueue (self, data, cb, tmo, kind, lim)
   if type(data) ~= "string" then
     return cb(false, "the serialiser's encode returned a " .. type(data))
   end
@@ -771,7 +773,7 @@ local function enqueue (self, data, cb, tmo, kind)
   q.tail = t
   q.data[t], q.cb[t], q.t[t] = data, cb, self.busy_time > 0 and now() or 0
   if tmo then q.tmo[t], self.timed = tmo, true end
-  if kind then q.kind[t] = kind end
+  if kind then q.kind[t], q.lim[t] = kind, lim end
   self.outstanding = self.outstanding + 1
   if self.failed then self.failed = nil end  -- try again with new calls
   -- with calls waiting already, no worker has room: the next turn sends
@@ -929,7 +931,9 @@ local function sendchunk (self, m, list, i, j, max)
   local cb = chunkcb(m, i, j)
   if not good then cb(false, tostring(data)) return j end
   local tmo = m.timeout and m.timeout * (j - i + 1)
-  enqueue(self, data, cb, tmo, CHUNK)
+  -- a worker holds this chunk only beside fewer than m.lim others: the
+  -- rest wait here for whichever worker is free first
+  enqueue(self, data, cb, tmo, CHUNK, m.lim)
   local q = self.queue
   if q.cb[q.tail] == cb then m.queued[q.tail] = cb end
   return j
@@ -950,6 +954,7 @@ local function startmap (self, list, opts, what)
              dechunk = dechunk, timeout = opts.timeout or self.timeout,
              ordered = opts.ordered ~= false}
   local max = not opts.chunksize and CHUNKBYTES or nil
+  m.lim = math.max(2, self.load // size)
   local i = 1
   while i <= n do i = sendchunk(self, m, list, i, math.min(n, i + size - 1), max) + 1 end
   return m
@@ -1156,7 +1161,8 @@ local function new (opts)
         and type(ser.decode) == "function"),
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
-    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {}},
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {},
+             lim = {}},  -- lim: a chunk's load
     procs = {}, async = opts.async and true or false, timeout = opts.timeout,
     timed = opts.timeout ~= nil,
     byfd = {}, nextid = 1, outstanding = 0, waiting = 0, clock = now(),
