@@ -660,7 +660,8 @@ local function dispatch (self)
       self.outstanding = self.outstanding - 1
       goto continue
     end
-    local best, lagging = pick(self, t, q.lim[q.head] or self.load)
+    local m = q.lim[q.head]  -- (a map's chunk)
+    local best, lagging = pick(self, t, m and m.lim or self.load)
     if (best == nil or best.inflight > 0) and #workers < self.max
        and not self.failed and not spawnerr
        and (self.busy_time <= 0 or t - q.t[q.head] >= self.busy_time) then
@@ -933,10 +934,21 @@ local function sendchunk (self, m, list, i, j, max)
   local tmo = m.timeout and m.timeout * (j - i + 1)
   -- a worker holds this chunk only beside fewer than m.lim others: the
   -- rest wait here for whichever worker is free first
-  enqueue(self, data, cb, tmo, CHUNK, m.lim)
+  enqueue(self, data, cb, tmo, CHUNK, m)
   local q = self.queue
   if q.cb[q.tail] == cb then m.queued[q.tail] = cb end
   return j
+end
+
+
+--- The chunks of a map of n items a worker may hold at once, when the
+-- first chunk has k items: `load`, but a quarter of the map's share of
+-- each worker at most (one slowed down leaves the rest to the others),
+-- and two at least (the next at hand while the owner sends more).
+local function maplimit (self, n, k)
+  local chunks = -(-n // math.max(k, 1))
+  local workers = math.max(1, math.min(self.max, core.ncpu()))
+  return math.max(2, math.min(self.load, chunks // (4 * workers)))
 end
 
 
@@ -954,9 +966,13 @@ local function startmap (self, list, opts, what)
              dechunk = dechunk, timeout = opts.timeout or self.timeout,
              ordered = opts.ordered ~= false}
   local max = not opts.chunksize and CHUNKBYTES or nil
-  m.lim = math.max(2, self.load // size)
+  m.lim = 2
   local i = 1
-  while i <= n do i = sendchunk(self, m, list, i, math.min(n, i + size - 1), max) + 1 end
+  while i <= n do
+    local j = sendchunk(self, m, list, i, math.min(n, i + size - 1), max)
+    if i == 1 then m.lim = maplimit(self, n, j) end
+    i = j + 1
+  end
   return m
 end
 
@@ -1162,7 +1178,7 @@ local function new (opts)
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
     queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {},
-             lim = {}},  -- lim: a chunk's load
+             lim = {}},  -- lim: a chunk's map
     procs = {}, async = opts.async and true or false, timeout = opts.timeout,
     timed = opts.timeout ~= nil,
     byfd = {}, nextid = 1, outstanding = 0, waiting = 0, clock = now(),
