@@ -507,6 +507,26 @@ function TestPool:test_close_waits_then_nothing_is_left ()
   nothingleft()
 end
 
+function TestPool:test_a_channel_decodes_the_kinds_it_is_asked_to_in_place ()
+  local core = require "prefork.core"
+  local a, b = prefork.socketpair()
+  local tx, rx = core.chan(a), core.chan(b)
+  tx:send(2, 7, prefork.encode(1, nil, {x = "y"}))
+  tx:send(2, 8, "garbage")
+  tx:send(3, 9, prefork.encode(5))  -- not in the mask: the string
+  assert(tx:flush())
+  local got = {}
+  H.wait_until(function ()
+    assert(rx:recv(function (...) got[#got + 1] = table.pack(...) end, 1 << 2))
+    return #got == 3
+  end, 5, "three frames")
+  lu.assertEquals(got[1], {2, 7, true, 1, nil, {x = "y"}, n = 6})
+  lu.assertEquals(got[2][3], false)
+  lu.assertStrContains(got[2][4], "corrupt message: not an encoded message")
+  lu.assertEquals(got[3], {3, 9, prefork.encode(5), n = 3})
+  tx:close() rx:close()
+end
+
 function TestPool:test_closed_channels_and_a_reap_of_no_child_say_so ()
   local core = require "prefork.core"
   local a, b = prefork.socketpair()

@@ -177,52 +177,90 @@ static int l_pending (lua_State *L) {
 }
 
 
+/* read what the socket holds into the buffer, without blocking: 1 at
+** its end, 0 else; -1 (errno set) on an error */
+static int fill (lua_State *L, chan *c) {
+  buf *b = &c->in;
+  for (;;) {
+    size_t want = 65536;
+    char *p = room(L, b, want);
+    ssize_t n = read(c->fd, p, b->cap - b->w);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    if (n < 0 && errno != ECONNRESET) return -1;
+    if (n <= 0) return 1;
+    b->w += (size_t)n;
+    if ((size_t)n < want) return 0;  /* drained: spare the EAGAIN read */
+  }
+}
+
+
+/* the values of a frame's data (a light userdata and its length): the
+** protected part of hand */
+static int decodeframe (lua_State *L) {
+  const char *s = (const char *)lua_touserdata(L, 1);
+  size_t n = (size_t)lua_tointeger(L, 2);
+  lua_settop(L, 0);
+  return pf_decode(L, s, n);
+}
+
+
+/* call fn (at index 2) for the whole frame at h, then taken from b:
+** fn(kind, id, data), or for a kind in mask (its bit set) fn(kind, id,
+** true, values...) with the data decoded in place (no string made), or
+** fn(kind, id, false, message) when it is corrupt */
+static void hand (lua_State *L, buf *b, lua_Integer mask) {
+  const unsigned char *h = (const unsigned char *)b->p + b->r;
+  uint32_t len = pf_get32(h);
+  int kind = h[4], top = lua_gettop(L);
+  lua_pushvalue(L, 2);
+  lua_pushinteger(L, kind);
+  lua_pushinteger(L, (lua_Integer)pf_get32(h + 5));
+  if (kind < 63 && ((mask >> kind) & 1)) {
+    lua_pushboolean(L, 1);
+    lua_pushcfunction(L, decodeframe);
+    lua_pushlightuserdata(L, (void *)(uintptr_t)(h + HEAD));
+    lua_pushinteger(L, (lua_Integer)len - 5);
+    if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
+      lua_pushboolean(L, 0);
+      lua_replace(L, top + 4);
+    }
+  }
+  else
+    lua_pushlstring(L, (const char *)h + HEAD, len - 5);
+  b->r += 4 + (size_t)len;
+  lua_call(L, lua_gettop(L) - top - 1, 0);
+}
+
+
 /*
-** ch:recv(fn) -> true | nil, "closed" | nil, "corrupt message: ..." |
-** fail. Reads what is there without blocking and calls fn(kind, id,
-** data) for each whole frame (an error in fn goes through, the frame
+** ch:recv(fn [, mask]) -> true | nil, "closed" | nil, "corrupt message:
+** ..." | fail. Reads what is there without blocking and calls fn for
+** each whole frame (see hand; an error in fn goes through, the frame
 ** consumed). At the end of the stream the frames before it are handed
 ** over first; a partial frame there is "truncated".
 */
 static int l_recv (lua_State *L) {
   chan *c = checkchan(L, 1);
+  lua_Integer mask = luaL_optinteger(L, 3, 0);
   buf *b = &c->in;
-  int eof = 0;
+  int eof;
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  for (;;) {  /* read until the socket is empty */
-    size_t want = 65536;
-    char *p = room(L, b, want);
-    ssize_t n = read(c->fd, p, b->cap - b->w);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-    if (n < 0 && errno != ECONNRESET) return pf_fail(L, "read");
-    if (n <= 0) { eof = 1; break; }
-    b->w += (size_t)n;
-    if ((size_t)n < want) break;  /* drained: spare the EAGAIN read */
-  }
+  lua_settop(L, 3);
+  if ((eof = fill(L, c)) < 0) return pf_fail(L, "read");
   while (b->w - b->r >= HEAD) {
-    const unsigned char *h = (const unsigned char *)b->p + b->r;
-    uint32_t len = pf_get32(h);
+    uint32_t len = pf_get32((const unsigned char *)b->p + b->r);
     if (len < 5 || len - 5 > PF_MAXMSG) {
       luaL_pushfail(L);
       lua_pushfstring(L, "corrupt message: a frame of %I bytes",
                       (lua_Integer)len);
       return 2;
     }
-    if (b->w - b->r < 4 + (size_t)len)
-      break;
-    lua_pushvalue(L, 2);
-    lua_pushinteger(L, h[4]);
-    lua_pushinteger(L, (lua_Integer)pf_get32(h + 5));
-    lua_pushlstring(L, (const char *)h + HEAD, len - 5);
-    b->r += 4 + (size_t)len;
-    lua_call(L, 3, 0);
-    if (c->fd < 0) {  /* fn closed it */
-      lua_pushboolean(L, 1);
-      return 1;
-    }
+    if (b->w - b->r < 4 + (size_t)len) break;
+    hand(L, b, mask);
+    if (c->fd < 0) break;  /* fn closed it */
   }
-  if (eof) {
+  if (eof && c->fd >= 0) {
     luaL_pushfail(L);
     if (b->w > b->r) lua_pushliteral(L, "corrupt message: truncated");
     else lua_pushliteral(L, "closed");

@@ -195,6 +195,7 @@ PF_API void pf_open_master (lua_State *L);
 PF_API void pf_open_pool (lua_State *L);
 
 /* serial.c */
+PF_API int pf_decode (lua_State *L, const char *s, size_t len);
 PF_API void pf_open_serial (lua_State *L);
 
 /* fdpass.c */

@@ -404,18 +404,26 @@ static size_t decodehead (lua_State *L, ibuf *in, const char *s, size_t len) {
 }
 
 
-/* prefork.decode(s) -> the values prefork.encode was given */
-static int l_decode (lua_State *L) {
-  size_t len, n, i;
-  const char *s = luaL_checklstring(L, 1, &len);
+/* the values of the message s[0, len) pushed (over a table of decoded
+** tables); their count. Raises "corrupt message: ..." */
+int pf_decode (lua_State *L, const char *s, size_t len) {
+  size_t n, i;
   ibuf in;
-  lua_settop(L, 1);
   n = decodehead(L, &in, s, len);
   luaL_checkstack(L, (int)(n < 1000000 ? n : 1000000) + 8, "decode: too many values");
   for (i = 0; i < n; i++)
     if (!decode(L, &in, 0)) corrupt(L, "an end outside a table");
   if (in.p != in.end) corrupt(L, "bytes after the last value");
   return (int)n;
+}
+
+
+/* prefork.decode(s) -> the values prefork.encode was given */
+static int l_decode (lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_settop(L, 1);
+  return pf_decode(L, s, len);
 }
 
 

@@ -23,7 +23,11 @@ local CALL, OK, ERR, EVENT, RETIRE, FAIL, ERRV = 1, 2, 3, 4, 5, 6, 7
 local CHUNK, CHUNKOK, ITEMERR = 8, 9, 10  -- a map's chunk, its results, an item's error
 -- added to a call's kind: answers waiting go out before it runs (its
 -- time limit counts from the answer before it)
-local FLUSHFIRST = 64
+local FLUSHFIRST = 32
+-- the frames ch:recv decodes in place, with the built-in serialiser: the
+-- answers the owner reads, the calls a worker reads
+local OKMASK = 1 << OK
+local CALLMASK = (1 << CALL) | (1 << (CALL + FLUSHFIRST))
 
 local MAXMSG = core.pool_maxmsg
 
@@ -206,13 +210,15 @@ local function workermain (opts, fd)
         res[k] = fn(items[k])
       end
     end
-    handle = function (kind, id, data)
+    handle = function (kind, id, data, ...)
       if kind > FLUSHFIRST then
         flushall(w)
         kind = kind - FLUSHFIRST
       end
-      if kind == CALL then
-        answer(id, pcall(run, data))
+      if kind == CALL then  -- data: the string, or (built-in) whether it decoded
+        if ser then answer(id, pcall(run, data))
+        elseif data then answer(id, pcall(fn, ...))
+        else answer(id, false, (...)) end
       elseif kind == CHUNK then
         to, items = dechunk(data, items, 0)  -- (nil at first: a new list)
         if to > cap then res, cap = newlist(to), to end
@@ -242,7 +248,7 @@ local function workermain (opts, fd)
       end
     end
     while true do
-      if not ch:recv(handle) then break end
+      if not ch:recv(handle, not ser and CALLMASK or 0) then break end
       flushall(w)
       flushed = now()
       wait_fd(fd, "r")
@@ -460,17 +466,32 @@ local function stopworker (self, w)
 end
 
 
--- an answer's values decoded and handed to its callback, in one pcall;
--- `decoding` tells a decoder's error from the callback's
+-- an answer's values decoded by a custom serialiser and handed to its
+-- callback, in one pcall; `decoding` tells a decoder's error from the
+-- callback's
 local decoding = false
 local function decoded (...) decoding = false return ... end
 local function okcall (cb, dec, data) decoding = true return cb(true, decoded(dec(data))) end
 
+local function okcustom (self, cb, data)
+  local good, err = pcall(okcall, cb, self.decode, data)
+  if not good then
+    if decoding then
+      decoding = false
+      deliver(self, cb, false, err)
+    elseif not self.cberr then
+      self.cberr = err
+    end
+  end
+end
 
---- The function that takes w's frames (ch:recv calls it for each).
+
+--- The function that takes w's frames (ch:recv calls it for each; an
+-- answer comes decoded with the built-in serialiser: data tells whether
+-- it decoded, the values or why not follow).
 local function framer (self, w)
   local calls = w.calls
-  return function (kind, id, data)
+  return function (kind, id, data, ...)
     if kind == OK then
       local cb = calls[id]
       if cb == nil then
@@ -478,15 +499,9 @@ local function framer (self, w)
         return
       end
       answered(self, w, id)
-      local good, err = pcall(okcall, cb, self.decode, data)
-      if not good then
-        if decoding then
-          decoding = false
-          deliver(self, cb, false, err)
-        elseif not self.cberr then
-          self.cberr = err
-        end
-      end
+      if self.serialiser then okcustom(self, cb, data)
+      elseif data then deliver(self, cb, true, ...)
+      else deliver(self, cb, false, (...)) end
     elseif kind == ERR then
       settle(self, w, id, false, data)
     elseif kind == ERRV then
@@ -515,7 +530,7 @@ end
 
 --- Read what w sent and act on how its channel is: true while it lives.
 local function take (self, w)
-  local ok, err = w.ch:recv(w.onframe)
+  local ok, err = w.ch:recv(w.onframe, not self.serialiser and OKMASK or 0)
   if w.dead then return false end
   if w.failed then
     lost(self, w, "init failed: " .. w.failed)
