@@ -12,7 +12,7 @@ local pool = prefork.pool{
     return what .. " " .. n .. " in " .. prefork.getpid(), n * n
   end,
   -- every knob at its default
-  min = 0, max = 8, busy_time = 0, max_idle = 1, idle_time = 1, load = 2,
+  min = 0, max = 8, busy_time = 0, max_idle = 1, idle_time = 1, load = 32,
   require = {"string"},  -- modules loaded once, in the template process
   eval = "collectgarbage()",  -- code run there too
   on_error = function (msg) io.stderr:write("pool error: ", msg, "\n") end,

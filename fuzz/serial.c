@@ -2,7 +2,8 @@
 ** fuzz/serial.c: libFuzzer target for prefork.decode, the serialiser's
 ** decoder (the pool's messages). Any input either decodes or raises
 ** "corrupt message: ..."; what decodes encodes again and decodes to the
-** same values.
+** same values; core.decodeinto agrees on the count, and core.encodelist
+** of a part of the list holds what it says.
 */
 
 #define HARNESS \
@@ -20,6 +21,11 @@
   "  for i = 1, r2.n do\n" \
   "    if type(r2[i]) ~= 'table' then assert(same(r2[i], r[i + 1]), 'value') end\n" \
   "  end\n" \
+  "  local n, t = core.decodeinto(data, nil, 0)\n" \
+  "  assert(n == r2.n, 'decodeinto count')\n" \
+  "  local part, k = core.encodelist(t, 1, n, #data // 2)\n" \
+  "  assert(k <= n and (k >= 1 or n == 0), 'encodelist range')\n" \
+  "  assert(select('#', core.decode(part)) == k, 'encodelist count')\n" \
   "end\n"
 
 #include "fuzz.h"

@@ -18,6 +18,23 @@ end
 
 local function pid () return prefork.getpid() end
 
+--- A serialiser of strings joined by "|": numbers arrive as strings.
+local BARS = {
+  encode = function (...) return table.concat({...}, "|") end,
+  decode = function (s)
+    local t = {}
+    for x in s:gmatch("[^|]+") do t[#t + 1] = x end
+    return table.unpack(t)
+  end,
+}
+
+--- A file name for hold: no such file yet.
+local function newflag ()
+  local flag = H.tmpname()
+  os.remove(flag)  -- tmpname made it
+  return flag
+end
+
 --- A job that holds its call until the file exists (5 s at most), so
 -- that calls stay in flight together; the worker's pid.
 local function hold (path)
@@ -76,6 +93,90 @@ function TestPool:test_map_in_order_and_raises_on_a_job_error ()
   lu.assertEquals(self.pool:map{7}, {14})  -- the pool goes on
 end
 
+--- The job of the map specs: doubles x; raises for "bad" (a string) and
+-- "tbl" (a table).
+local function double (x)
+  if x == "bad" then error("no good", 0) end
+  if x == "tbl" then error{code = 42} end
+  return x * 2
+end
+
+function TestPool:test_map_in_chunks_keeps_the_order_and_names_the_failed_item ()
+  self.pool = prefork.pool{double, max = 2}
+  local list, want = {}, {}
+  for i = 1, 1000 do list[i], want[i] = i, 2 * i end
+  lu.assertEquals(self.pool:map(list), want)  -- chunked by default
+  for _, size in ipairs{1, 7, 1000, 5000} do
+    lu.assertEquals(self.pool:map(list, {chunksize = size}), want)
+  end
+  lu.assertEquals(self.pool:map{}, {})
+  -- the failed item is named, wherever it is in its chunk
+  local ok, err = pcall(self.pool.map, self.pool, {1, 2, "bad", 4, 5}, {chunksize = 5})
+  lu.assertFalse(ok)
+  lu.assertStrContains(err, "item 3: no good")
+  ok, err = pcall(self.pool.map, self.pool, {1, "tbl"})
+  lu.assertEquals(err, {code = 42})  -- an error value raises as itself
+  ok, err = pcall(self.pool.map, self.pool, {1, print, 3}, {chunksize = 3})
+  lu.assertStrContains(err, "item 2: encode: cannot send a function")
+  lu.assertEquals(self.pool:map({7, 8}, {chunksize = 1}), {14, 16})
+end
+
+function TestPool:test_imap_streams_in_order_or_as_they_come ()
+  self.pool = prefork.pool{double, max = 2}
+  local got = {}
+  for i, ok, v in self.pool:imap({1, 2, "bad", 4, "tbl", 6}, {chunksize = 2}) do
+    got[#got + 1] = {i, ok, v}
+  end
+  lu.assertEquals(got, {{1, true, 2}, {2, true, 4}, {3, false, "no good"},
+                        {4, true, 8}, {5, false, {code = 42}}, {6, true, 12}})
+  local seen, n = {}, 0
+  for i, ok, v in self.pool:imap({1, 2, 3, 4, 5, 6, 7}, {chunksize = 2, ordered = false}) do
+    lu.assertTrue(ok)
+    lu.assertEquals(v, 2 * i)
+    seen[i], n = true, n + 1
+  end
+  lu.assertEquals(n, 7)
+  lu.assertEquals(H.count(seen), 7)
+  -- leaving early: the pool goes on, nothing is left owed
+  for i in self.pool:imap({1, 2, 3, 4, 5, 6, 7, 8}, {chunksize = 1}) do
+    if i == 2 then break end
+  end
+  self.pool:wait()
+  lu.assertEquals({self.pool:call(21)}, {true, 42})
+end
+
+function TestPool:test_map_on_async_custom_serialiser_and_dying_workers ()
+  self.pool = prefork.pool{function (done, x)
+    if x == "bad" then error("async no good", 0) end
+    prefork.sleep(0.001)
+    done(x + 1)
+  end, async = true}
+  lu.assertEquals(self.pool:map({1, 2, 3, 4, 5}, {chunksize = 2}), {2, 3, 4, 5, 6})
+  lu.assertErrorMsgContains("item 2: async no good", self.pool.map, self.pool, {1, "bad"})
+  self.pool:close()
+  self.pool = prefork.pool{function (a) return math.type(a) or type(a) end, serialiser = BARS}
+  lu.assertEquals(self.pool:map({1, 2, 3}, {chunksize = 2}), {"string", "string", "string"})
+  self.pool:close()
+  self.pool = prefork.pool{function (x)
+    if x == 3 then prefork.kill(prefork.getpid(), "KILL") end
+    return x
+  end, max = 1}
+  local ok, err = pcall(self.pool.map, self.pool, {1, 2, 3, 4}, {chunksize = 2})
+  lu.assertFalse(ok)
+  lu.assertStrContains(err, "item 3: pool worker")
+  lu.assertStrContains(err, "(a chunk of items 3..4)")
+  lu.assertEquals(self.pool:map{1, 2}, {1, 2})
+end
+
+function TestPool:test_bad_map_options_raise ()
+  self.pool = prefork.pool{double}
+  lu.assertErrorMsgContains("chunksize must be an integer >= 1", self.pool.map,
+                            self.pool, {1}, {chunksize = 0})
+  lu.assertErrorMsgContains("unknown option 'chunk'", self.pool.imap,
+                            self.pool, {1}, {chunk = 2})
+  lu.assertErrorMsgContains("a list expected", self.pool.map, self.pool, 5)
+end
+
 function TestPool:test_a_job_that_raises_costs_only_its_call ()
   self.pool = prefork.pool{function (x)
     if x then error("boom " .. x) end
@@ -88,6 +189,29 @@ function TestPool:test_a_job_that_raises_costs_only_its_call ()
   local ok2, p2 = self.pool:call()
   lu.assertTrue(ok1 and ok2)
   lu.assertEquals(p2, p1)  -- the same worker serves on
+end
+
+function TestPool:test_an_error_value_arrives_as_itself ()
+  local function job (how)
+    if how == "table" then error{code = 42, why = {"nested"}} end
+    if how == "number" then error(7) end
+    if how == "nil" then error(nil) end
+    error(setmetatable({f = print}, {__tostring = function () return "my error" end}))
+  end
+  self.pool = prefork.pool{job}
+  lu.assertEquals({self.pool:call("table")}, {false, {code = 42, why = {"nested"}}})
+  lu.assertEquals({self.pool:call("number")}, {false, 7})
+  local r = table.pack(self.pool:call("nil"))
+  lu.assertEquals(r, {false, nil, n = 2})
+  local ok, msg = self.pool:call("function")
+  lu.assertFalse(ok)
+  lu.assertStrContains(msg, "an error value that cannot be sent")
+  lu.assertStrContains(msg, "cannot send a function")
+  lu.assertStrContains(msg, "my error")
+  -- an async job's error value too
+  self.pool:close()
+  self.pool = prefork.pool{function (done, x) error{x} end, async = true}
+  lu.assertEquals({self.pool:call(5)}, {false, {5}})
 end
 
 function TestPool:test_a_worker_dying_mid_call_names_the_cause ()
@@ -131,7 +255,7 @@ function TestPool:test_queued_calls_survive_a_worker_killed_from_outside ()
 end
 
 function TestPool:test_least_loaded_and_max ()
-  local flag = H.tmpname()
+  local flag = newflag()
   self.pool = prefork.pool{hold, max = 3, load = 2}
   local pids = {}
   for _ = 1, 6 do
@@ -149,11 +273,34 @@ function TestPool:test_least_loaded_and_max ()
   for _, n in pairs(per) do lu.assertEquals(n, 2) end
 end
 
+function TestPool:test_calls_pass_a_worker_whose_call_runs_long ()
+  local flag = newflag()
+  self.pool = prefork.pool{function (path)
+    if path then
+      local f = io.open(path .. ".started", "w") f:close()
+      return hold(path)
+    end
+    return prefork.getpid()
+  end, min = 2, max = 2}
+  local holder
+  self.pool:call(flag, function (_, p) holder = p end)
+  H.wait_until(function () return H.readfile(flag .. ".started") end, 5, "the long call to start")
+  local pids = {}
+  for i = 1, 10 do self.pool:call(function (_, p) pids[i] = p end) end
+  H.wait_until(function () self.pool:poll(0.05) return #pids == 10 end, 4,
+               "the short calls, answered while the long one runs")
+  lu.assertNil(holder)
+  H.writefile(flag, "go")
+  self.pool:wait()
+  for _, p in ipairs(pids) do lu.assertNotEquals(p, holder) end
+  os.remove(flag .. ".started")
+end
+
 function TestPool:test_min_processes_and_idle_ones_stop ()
   self.pool = prefork.pool{pid, min = 1, max = 4, idle_time = 0.2,
                            max_idle = 4, load = 1}
   lu.assertEquals(#self.pool:workers(), 1)  -- min runs from the start
-  local flag = H.tmpname()
+  local flag = newflag()
   -- four calls in flight start four processes
   local busy = prefork.pool{hold, min = 0, max = 4, idle_time = 0.2, max_idle = 4, load = 1}
   for _ = 1, 4 do busy:call(flag, function () end) end
@@ -168,7 +315,7 @@ function TestPool:test_min_processes_and_idle_ones_stop ()
 end
 
 function TestPool:test_max_idle_stops_the_extra_idle_ones_at_once ()
-  local flag = H.tmpname()
+  local flag = newflag()
   local busy = prefork.pool{hold, max = 3, idle_time = 100, max_idle = 1, load = 1}
   for _ = 1, 3 do busy:call(flag, function () end) end
   lu.assertEquals(#busy:workers(), 3)
@@ -255,17 +402,9 @@ function TestPool:test_retire_ends_the_worker_after_its_call ()
 end
 
 function TestPool:test_custom_serialiser_both_ways ()
-  local ser = {
-    encode = function (...) return table.concat({...}, "|") end,
-    decode = function (s)
-      local t = {}
-      for x in s:gmatch("[^|]+") do t[#t + 1] = x end
-      return table.unpack(t)
-    end,
-  }
   self.pool = prefork.pool{function (a, b)
     return math.type(a) or type(a), a .. b
-  end, serialiser = ser}
+  end, serialiser = BARS}
   -- the numbers travel as strings: the custom serialiser did it
   lu.assertEquals({self.pool:call(1, 2)}, {true, "string", "12"})
 end
@@ -362,8 +501,48 @@ function TestPool:test_close_waits_then_nothing_is_left ()
   lu.assertEquals(destroyed, 1)
   p:close()  -- again: nothing
   lu.assertEquals(destroyed, 1)
-  lu.assertErrorMsgContains("closed pool", p.call, p, 1)
+  for _, f in ipairs{p.call, p.poll, p.map, p.imap, p.with} do  -- one way
+    lu.assertErrorMsgContains("attempt to use a closed pool", f, p, {})
+  end
   nothingleft()
+end
+
+function TestPool:test_a_channel_decodes_the_kinds_it_is_asked_to_in_place ()
+  local core = require "prefork.core"
+  local a, b = prefork.socketpair()
+  local tx, rx = core.chan(a), core.chan(b)
+  tx:send(2, 7, prefork.encode(1, nil, {x = "y"}))
+  tx:send(2, 8, "garbage")
+  tx:send(3, 9, prefork.encode(5))  -- not in the mask: the string
+  assert(tx:flush())
+  local got = {}
+  H.wait_until(function ()
+    assert(rx:recv(function (...) got[#got + 1] = table.pack(...) end, 1 << 2))
+    return #got == 3
+  end, 5, "three frames")
+  lu.assertEquals(got[1], {2, 7, true, 1, nil, {x = "y"}, n = 6})
+  lu.assertEquals(got[2][3], false)
+  lu.assertStrContains(got[2][4], "corrupt message: not an encoded message")
+  lu.assertEquals(got[3], {3, 9, prefork.encode(5), n = 3})
+  tx:close() rx:close()
+end
+
+function TestPool:test_closed_channels_and_a_reap_of_no_child_say_so ()
+  local core = require "prefork.core"
+  local a, b = prefork.socketpair()
+  local ch = core.chan(b)
+  ch:close()
+  lu.assertErrorMsgContains("attempt to use a closed channel", ch.send, ch, 1, 1, "")
+  lu.assertErrorMsgContains("attempt to use a closed channel", ch.recv, ch, print)
+  local ep = core.epoll()
+  ep:close()
+  lu.assertErrorMsgContains("attempt to use a closed epoll set", ep.wait, ep, 0)
+  a:close()
+  -- not a child of ours: the fail triple
+  local r = table.pack(core.pool_reap(1, 0))
+  lu.assertNil(r[1])
+  lu.assertStrContains(r[2], "wait: ")
+  lu.assertEquals(r[3], 10)  -- ECHILD
 end
 
 function TestPool:test_owner_killed_leaves_no_process ()
@@ -388,13 +567,128 @@ function TestPool:test_owner_killed_leaves_no_process ()
   for _, x in ipairs(tpl) do H.reap(x, 5) end
 end
 
+--- Wait (bounded) until each pid is gone: reaped when it came to us.
+local function allgone (pids, timeout, what)
+  H.wait_until(function ()
+    for _, x in ipairs(pids) do
+      prefork.wait(x, "nohang")  -- ours once orphaned (we are a subreaper)
+      if H.pstate(x) ~= nil then return false end
+    end
+    return true
+  end, timeout or 5, what)
+end
+
+--- Every descendant of pid: a list of pids.
+local function descendants (pid, out)
+  out = out or {}
+  for _, c in ipairs(H.childpids(pid)) do
+    out[#out + 1] = c
+    descendants(c, out)
+  end
+  return out
+end
+
+function TestPool:test_owner_killed_while_busy_ends_every_pool_process ()
+  local flag = newflag()
+  local p = H.spawn(H.lua .. ([[ -e '
+    local prefork = require "prefork"
+    local pool = prefork.pool{function (how)
+      local f = io.open("%s" .. prefork.getpid(), "w") f:close()
+      if how == "spin" then while true do end end
+      os.execute("sleep 1000")
+    end, min = 2, max = 2, load = 1}
+    pool:call("spin", function () end)
+    pool:call("sleep", function () end)
+    print("TPL " .. pool.tpid)
+    io.stdout:flush()
+    pool:wait()']]):format(flag))
+  local tpid = tonumber(p:expect("TPL (%d+)\n"))
+  local pids
+  H.wait_until(function ()  -- both jobs running, sh and sleep started
+    pids = descendants(p.pid)
+    local sleeping = false
+    for _, x in ipairs(pids) do
+      if H.cmdline(x):match("^sleep 1000") then sleeping = true end
+    end
+    return sleeping and #pids == 5
+  end, 10, "the jobs to be busy")
+  p:kill("KILL")
+  p:wait()
+  local ok, err = pcall(allgone, pids, 5, "every pool process to end")
+  for _, x in ipairs(pids) do  -- what a failure left behind
+    os.remove(flag .. x)
+    if not ok then H.kill(x, "KILL") end
+  end
+  if not ok then allgone(pids) error(err, 0) end
+  lu.assertNil(H.pstate(tpid))
+end
+
+--- A job that hangs in a child process when x is "hang" (the child's pid
+-- written to path first); returns x otherwise.
+local function hangs (x, path)
+  if x == "hang" then os.execute("echo $$ >" .. path .. "; exec sleep 1000") end
+  return x
+end
+
+function TestPool:test_a_call_past_its_timeout_fails_and_the_calls_behind_it_go_on ()
+  local path = H.tmpname()
+  self.pool = prefork.pool{hangs, max = 1, load = 4, timeout = 0.3}
+  local got = {}
+  for i, x in ipairs{"a", "hang", "b", "c"} do
+    self.pool:call(x, path, function (...) got[i] = {...} end)
+  end
+  self.pool:wait()
+  lu.assertEquals(got, {{true, "a"}, {false, "timeout after 0.3 s"},
+                        {true, "b"}, {true, "c"}})
+  -- what the job started went with its worker
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  -- a per-call limit, on a pool without one
+  self.pool:close()
+  self.pool = prefork.pool{hangs, max = 1}
+  local quick = self.pool:with{timeout = 0.2}
+  lu.assertEquals({quick:call("hang", path)}, {false, "timeout after 0.2 s"})
+  lu.assertEquals({quick:call("fine", path)}, {true, "fine"})
+  lu.assertEquals({self.pool:call("plain", path)}, {true, "plain"})
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  self.pool:close()  -- an async pool's calls with a limit
+  self.pool = prefork.pool{function (done, x) done(x) end, async = true, timeout = 5}
+  lu.assertEquals({self.pool:call(1)}, {true, 1})
+end
+
+function TestPool:test_close_with_a_time_limit_cuts_a_hung_call_off ()
+  local path = H.tmpname()
+  local destroyed = false
+  local p = prefork.pool{hangs, on_destroy = function () destroyed = true end}
+  local got
+  p:call("hang", path, function (...) got = {...} end)
+  p:call("quick", path, function () end)
+  lu.assertEquals({p:close(0.3)}, {nil, "1 calls cut off after 0.3 s"})
+  lu.assertEquals(got, {false, "pool closed: no answer after 0.3 s"})
+  lu.assertTrue(destroyed)
+  allgone({tonumber(H.readfile(path))}, 5, "the job's child to end")
+  nothingleft()
+end
+
+function TestPool:test_bad_timeouts_raise ()
+  lu.assertErrorMsgContains("timeout must be a number > 0", prefork.pool,
+                            {print, timeout = 0})
+  self.pool = prefork.pool{print}
+  lu.assertErrorMsgContains("timeout must be a number > 0", self.pool.with,
+                            self.pool, {timeout = "1"})
+  lu.assertErrorMsgContains("unknown option 'time'", self.pool.with,
+                            self.pool, {time = 1})
+  lu.assertErrorMsgContains("timeout must be a number > 0", self.pool.close,
+                            self.pool, -1)
+end
+
 function TestPool:test_awaited_call_yields_inside_serve ()
-  local flag = H.tmpname()
+  local flag = newflag()
   local m = H.master(([[
 local pool
 prefork.start{listen = "127.0.0.1:0", workers = 1, on_start = announce,
   fork = function (w)
     pool = prefork.pool{function (path)
+      local f = io.open(path .. ".started", "w") f:close()
       for _ = 1, 500 do
         local f = io.open(path) if f then f:close() return "released" end
         prefork.sleep(0.01)
@@ -414,13 +708,15 @@ prefork.start{listen = "127.0.0.1:0", workers = 1, on_start = announce,
   end}]]):format(flag, flag))
   local a = H.connect(m.port)
   a:send("wait\n")
-  H.sleep(0.1)
+  H.wait_until(function () return H.readfile(flag .. ".started") end, 5,
+               "the pool call to start")
   -- the worker serves this one while the first waits on the pool
   lu.assertEquals(H.request(m.port, "set\n"), "set\n")
   a:settimeout(10)
   lu.assertEquals(a:receive("*l"), "released")
   a:close()
   os.remove(flag)
+  os.remove(flag .. ".started")
 end
 
 function TestPool:test_a_pool_holds_no_fd_of_another_pool_or_connection ()

@@ -25,6 +25,34 @@ function TestSerial:test_scalars_exactly ()
   lu.assertEquals(math.type(roundtrip(3.0)), "float")  -- not an integer
 end
 
+function TestSerial:test_integers_small_ones_short ()
+  for _, v in ipairs{0, 1, -1, 63, -64, 64, 1 << 20, (1 << 55) - 1, -(1 << 55),
+                     1 << 55, -(1 << 55) - 1, math.maxinteger, math.mininteger} do
+    local got = roundtrip(v)
+    lu.assertEquals(got, v)
+    lu.assertEquals(math.type(got), "integer")
+  end
+  lu.assertEquals(#prefork.encode(5), 4)  -- magic, count, tag, one byte
+  lu.assertEquals(#prefork.encode(1 << 60), 11)  -- the 8-byte form
+end
+
+function TestSerial:test_a_list_range_in_one_call ()
+  local core = require "prefork.core"
+  local t = {1, nil, "x", {2}, 4.5}
+  local s = core.encodelist(t, 1, 5)
+  lu.assertEquals(s, prefork.encode(1, nil, "x", {2}, 4.5))
+  lu.assertEquals(core.encodelist(t, 3, 2), prefork.encode())
+  local into = {"keep"}
+  lu.assertEquals(core.decodeinto(s, into, 1), 5)
+  lu.assertEquals(into, {"keep", 1, nil, "x", {2}, 4.5})
+  local n, fresh = core.decodeinto(s, nil, 0)
+  lu.assertEquals(n, 5)
+  lu.assertEquals(fresh[4], {2})
+  lu.assertErrorMsgContains("corrupt message", core.decodeinto, s:sub(1, -2), {}, 0)
+  lu.assertErrorMsgContains("cannot send a function", core.encodelist, {print}, 1, 1)
+  lu.assertErrorMsgContains("a range of the list", core.encodelist, t, 0, 1)
+end
+
 function TestSerial:test_any_number_of_values_nils_included ()
   lu.assertEquals(select("#", roundtrip()), 0)
   lu.assertEquals({roundtrip(nil, 1, nil)}, {nil, 1, nil})

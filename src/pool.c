@@ -12,8 +12,16 @@
 ** worker with clone(CLONE_PARENT), so that the worker is a child of the
 ** pool's owner (who reaps it and learns how it died), and hands the
 ** owner the worker's end of a new channel with the worker's pid. It
-** exits when the control socket closes (the pool closed, or its owner
-** died).
+** exits when the control socket closes (the pool closed), or at once
+** when its owner dies.
+**
+** Each worker leads a process group of its own, with whatever it starts
+** (os.execute, io.popen, prefork.fork). When the owner dies (even by
+** kill -9) the kernel sends the worker PF_DEATHSIG (PR_SET_PDEATHSIG: the
+** worker's parent is the owner's thread that made the pool), and its
+** handler kills the whole group, however busy the worker is: spinning in
+** Lua or blocked in a system call. A job's daemon that must outlive it
+** leaves the group (setsid).
 */
 
 #include <errno.h>
@@ -32,6 +40,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <dirent.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
@@ -44,6 +53,10 @@
 #endif
 
 #define HEAD	9  /* length, kind, id */
+
+/* the signal a worker gets when its owner dies (a real-time one: no
+** job expects it, and valgrind leaves it alone) */
+#define PF_DEATHSIG	(SIGRTMIN + 4)
 #define PF_CHAN	"prefork.chan"
 #define PF_EPOLL	"prefork.epoll"
 
@@ -65,7 +78,7 @@ typedef struct chan {
 
 static chan *checkchan (lua_State *L, int idx) {
   chan *c = (chan *)luaL_checkudata(L, idx, PF_CHAN);
-  if (c->fd < 0) luaL_argerror(L, idx, "closed channel");
+  if (c->fd < 0) luaL_error(L, "attempt to use a closed channel");
   return c;
 }
 
@@ -96,6 +109,7 @@ static char *room (lua_State *L, buf *b, size_t n) {
 /* core.chan(fd | conn) -> a channel on fd, or on the connection's fd
 ** (taken over: the channel closes it; the connection is left closed) */
 static int l_chan (lua_State *L) {
+  static const int bufsize = 1 << 20;  /* a chunk of a map in one write */
   pf_conn *conn = (pf_conn *)luaL_testudata(L, 1, PF_CONN);
   int fd = conn ? conn->fd : (int)luaL_checkinteger(L, 1);
   chan *c;
@@ -109,6 +123,7 @@ static int l_chan (lua_State *L) {
     return pf_fail(L, "fcntl");
   if (conn) conn->fd = -1;
   c->fd = fd;
+  (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof(bufsize));
   return 1;
 }
 
@@ -162,52 +177,90 @@ static int l_pending (lua_State *L) {
 }
 
 
+/* read what the socket holds into the buffer, without blocking: 1 at
+** its end, 0 else; -1 (errno set) on an error */
+static int fill (lua_State *L, chan *c) {
+  buf *b = &c->in;
+  for (;;) {
+    size_t want = 65536;
+    char *p = room(L, b, want);
+    ssize_t n = read(c->fd, p, b->cap - b->w);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    if (n < 0 && errno != ECONNRESET) return -1;
+    if (n <= 0) return 1;
+    b->w += (size_t)n;
+    if ((size_t)n < want) return 0;  /* drained: spare the EAGAIN read */
+  }
+}
+
+
+/* the values of a frame's data (a light userdata and its length): the
+** protected part of hand */
+static int decodeframe (lua_State *L) {
+  const char *s = (const char *)lua_touserdata(L, 1);
+  size_t n = (size_t)lua_tointeger(L, 2);
+  lua_settop(L, 0);
+  return pf_decode(L, s, n);
+}
+
+
+/* call fn (at index 2) for the whole frame at h, then taken from b:
+** fn(kind, id, data), or for a kind in mask (its bit set) fn(kind, id,
+** true, values...) with the data decoded in place (no string made), or
+** fn(kind, id, false, message) when it is corrupt */
+static void hand (lua_State *L, buf *b, lua_Integer mask) {
+  const unsigned char *h = (const unsigned char *)b->p + b->r;
+  uint32_t len = pf_get32(h);
+  int kind = h[4], top = lua_gettop(L);
+  lua_pushvalue(L, 2);
+  lua_pushinteger(L, kind);
+  lua_pushinteger(L, (lua_Integer)pf_get32(h + 5));
+  if (kind < 63 && ((mask >> kind) & 1)) {
+    lua_pushboolean(L, 1);
+    lua_pushcfunction(L, decodeframe);
+    lua_pushlightuserdata(L, (void *)(uintptr_t)(h + HEAD));
+    lua_pushinteger(L, (lua_Integer)len - 5);
+    if (lua_pcall(L, 2, LUA_MULTRET, 0) != LUA_OK) {
+      lua_pushboolean(L, 0);
+      lua_replace(L, top + 4);
+    }
+  }
+  else
+    lua_pushlstring(L, (const char *)h + HEAD, len - 5);
+  b->r += 4 + (size_t)len;
+  lua_call(L, lua_gettop(L) - top - 1, 0);
+}
+
+
 /*
-** ch:recv(fn) -> true | nil, "closed" | nil, "corrupt message: ..." |
-** fail. Reads what is there without blocking and calls fn(kind, id,
-** data) for each whole frame (an error in fn goes through, the frame
+** ch:recv(fn [, mask]) -> true | nil, "closed" | nil, "corrupt message:
+** ..." | fail. Reads what is there without blocking and calls fn for
+** each whole frame (see hand; an error in fn goes through, the frame
 ** consumed). At the end of the stream the frames before it are handed
 ** over first; a partial frame there is "truncated".
 */
 static int l_recv (lua_State *L) {
   chan *c = checkchan(L, 1);
+  lua_Integer mask = luaL_optinteger(L, 3, 0);
   buf *b = &c->in;
-  int eof = 0;
+  int eof;
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  for (;;) {  /* read until the socket is empty */
-    size_t want = 65536;
-    char *p = room(L, b, want);
-    ssize_t n = read(c->fd, p, b->cap - b->w);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-    if (n < 0 && errno != ECONNRESET) return pf_fail(L, "read");
-    if (n <= 0) { eof = 1; break; }
-    b->w += (size_t)n;
-    if ((size_t)n < want) break;  /* drained: spare the EAGAIN read */
-  }
+  lua_settop(L, 3);
+  if ((eof = fill(L, c)) < 0) return pf_fail(L, "read");
   while (b->w - b->r >= HEAD) {
-    const unsigned char *h = (const unsigned char *)b->p + b->r;
-    uint32_t len = pf_get32(h);
+    uint32_t len = pf_get32((const unsigned char *)b->p + b->r);
     if (len < 5 || len - 5 > PF_MAXMSG) {
       luaL_pushfail(L);
       lua_pushfstring(L, "corrupt message: a frame of %I bytes",
                       (lua_Integer)len);
       return 2;
     }
-    if (b->w - b->r < 4 + (size_t)len)
-      break;
-    lua_pushvalue(L, 2);
-    lua_pushinteger(L, h[4]);
-    lua_pushinteger(L, (lua_Integer)pf_get32(h + 5));
-    lua_pushlstring(L, (const char *)h + HEAD, len - 5);
-    b->r += 4 + (size_t)len;
-    lua_call(L, 3, 0);
-    if (c->fd < 0) {  /* fn closed it */
-      lua_pushboolean(L, 1);
-      return 1;
-    }
+    if (b->w - b->r < 4 + (size_t)len) break;
+    hand(L, b, mask);
+    if (c->fd < 0) break;  /* fn closed it */
   }
-  if (eof) {
+  if (eof && c->fd >= 0) {
     luaL_pushfail(L);
     if (b->w > b->r) lua_pushliteral(L, "corrupt message: truncated");
     else lua_pushliteral(L, "closed");
@@ -218,17 +271,24 @@ static int l_recv (lua_State *L) {
 }
 
 
-/* ch:buffered() -> true when a whole frame (or a bad header) waits in
-** the read buffer: recv has something to hand over without reading */
+/* ch:buffered([k]) -> true when k whole frames (default 1), or a bad
+** header, wait in the read buffer: recv has them to hand over without
+** reading */
 static int l_buffered (lua_State *L) {
   chan *c = checkchan(L, 1);
+  lua_Integer k = luaL_optinteger(L, 2, 1);
   buf *b = &c->in;
-  int yes = 0;
-  if (b->w - b->r >= HEAD) {
-    uint32_t len = pf_get32((const unsigned char *)b->p + b->r);
-    yes = len < 5 || len - 5 > PF_MAXMSG || b->w - b->r >= 4 + (size_t)len;
+  size_t r = b->r;
+  while (k > 0 && b->w - r >= HEAD) {
+    uint32_t len = pf_get32((const unsigned char *)b->p + r);
+    if (len < 5 || len - 5 > PF_MAXMSG) break;  /* bad: recv says so */
+    if (b->w - r < 4 + (size_t)len) break;
+    r += 4 + (size_t)len;
+    k--;
   }
-  lua_pushboolean(L, yes);
+  lua_pushboolean(L, k <= 0 || (b->w - r >= HEAD
+                   && (pf_get32((const unsigned char *)b->p + r) < 5
+                       || pf_get32((const unsigned char *)b->p + r) - 5 > PF_MAXMSG)));
   return 1;
 }
 
@@ -265,7 +325,7 @@ typedef struct epset {
 
 static epset *checkep (lua_State *L) {
   epset *e = (epset *)luaL_checkudata(L, 1, PF_EPOLL);
-  if (e->ep < 0) luaL_argerror(L, 1, "closed epoll set");
+  if (e->ep < 0) luaL_error(L, "attempt to use a closed epoll set");
   return e;
 }
 
@@ -381,7 +441,8 @@ static int l_epclose (lua_State *L) {
 ** The template process
 ** ======================================================= */
 
-static int readall (int fd, void *p, size_t n) {
+/* read exactly n bytes (blocking): 1, 0 at EOF before them, -1 */
+static int readexact (int fd, void *p, size_t n) {
   char *s = (char *)p;
   while (n > 0) {
     ssize_t r = read(fd, s, n);
@@ -393,7 +454,8 @@ static int readall (int fd, void *p, size_t n) {
 }
 
 
-static int writeall (int fd, const void *p, size_t n) {
+/* send exactly n bytes (blocking, no SIGPIPE): 0, -1 */
+static int sendexact (int fd, const void *p, size_t n) {
   const char *s = (const char *)p;
   while (n > 0) {
     ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
@@ -433,21 +495,45 @@ static int recvworker (int sock, pid_t *pid, int *fd) {
 }
 
 
-/* in the template: make one worker, a child of the template's parent,
-** which runs main(fd) (the function on top of L's stack) and exits */
-static void spawn (lua_State *L, int ctl) {
+/* the owner died: the worker's group goes (the worker with it) */
+static void ownerdied (int sig) {
+  (void)sig;
+  kill(0, SIGKILL);
+  _exit(1);
+}
+
+
+/* in a new worker: a process group of its own, ended when the owner dies
+** (now or later) */
+static void guard (pid_t owner) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = ownerdied;
+  sigemptyset(&sa.sa_mask);
+  setpgid(0, 0);
+  sigaction(PF_DEATHSIG, &sa, NULL);
+  if (prctl(PR_SET_PDEATHSIG, PF_DEATHSIG) != 0 || getppid() != owner)
+    ownerdied(0);
+}
+
+
+/* in the template: make one worker, a child of the template's parent
+** (owner), which runs main(fd) (the function on top of L's stack) and
+** exits */
+static void spawn (lua_State *L, int ctl, pid_t owner) {
   int sv[2];
   pid_t pid;
   int32_t en;
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
     en = -(int32_t)errno;  /* a negative pid, no fd: what failed */
-    writeall(ctl, &en, 4);
+    sendexact(ctl, &en, 4);
     return;
   }
   fflush(NULL);
   pid = (pid_t)syscall(SYS_clone, CLONE_PARENT | SIGCHLD, NULL, NULL, NULL,
                        NULL);
   if (pid == 0) {
+    guard(owner);
     close(ctl);
     close(sv[0]);
     lua_pushvalue(L, -1);
@@ -456,7 +542,7 @@ static void spawn (lua_State *L, int ctl) {
   }
   en = -(int32_t)errno;
   close(sv[1]);
-  if (pid < 0) writeall(ctl, &en, 4);
+  if (pid < 0) sendexact(ctl, &en, 4);
   else if (sendworker(ctl, pid, sv[0]) != 0) kill(pid, SIGKILL);
   close(sv[0]);
 }
@@ -496,10 +582,12 @@ static void neutralise (int keep) {
 
 /* the template's life: setup, say how it went, then make workers on
 ** request until the control socket closes */
-static void PF_NORETURN templatelife (lua_State *L, int ctl) {
+static void PF_NORETURN templatelife (lua_State *L, int ctl, pid_t owner) {
   sigset_t none;
   char cmd;
   uint32_t len = 0;
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != owner)
+    pf_exit(1);  /* the owner is gone already */
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
   pf_settitle("prefork: pool template");
@@ -510,14 +598,14 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl) {
     const char *msg = lua_tolstring(L, -1, &n);
     if (msg == NULL) msg = "(no message)", n = strlen(msg);
     len = (uint32_t)n;
-    writeall(ctl, &len, 4);
-    writeall(ctl, msg, n);
+    sendexact(ctl, &len, 4);
+    sendexact(ctl, msg, n);
     pf_exit(1);
   }
-  writeall(ctl, &len, 4);
+  sendexact(ctl, &len, 4);
   lua_settop(L, 2);  /* main on top */
-  while (readall(ctl, &cmd, 1) == 1)
-    spawn(L, ctl);
+  while (readexact(ctl, &cmd, 1) == 1)
+    spawn(L, ctl, owner);
   pf_exit(0);
 }
 
@@ -530,7 +618,7 @@ static void PF_NORETURN templatelife (lua_State *L, int ctl) {
 */
 static int l_template (lua_State *L) {
   int sv[2];
-  pid_t pid;
+  pid_t pid, owner = getpid();
   uint32_t len;
   luaL_checktype(L, 1, LUA_TFUNCTION);
   luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -547,10 +635,10 @@ static int l_template (lua_State *L) {
   if (pid == 0) {
     close(sv[0]);
     pf_serve_forget();
-    templatelife(L, sv[1]);
+    templatelife(L, sv[1], owner);
   }
   close(sv[1]);
-  if (readall(sv[0], &len, 4) != 1) {
+  if (readexact(sv[0], &len, 4) != 1) {
     close(sv[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
@@ -559,7 +647,7 @@ static int l_template (lua_State *L) {
   }
   if (len > 0) {  /* its error message */
     char *msg = (char *)malloc(len);
-    int ok = msg != NULL && readall(sv[0], msg, len) == 1;
+    int ok = msg != NULL && readexact(sv[0], msg, len) == 1;
     close(sv[0]);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
     luaL_pushfail(L);
@@ -579,7 +667,7 @@ static int l_spawn (lua_State *L) {
   int ctl = (int)luaL_checkinteger(L, 1);
   pid_t pid = 0;
   int fd, r;
-  if (writeall(ctl, "s", 1) != 0) return pf_fail(L, "pool template");
+  if (sendexact(ctl, "s", 1) != 0) return pf_fail(L, "pool template");
   r = recvworker(ctl, &pid, &fd);
   if (r == 0) {
     luaL_pushfail(L);
@@ -594,10 +682,11 @@ static int l_spawn (lua_State *L) {
 }
 
 /*
-** core.pool_reap(pid, grace) -> "exit"|"signal", code | nil: the status
+** core.pool_reap(pid, grace) -> "exit"|"signal", code | fail: the status
 ** of a pool worker whose channel ended, waiting up to grace seconds
 ** (without yielding: the caller is in the middle of its bookkeeping),
-** then KILL. nil when it is not (or no longer) a child of ours.
+** then KILL. Fails ("wait: No child processes", ECHILD) when it is not,
+** or no longer, a child of ours.
 */
 static int l_reap (lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
@@ -608,10 +697,7 @@ static int l_reap (lua_State *L) {
     pid_t got = pf_takereaped(pid, &status);
     if (got == 0) got = waitpid(pid, &status, killed ? 0 : WNOHANG);
     if (got == pid) return pf_pushstatus(L, status);
-    if (got < 0 && errno != EINTR) {
-      luaL_pushfail(L);
-      return 1;
-    }
+    if (got < 0 && errno != EINTR) return pf_fail(L, "wait");
     if (got == 0 && pf_now() >= deadline && !killed) {
       kill(pid, SIGKILL);
       killed = 1;

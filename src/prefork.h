@@ -101,6 +101,7 @@ PF_API void pf_open_proc (lua_State *L);
 
 
 /* serial.c: the serialiser of Lua values */
+PF_API int pf_decode (lua_State *L, const char *s, size_t len);
 PF_API void pf_open_serial (lua_State *L);
 
 

@@ -6,6 +6,8 @@
 ** byte and its payload:
 **   NIL, FALSE, TRUE
 **   INT    8 bytes, little-endian two's complement (every integer exactly)
+**   SINT   a varint of the zigzag form of an integer of at most 56 bits
+**          (0, -1, 1, -2... as 0, 1, 2, 3...): most integers in 1 to 4
 **   FLT    8 bytes, the IEEE double's bits (NaN, infinities, -0.0 kept)
 **   STR    a length (varint), the bytes
 **   TAB    the table's key/value pairs, each a value, then END; a table
@@ -29,7 +31,8 @@
 
 #define MAGIC	0x50  /* 'P' */
 
-enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_FLT, T_STR, T_TAB, T_REF, T_END };
+enum { T_NIL, T_FALSE, T_TRUE, T_INT, T_FLT, T_STR, T_TAB, T_REF, T_END,
+       T_SINT };
 
 
 /* {======================================================
@@ -55,7 +58,8 @@ static int obuf_gc (lua_State *L) {
 }
 
 
-static void put (lua_State *L, obuf *b, const void *s, size_t n) {
+/* room for n more bytes at the end of b */
+static unsigned char *reserve (lua_State *L, obuf *b, size_t n) {
   if (b->cap - b->n < n) {
     size_t cap = b->cap ? b->cap : 256;
     char *np;
@@ -64,181 +68,174 @@ static void put (lua_State *L, obuf *b, const void *s, size_t n) {
       cap *= 2;
     }
     np = (char *)realloc(b->p, cap);
-    if (np == NULL) luaL_error(L, "encode: not enough memory");
+    if (np == NULL) luaL_error(L, "not enough memory");
     b->p = np;
     b->cap = cap;
   }
-  memcpy(b->p + b->n, s, n);
+  return (unsigned char *)b->p + b->n;
+}
+
+
+static void put (lua_State *L, obuf *b, const void *s, size_t n) {
+  memcpy(reserve(L, b, n), s, n);
   b->n += n;
 }
 
 
-static void putbyte (lua_State *L, obuf *b, int c) {
-  unsigned char u = (unsigned char)c;
-  put(L, b, &u, 1);
-}
-
-
-static void putvarint (lua_State *L, obuf *b, size_t v) {
-  unsigned char tmp[10];
-  int n = 0;
+/* the varint v into tmp; its length */
+static size_t varint (unsigned char *tmp, size_t v) {
+  size_t k = 0;
   do {
-    tmp[n++] = (unsigned char)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+    tmp[k++] = (unsigned char)((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
     v >>= 7;
   } while (v > 0);
-  put(L, b, tmp, (size_t)n);
+  return k;
 }
 
 
-static void put64 (lua_State *L, obuf *b, unsigned long long v) {
-  unsigned char tmp[8];
+/* a new output buffer on top of the stack, with the head of a message
+** of n values */
+static obuf *newobuf (lua_State *L, size_t n) {
+  unsigned char h[11];
+  obuf *b = (obuf *)lua_newuserdatauv(L, sizeof(obuf), 0);
+  memset(b, 0, sizeof(*b));
+  luaL_setmetatable(L, OBUF);
+  h[0] = MAGIC;
+  put(L, b, h, 1 + varint(h + 1, n));
+  return b;
+}
+
+
+/*
+** The encoding of the value at idx when it is flat (nil, a boolean, a
+** number, a string): its head (the tag, the number or the string's
+** length) into h, with its length returned, and a string's bytes in *s,
+** *n. 0 for a value that is not flat.
+*/
+static size_t flathead (lua_State *L, int idx, unsigned char *h,
+                        const char **s, size_t *n) {
+  unsigned long long x;
   int i;
-  for (i = 0; i < 8; i++) tmp[i] = (unsigned char)(v >> (8 * i));
-  put(L, b, tmp, 8);
-}
-
-
-/* encode the value at idx; seen (at index seen) maps tables to numbers */
-static void encode (lua_State *L, obuf *b, int idx, int seen, int depth) {
+  *n = 0;
   switch (lua_type(L, idx)) {
-    case LUA_TNIL: putbyte(L, b, T_NIL); break;
-    case LUA_TBOOLEAN:
-      putbyte(L, b, lua_toboolean(L, idx) ? T_TRUE : T_FALSE);
-      break;
+    case LUA_TNIL: h[0] = T_NIL; return 1;
+    case LUA_TBOOLEAN: h[0] = lua_toboolean(L, idx) ? T_TRUE : T_FALSE; return 1;
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) {
-        putbyte(L, b, T_INT);
-        put64(L, b, (unsigned long long)lua_tointeger(L, idx));
+        lua_Integer v = lua_tointeger(L, idx);
+        x = ((unsigned long long)v << 1) ^ (v < 0 ? ~0ull : 0);  /* zigzag */
+        if (x < (1ull << 56)) {
+          h[0] = T_SINT;
+          return 1 + varint(h + 1, (size_t)x);
+        }
+        h[0] = T_INT;
+        x = (unsigned long long)v;
       }
       else {
         double d = (double)lua_tonumber(L, idx);
-        unsigned long long u;
-        memcpy(&u, &d, 8);
-        putbyte(L, b, T_FLT);
-        put64(L, b, u);
+        memcpy(&x, &d, 8);
+        h[0] = T_FLT;
       }
-      break;
-    case LUA_TSTRING: {
-      size_t n;
-      const char *s = lua_tolstring(L, idx, &n);
-      putbyte(L, b, T_STR);
-      putvarint(L, b, n);
-      put(L, b, s, n);
-      break;
-    }
-    case LUA_TTABLE: {
-      lua_Integer id;
-      lua_pushvalue(L, idx);
-      if (lua_rawget(L, seen) != LUA_TNIL) {
-        putbyte(L, b, T_REF);  /* seen before: a reference */
-        putvarint(L, b, (size_t)lua_tointeger(L, -1));
-        lua_pop(L, 1);
-        break;
-      }
-      lua_pop(L, 1);
-      if (depth >= PF_MAXDEPTH)
-        luaL_error(L, "encode: tables nested deeper than %d", PF_MAXDEPTH);
-      luaL_checkstack(L, 6, "encode: nesting too deep");
-      id = (lua_Integer)luaL_len(L, seen) + 1;
-      lua_pushvalue(L, idx);
-      lua_pushinteger(L, id);
-      lua_rawset(L, seen);  /* table -> its number */
-      lua_pushvalue(L, idx);
-      lua_rawseti(L, seen, id);  /* and the count grows */
-      putbyte(L, b, T_TAB);
-      lua_pushnil(L);
-      while (lua_next(L, idx) != 0) {
-        int top = lua_gettop(L);
-        encode(L, b, top - 1, seen, depth + 1);
-        encode(L, b, top, seen, depth + 1);
-        lua_pop(L, 1);
-      }
-      putbyte(L, b, T_END);
-      break;
-    }
-    default:
-      luaL_error(L, "encode: cannot send a %s", luaL_typename(L, idx));
+      for (i = 0; i < 8; i++) h[1 + i] = (unsigned char)(x >> (8 * i));
+      return 9;
+    case LUA_TSTRING:
+      *s = lua_tolstring(L, idx, n);
+      h[0] = T_STR;
+      return 1 + varint(h + 1, *n);
+    default: return 0;
   }
 }
 
 
-/* the fast way for values that cannot fail (no table, no function...):
-** a luaL_Buffer, with no userdata and no table of seen tables */
-static int encodeflat (lua_State *L, int n) {
-  luaL_Buffer b;
-  int i;
-  unsigned char v[10];
-  size_t k = 0, u = (size_t)n;
-  luaL_buffinit(L, &b);
-  luaL_addchar(&b, MAGIC);
-  do {  /* the count, as putvarint writes it */
-    v[k++] = (unsigned char)((u & 0x7f) | (u > 0x7f ? 0x80 : 0));
-    u >>= 7;
-  } while (u > 0);
-  luaL_addlstring(&b, (const char *)v, k);
-  for (i = 1; i <= n; i++) {
-    switch (lua_type(L, i)) {
-      case LUA_TNIL: luaL_addchar(&b, T_NIL); break;
-      case LUA_TBOOLEAN:
-        luaL_addchar(&b, lua_toboolean(L, i) ? T_TRUE : T_FALSE);
-        break;
-      case LUA_TNUMBER: {
-        unsigned long long x;
-        int j;
-        if (lua_isinteger(L, i)) {
-          luaL_addchar(&b, T_INT);
-          x = (unsigned long long)lua_tointeger(L, i);
-        }
-        else {
-          double d = (double)lua_tonumber(L, i);
-          memcpy(&x, &d, 8);
-          luaL_addchar(&b, T_FLT);
-        }
-        for (j = 0; j < 8; j++) v[j] = (unsigned char)(x >> (8 * j));
-        luaL_addlstring(&b, (const char *)v, 8);
-        break;
-      }
-      default: {  /* a string */
-        size_t len;
-        const char *str = lua_tolstring(L, i, &len);
-        luaL_addchar(&b, T_STR);
-        k = 0; u = len;
-        do {
-          v[k++] = (unsigned char)((u & 0x7f) | (u > 0x7f ? 0x80 : 0));
-          u >>= 7;
-        } while (u > 0);
-        luaL_addlstring(&b, (const char *)v, k);
-        luaL_addlstring(&b, str, len);
-        break;
-      }
-    }
+static void encodetable (lua_State *L, obuf *b, int idx, int seen, int depth);
+
+/* encode the value at idx; seen (at index seen) maps tables to numbers */
+static void encode (lua_State *L, obuf *b, int idx, int seen, int depth) {
+  const char *s;
+  size_t n, k = flathead(L, idx, reserve(L, b, 11), &s, &n);
+  if (k > 0) {
+    b->n += k;
+    if (n > 0) put(L, b, s, n);
   }
-  luaL_pushresult(&b);
+  else if (lua_type(L, idx) == LUA_TTABLE)
+    encodetable(L, b, idx, seen, depth);
+  else
+    luaL_error(L, "encode: cannot send a %s", luaL_typename(L, idx));
+}
+
+
+/* encode the table at idx: a reference when seen before */
+static void encodetable (lua_State *L, obuf *b, int idx, int seen, int depth) {
+  unsigned char h[11];
+  lua_Integer id;
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, seen) != LUA_TNIL) {  /* seen before: a reference */
+    h[0] = T_REF;
+    put(L, b, h, 1 + varint(h + 1, (size_t)lua_tointeger(L, -1)));
+    lua_pop(L, 1);
+    return;
+  }
+  lua_pop(L, 1);
+  if (depth >= PF_MAXDEPTH)
+    luaL_error(L, "encode: tables nested deeper than %d", PF_MAXDEPTH);
+  luaL_checkstack(L, 6, "encode: nesting too deep");
+  id = (lua_Integer)luaL_len(L, seen) + 1;
+  lua_pushvalue(L, idx);
+  lua_pushinteger(L, id);
+  lua_rawset(L, seen);  /* table -> its number */
+  lua_pushvalue(L, idx);
+  lua_rawseti(L, seen, id);  /* and the count grows */
+  h[0] = T_TAB;
+  put(L, b, h, 1);
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    int top = lua_gettop(L);
+    encode(L, b, top - 1, seen, depth + 1);
+    encode(L, b, top, seen, depth + 1);
+    lua_pop(L, 1);
+  }
+  h[0] = T_END;
+  put(L, b, h, 1);
+}
+
+
+/* the n values from stack index base on, encoded, pushed; the fast way
+** for flat values (a luaL_Buffer: no userdata, no table of seen tables),
+** else an obuf */
+static int encodevalues (lua_State *L, int base, int n) {
+  unsigned char h[11];
+  const char *s;
+  size_t len;
+  luaL_Buffer b;
+  int i, seen;
+  obuf *ob;
+  for (i = base; i < base + n; i++)
+    if (lua_type(L, i) > LUA_TSTRING || lua_type(L, i) == LUA_TLIGHTUSERDATA)
+      break;
+  if (i == base + n) {
+    luaL_buffinit(L, &b);
+    h[0] = MAGIC;
+    luaL_addlstring(&b, (const char *)h, 1 + varint(h + 1, (size_t)n));
+    for (i = base; i < base + n; i++) {
+      luaL_addlstring(&b, (const char *)h, flathead(L, i, h, &s, &len));
+      if (len > 0) luaL_addlstring(&b, s, len);
+    }
+    luaL_pushresult(&b);
+    return 1;
+  }
+  ob = newobuf(L, (size_t)n);
+  lua_newtable(L);  /* seen: table -> number, and number -> table */
+  seen = lua_gettop(L);
+  for (i = base; i < base + n; i++)
+    encode(L, ob, i, seen, 0);
+  lua_pushlstring(L, ob->p, ob->n);
   return 1;
 }
 
 
 /* prefork.encode(...) -> string */
 static int l_encode (lua_State *L) {
-  int n = lua_gettop(L), i, seen;
-  obuf *b;
-  for (i = 1; i <= n; i++) {
-    int t = lua_type(L, i);
-    if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER
-        && t != LUA_TSTRING) break;
-  }
-  if (i > n) return encodeflat(L, n);
-  b = (obuf *)lua_newuserdatauv(L, sizeof(obuf), 0);
-  memset(b, 0, sizeof(*b));
-  luaL_setmetatable(L, OBUF);
-  lua_newtable(L);  /* seen: table -> number, and number -> table */
-  seen = lua_gettop(L);
-  putbyte(L, b, MAGIC);
-  putvarint(L, b, (size_t)n);
-  for (i = 1; i <= n; i++)
-    encode(L, b, i, seen, 0);
-  lua_pushlstring(L, b->p, b->n);
-  return 1;
+  return encodevalues(L, 1, lua_gettop(L));
 }
 
 
@@ -246,8 +243,40 @@ static int l_encode (lua_State *L) {
 ** pool call's callback) */
 static int l_encodeargs (lua_State *L) {
   int n = lua_gettop(L);
-  if (n > 0 && lua_type(L, n) == LUA_TFUNCTION) lua_settop(L, n - 1);
-  return l_encode(L);
+  if (n > 0 && lua_type(L, n) == LUA_TFUNCTION) n--;
+  return encodevalues(L, 1, n);
+}
+
+
+/*
+** core.encodelist(t, i, j [, max]) -> string, k: encode(t[i], ..., t[k])
+** in one call (a chunk of a pool's map), where k is j, or the first index
+** whose value brings the string to max bytes or more (at least one value).
+** The head goes in last, right-aligned in the room kept for it.
+*/
+static int l_encodelist (lua_State *L) {
+  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3), k;
+  size_t max = (size_t)luaL_optinteger(L, 4, LUA_MAXINTEGER), hn;
+  unsigned char h[11];
+  obuf *b;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_argcheck(L, i >= 1 && j >= i - 1 && j - i < (1 << 30), 3,
+                "a range of the list expected");
+  lua_settop(L, 4);
+  b = newobuf(L, 0);
+  b->n = sizeof(h);  /* room for the head */
+  lua_newtable(L);  /* seen */
+  for (k = i; k <= j && (k == i || b->n - sizeof(h) < max); k++) {
+    lua_geti(L, 1, k);
+    encode(L, b, 7, 6, 0);
+    lua_pop(L, 1);
+  }
+  h[0] = MAGIC;
+  hn = 1 + varint(h + 1, (size_t)(k - i));
+  memcpy(b->p + sizeof(h) - hn, h, hn);
+  lua_pushlstring(L, b->p + sizeof(h) - hn, b->n - sizeof(h) + hn);
+  lua_pushinteger(L, k - 1);
+  return 2;
 }
 
 /* }====================================================== */
@@ -300,7 +329,6 @@ static unsigned long long get64 (lua_State *L, ibuf *in) {
 /* push the next value; 0 when the tag was END (nothing pushed) */
 static int decode (lua_State *L, ibuf *in, int depth) {
   int tag = getbyte(L, in);
-  luaL_checkstack(L, 4, "decode: nesting too deep");
   switch (tag) {
     case T_NIL: lua_pushnil(L); return 1;
     case T_FALSE: lua_pushboolean(L, 0); return 1;
@@ -308,6 +336,11 @@ static int decode (lua_State *L, ibuf *in, int depth) {
     case T_INT:
       lua_pushinteger(L, (lua_Integer)get64(L, in));
       return 1;
+    case T_SINT: {
+      unsigned long long x = getvarint(L, in);
+      lua_pushinteger(L, (lua_Integer)((x >> 1) ^ (0ull - (x & 1))));
+      return 1;
+    }
     case T_FLT: {
       unsigned long long u = get64(L, in);
       double d;
@@ -332,6 +365,7 @@ static int decode (lua_State *L, ibuf *in, int depth) {
     case T_TAB: {
       int t;
       if (depth >= PF_MAXDEPTH) corrupt(L, "tables nested too deep");
+      luaL_checkstack(L, 4, "decode: nesting too deep");
       lua_newtable(L);
       t = lua_gettop(L);
       lua_pushvalue(L, t);
@@ -355,24 +389,76 @@ static int decode (lua_State *L, ibuf *in, int depth) {
 }
 
 
-/* prefork.decode(s) -> the values prefork.encode was given */
-static int l_decode (lua_State *L) {
-  size_t len, n, i;
-  const char *s = luaL_checklstring(L, 1, &len);
-  ibuf in;
-  in.p = (const unsigned char *)s;
-  in.end = in.p + len;
-  lua_settop(L, 1);
+/* the head of the message s: the count of its values, the reader at the
+** first one; the table of decoded tables pushed */
+static size_t decodehead (lua_State *L, ibuf *in, const char *s, size_t len) {
+  size_t n;
+  in->p = (const unsigned char *)s;
+  in->end = in->p + len;
   lua_newtable(L);
-  in.tables = 2;
-  if (getbyte(L, &in) != MAGIC) corrupt(L, "not an encoded message");
-  n = getvarint(L, &in);
+  in->tables = lua_gettop(L);
+  if (getbyte(L, in) != MAGIC) corrupt(L, "not an encoded message");
+  n = getvarint(L, in);
   if (n > len) corrupt(L, "more values than bytes");
+  return n;
+}
+
+
+/* the values of the message s[0, len) pushed (over a table of decoded
+** tables); their count. Raises "corrupt message: ..." */
+int pf_decode (lua_State *L, const char *s, size_t len) {
+  size_t n, i;
+  ibuf in;
+  n = decodehead(L, &in, s, len);
   luaL_checkstack(L, (int)(n < 1000000 ? n : 1000000) + 8, "decode: too many values");
   for (i = 0; i < n; i++)
     if (!decode(L, &in, 0)) corrupt(L, "an end outside a table");
   if (in.p != in.end) corrupt(L, "bytes after the last value");
   return (int)n;
+}
+
+
+/* prefork.decode(s) -> the values prefork.encode was given */
+static int l_decode (lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_settop(L, 1);
+  return pf_decode(L, s, len);
+}
+
+
+/* core.decodeinto(s, t, offset) -> n, t: the n values of s decoded into
+** t[offset + 1 .. offset + n] (raw), in one call (a chunk of a pool's
+** map); t nil: into a new list */
+static int l_decodeinto (lua_State *L) {
+  size_t len, n, i;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_Integer off = luaL_checkinteger(L, 3);
+  ibuf in;
+  if (lua_isnil(L, 2)) lua_pushnil(L);  /* made below, once n is known */
+  else luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 3);
+  n = decodehead(L, &in, s, len);
+  if (lua_isnil(L, 2)) {
+    lua_createtable(L, n < (1u << 24) ? (int)n : 0, 0);
+    lua_replace(L, 2);
+  }
+  for (i = 0; i < n; i++) {
+    if (!decode(L, &in, 0)) corrupt(L, "an end outside a table");
+    lua_rawseti(L, 2, off + (lua_Integer)i + 1);
+  }
+  if (in.p != in.end) corrupt(L, "bytes after the last value");
+  lua_pushinteger(L, (lua_Integer)n);
+  lua_pushvalue(L, 2);
+  return 2;
+}
+
+
+/* core.newlist(n) -> a table with room for n items in its list part */
+static int l_newlist (lua_State *L) {
+  lua_Integer n = luaL_checkinteger(L, 1);
+  lua_createtable(L, n > 0 && n < (1 << 24) ? (int)n : 0, 0);
+  return 1;
 }
 
 /* }====================================================== */
@@ -382,7 +468,10 @@ void pf_open_serial (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"encode", l_encode},
     {"encodeargs", l_encodeargs},
+    {"encodelist", l_encodelist},
     {"decode", l_decode},
+    {"decodeinto", l_decodeinto},
+    {"newlist", l_newlist},
     {NULL, NULL}
   };
   luaL_newmetatable(L, OBUF);

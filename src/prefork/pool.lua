@@ -13,14 +13,27 @@
 local core = require "prefork.core"
 
 local encode, decode, encodeargs = core.encode, core.decode, core.encodeargs
+local encodelist, decodeinto, newlist = core.encodelist, core.decodeinto, core.newlist
 local wait_fd, now = core.wait_fd, core.now
 local pack, unpack = table.pack, table.unpack
 local select, type, pcall, error = select, type, pcall, error
 
 -- frame kinds
-local CALL, OK, ERR, EVENT, RETIRE, FAIL = 1, 2, 3, 4, 5, 6
+local CALL, OK, ERR, EVENT, RETIRE, FAIL, ERRV = 1, 2, 3, 4, 5, 6, 7
+local CHUNK, CHUNKOK, ITEMERR = 8, 9, 10  -- a map's chunk, its results, an item's error
+-- added to a call's kind: answers waiting go out before it runs (its
+-- time limit counts from the answer before it)
+local FLUSHFIRST = 32
+-- the frames ch:recv decodes in place, with the built-in serialiser: the
+-- answers the owner reads, the calls a worker reads
+local OKMASK = 1 << OK
+local CALLMASK = (1 << CALL) | (1 << (CALL + FLUSHFIRST))
 
 local MAXMSG = core.pool_maxmsg
+
+-- a worker's answers wait to go out with the next ones while at least
+-- BATCH calls wait for it, FLUSHGAP seconds at most
+local BATCH, FLUSHGAP = 8, 0.0001
 
 
 -- {======================================================
@@ -52,9 +65,60 @@ local function resolve (name, what)
 end
 
 
+--- An error value as a frame: ERR with a string, ERRV with another value
+-- that can travel (error values go by the built-in serialiser).
+local function errframe (err)
+  if type(err) == "string" then return ERR, err end
+  local ok, s = pcall(encode, err)
+  if ok and #s <= MAXMSG then return ERRV, s end
+  return ERR, ("an error value that cannot be sent (%s): %s"):format(
+    ok and "too large" or tostring(s), tostring(err))
+end
+
+
+--- How a chunk of a map travels: enchunk(t, i, j [, max]) encodes t[i..k]
+-- and returns it and k (j, or less where max bytes were reached);
+-- dechunk(s, t, off) decodes into t[off + 1 ..] (t nil: a new list) and
+-- returns the count and t. The built-in serialiser does each in one C
+-- call; another one takes t[i..j].
+local function chunkcodec (ser)
+  if not ser then return encodelist, decodeinto end
+  return function (t, i, j) return ser.encode(unpack(t, i, j)), j end,
+    function (s, t, off)
+      local r = pack(ser.decode(s))
+      t = t or {}
+      for k = 1, r.n do t[off + k] = r[k] end
+      return r.n, t
+    end
+end
+
+
+--- Run job(done) in a coroutine of its own (an async worker); after(true,
+-- values) once done is called, or after(false, err) if it raised first.
+local function spawnjob (job, after)
+  core.go(function ()
+    local called = false
+    local function done (...)
+      if called then error("done called twice", 2) end
+      called = true
+      after(true, ...)
+    end
+    local good, err = pcall(job, done)
+    if good then return end
+    if called then
+      core.log("error", "pool worker: after done: " .. tostring(err))
+    else
+      called = true
+      after(false, err)
+    end
+  end)
+end
+
+
 local function workermain (opts, fd)
   local ser = opts.serialiser
   local enc, dec = ser and ser.encode or encode, ser and ser.decode or decode
+  local enchunk, dechunk = chunkcodec(ser)
   local w = {ch = assert(core.chan(fd)), fd = fd, enc = enc}
   inworker = w
   local ch = w.ch
@@ -70,48 +134,64 @@ local function workermain (opts, fd)
     core.exit(1)
   end
 
-  local function answer (id, good, ...)
-    if good then
-      local eok, s = pcall(enc, ...)
-      if not eok then
-        ch:send(ERR, id, "cannot send the results: " .. tostring(s))
-      elseif #s > MAXMSG then
-        ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
-      else
-        ch:send(OK, id, s)
-      end
-    else
-      ch:send(ERR, id, tostring((...)))
-    end
+  local function retiring ()
     if w.retire and not w.retired then
       w.retired = true
       ch:send(RETIRE, 0)
     end
   end
 
+  -- the results of call id, as the encoder's pcall gave them (eok, s), in
+  -- a frame of kind
+  local function results (kind, id, eok, s)
+    if not eok then
+      ch:send(ERR, id, "cannot send the results: " .. tostring(s))
+    elseif #s > MAXMSG then
+      ch:send(ERR, id, "results too large (" .. #s .. " bytes)")
+    else
+      ch:send(kind, id, s)
+    end
+    retiring()
+  end
+
+  local function answer (id, good, ...)
+    if good then return results(OK, id, pcall(enc, ...)) end
+    local kind, s = errframe((...))
+    ch:send(kind, id, s)
+    retiring()
+  end
+
+  -- a chunk's item k failed with err: said before the chunk's results
+  local function itemfailed (id, k, err)
+    local kind, s = errframe(err)
+    ch:send(ITEMERR, id, encode(k, kind == ERRV and decode(s) or s))
+  end
+
+  -- a chunk's results res[1..n]
+  local function chunkdone (id, res, n)
+    results(CHUNKOK, id, pcall(enchunk, res, 1, n))
+  end
+
   local handle
   if opts.async then
     handle = function (kind, id, data)
-      if kind ~= CALL then core.exit(3) end
-      core.go(function ()
-        local called = false
-        local function done (...)
-          if called then error("done called twice", 2) end
-          called = true
-          answer(id, true, ...)
-          flushall(w)
-        end
-        local good, err = pcall(function () return fn(done, dec(data)) end)
-        if not good then
-          if called then
-            core.log("error", "pool worker: after done: " .. tostring(err))
-          else
-            called = true
-            answer(id, false, err)
-            flushall(w)
-          end
-        end
-      end)
+      if kind > FLUSHFIRST then kind = kind - FLUSHFIRST end  -- (flushed each)
+      if kind == CALL then
+        spawnjob(function (done) return fn(done, dec(data)) end,
+                 function (...) answer(id, ...) flushall(w) end)
+        return
+      elseif kind ~= CHUNK then core.exit(3) end
+      local n, items = dechunk(data, nil, 0)
+      local res, left = newlist(n), n
+      if n == 0 then chunkdone(id, res, 0) return end
+      for k = 1, n do
+        spawnjob(function (done) return fn(done, items[k]) end,
+                 function (good, r)
+                   if good then res[k] = r else itemfailed(id, k, r) end
+                   left = left - 1
+                   if left == 0 then chunkdone(id, res, n) flushall(w) end
+                 end)
+      end
     end
     core.run(function ()
       while true do
@@ -122,14 +202,55 @@ local function workermain (opts, fd)
     end)
   else
     local function run (data) return fn(dec(data)) end
-    handle = function (kind, id, data)
-      if kind ~= CALL then core.exit(3) end
-      answer(id, pcall(run, data))
-      flushall(w)  -- at once: the next call may take long
+    local items, res, from, to, cap = nil, nil, 1, 0, -1  -- kept for each chunk
+    local flushed = now()  -- when answers last went out
+    local function loop ()  -- from: the item running, when one raises
+      for k = from, to do
+        from = k
+        res[k] = fn(items[k])
+      end
+    end
+    handle = function (kind, id, data, ...)
+      if kind > FLUSHFIRST then
+        flushall(w)
+        kind = kind - FLUSHFIRST
+      end
+      if kind == CALL then  -- data: the string, or (built-in) whether it decoded
+        if ser then answer(id, pcall(run, data))
+        elseif data then answer(id, pcall(fn, ...))
+        else answer(id, false, (...)) end
+      elseif kind == CHUNK then
+        to, items = dechunk(data, items, 0)  -- (nil at first: a new list)
+        if to > cap then res, cap = newlist(to), to end
+        from = 1
+        while true do
+          local good, err = pcall(loop)
+          if good then break end
+          res[from] = nil
+          itemfailed(id, from, err)
+          from = from + 1
+        end
+        chunkdone(id, res, to)
+      else
+        core.exit(3)
+      end
+      -- answers go out at once (the next call may take long), but in one
+      -- write for several when the owner keeps this worker busy (BATCH
+      -- calls wait here), at most FLUSHGAP seconds late
+      if not ch:buffered(BATCH) then
+        flushall(w)
+      else
+        local t = now()
+        if t - flushed >= FLUSHGAP then
+          flushall(w)
+          flushed = t
+        end
+      end
     end
     while true do
-      if not ch:recv(handle) then break end
+      if not ch:recv(handle, not ser and CALLMASK or 0) then break end
       flushall(w)
+      flushed = now()
       wait_fd(fd, "r")
     end
   end
@@ -157,7 +278,7 @@ local function cause (how, code)
   if how == "signal" then
     return "killed by signal " .. code .. " (" .. (core.signame(code) or "?") .. ")"
   end
-  return "no status"
+  return code or "no status"  -- why its status is not to be had
 end
 
 
@@ -185,16 +306,29 @@ local function deliver (self, cb, good, ...)
 end
 
 
+--- The call id of w answered: out of w's books; the worker's next call
+-- starts now.
+local function answered (self, w, id)
+  local calls, fifo = w.calls, w.fifo
+  calls[id] = nil
+  w.sent[id], w.tmo[id], w.kind[id] = nil, nil, nil
+  local h = w.fh
+  while h <= w.ft and calls[fifo[h]] == nil do fifo[h] = nil h = h + 1 end
+  w.fh = h
+  local n = w.inflight - 1
+  w.inflight = n
+  self.outstanding = self.outstanding - 1
+  if n == 0 then w.idle = self.clock else w.hstart = self.clock end
+end
+
+
 local function settle (self, w, id, good, ...)
   local cb = w.calls[id]
   if cb == nil then
     w.corrupt = "corrupt message: an answer for no call"
     return
   end
-  w.calls[id] = nil
-  w.inflight = w.inflight - 1
-  self.outstanding = self.outstanding - 1
-  if w.inflight == 0 then w.idle = now() end
+  answered(self, w, id)
   deliver(self, cb, good, ...)
 end
 
@@ -212,35 +346,113 @@ local function removeworker (self, w)
 end
 
 
+--- Take the call at the head of the queue q: data, cb, tmo, kind.
+local function unqueue (q)
+  local h = q.head
+  local data, cb, tmo, kind = q.data[h], q.cb[h], q.tmo[h], q.kind[h]
+  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h], q.lim[h] = nil, nil, nil, nil, nil, nil
+  q.head = h + 1
+  return data, cb, tmo, kind
+end
+
+
 --- Fail every call that waits in the queue.
 local function failqueue (self, msg)
   local q = self.queue
   while q.head <= q.tail do
-    local h = q.head
-    local cb = q.cb[h]
-    q.data[h], q.cb[h], q.t[h] = nil, nil, nil
-    q.head = h + 1
+    local _, cb = unqueue(q)
     self.outstanding = self.outstanding - 1
     deliver(self, cb, false, msg)
   end
 end
 
 
---- A worker's channel ended (it died, or broke the protocol): its calls
--- fail with the cause. Never yields: the bookkeeping stays whole.
-local function lost (self, w, why)
+--- Put a call back at the head of the queue.
+local function pushfront (self, data, cb, tmo, kind)
+  local q = self.queue
+  local h = q.head - 1
+  q.head = h
+  q.data[h], q.cb[h], q.t[h], q.tmo[h], q.kind[h] = data, cb, 0, tmo, kind
+end
+
+
+--- w is gone: its calls leave its books. The one it was running (the
+-- first, unless `idle`) fails with msg, as does every call of an async
+-- worker (they all ran); the calls a sync worker had not started go back
+-- to the queue, in their order.
+local function unwind (self, w, msg, idle)
+  local calls, fifo = w.calls, w.fifo
+  for i = w.ft, w.fh, -1 do
+    local id = fifo[i]
+    local cb = calls[id]
+    if cb then
+      calls[id] = nil
+      w.inflight = w.inflight - 1
+      self.outstanding = self.outstanding - 1
+      if (i == w.fh and not idle) or w.async then
+        deliver(self, cb, false, msg)
+      else
+        self.outstanding = self.outstanding + 1  -- queued again
+        pushfront(self, w.sent[id], cb, w.tmo[id], w.kind[id])
+      end
+    end
+  end
+  w.fh, w.ft, w.fifo = 1, 0, {}
+end
+
+
+--- A worker's channel ended (it died, or broke the protocol): the call
+-- it ran fails with the cause. Never yields: the bookkeeping stays whole.
+local function lost (self, w, why, idle)
   if w.dead then return end
   removeworker(self, w)
   local how, code = core.pool_reap(w.pid, 1)
   if w.inflight > 0 then
-    local msg = ("pool worker %d died during the call (%s)"):format(w.pid,
-      why or cause(how, code))
-    local calls = w.calls
-    for id, cb in pairs(calls) do
-      calls[id] = nil
-      w.inflight = w.inflight - 1
-      self.outstanding = self.outstanding - 1
-      deliver(self, cb, false, msg)
+    unwind(self, w, ("pool worker %d died during the call (%s)"):format(
+      w.pid, why or cause(how, code)), idle)
+  end
+end
+
+
+--- Kill w and what it started (its process group).
+local function killworker (w)
+  core.kill(-w.pid, "KILL")
+  core.kill(w.pid, "KILL")
+end
+
+
+--- The time w's running call must end by (math.huge: no limit); for an
+-- async worker, the first of its calls' limits.
+local function deadline (w)
+  if w.inflight == 0 then return math.huge end
+  if not w.async then
+    local tmo = w.tmo[w.fifo[w.fh]]
+    return tmo and w.hstart + tmo or math.huge
+  end
+  local due = math.huge
+  for id, t in pairs(w.tmo) do due = math.min(due, w.dl[id] + t) end
+  return due
+end
+
+
+--- Kill the workers whose call ran past its timeout: that call fails,
+-- the calls queued behind it go to other workers.
+local function expire (self)
+  local t = now()
+  for i = #self.procs, 1, -1 do
+    local w = self.procs[i]
+    if deadline(w) <= t then
+      local id = w.fifo[w.fh]
+      if w.async then  -- the call past its limit
+        for k, tmo in pairs(w.tmo) do
+          if w.dl[k] + tmo <= t then id = k break end
+        end
+      end
+      local cb, tmo = w.calls[id], w.tmo[id]
+      killworker(w)
+      answered(self, w, id)
+      lost(self, w, "killed: a call beside it timed out", true)
+      deliver(self, cb, false, ("timeout after %g s"):format(tmo))
     end
   end
 end
@@ -254,39 +466,52 @@ local function stopworker (self, w)
 end
 
 
--- an answer's values decoded and handed to its callback, in one pcall;
--- `decoding` tells a decoder's error from the callback's
+-- an answer's values decoded by a custom serialiser and handed to its
+-- callback, in one pcall; `decoding` tells a decoder's error from the
+-- callback's
 local decoding = false
 local function decoded (...) decoding = false return ... end
 local function okcall (cb, dec, data) decoding = true return cb(true, decoded(dec(data))) end
 
+local function okcustom (self, cb, data)
+  local good, err = pcall(okcall, cb, self.decode, data)
+  if not good then
+    if decoding then
+      decoding = false
+      deliver(self, cb, false, err)
+    elseif not self.cberr then
+      self.cberr = err
+    end
+  end
+end
 
---- The function that takes w's frames (ch:recv calls it for each).
+
+--- The function that takes w's frames (ch:recv calls it for each; an
+-- answer comes decoded with the built-in serialiser: data tells whether
+-- it decoded, the values or why not follow).
 local function framer (self, w)
   local calls = w.calls
-  return function (kind, id, data)
+  return function (kind, id, data, ...)
     if kind == OK then
       local cb = calls[id]
       if cb == nil then
         w.corrupt = "corrupt message: an answer for no call"
         return
       end
-      calls[id] = nil
-      local n = w.inflight - 1
-      w.inflight = n
-      self.outstanding = self.outstanding - 1
-      if n == 0 then w.idle = now() end
-      local good, err = pcall(okcall, cb, self.decode, data)
-      if not good then
-        if decoding then
-          decoding = false
-          deliver(self, cb, false, err)
-        elseif not self.cberr then
-          self.cberr = err
-        end
-      end
+      answered(self, w, id)
+      if self.serialiser then okcustom(self, cb, data)
+      elseif data then deliver(self, cb, true, ...)
+      else deliver(self, cb, false, (...)) end
     elseif kind == ERR then
       settle(self, w, id, false, data)
+    elseif kind == ERRV then
+      local _, err = pcall(decode, data)  -- the value, or why not
+      settle(self, w, id, false, err)
+    elseif kind == CHUNKOK then
+      settle(self, w, id, true, data)  -- decoded by the map, in place
+    elseif kind == ITEMERR then  -- the chunk's results follow
+      if calls[id] then deliver(self, calls[id], nil, data)
+      else w.corrupt = "corrupt message: an answer for no call" end
     elseif kind == EVENT then
       local good, err = pcall(function ()
         if self.on_event then self.on_event(self.decode(data)) end
@@ -305,7 +530,7 @@ end
 
 --- Read what w sent and act on how its channel is: true while it lives.
 local function take (self, w)
-  local ok, err = w.ch:recv(w.onframe)
+  local ok, err = w.ch:recv(w.onframe, not self.serialiser and OKMASK or 0)
   if w.dead then return false end
   if w.failed then
     lost(self, w, "init failed: " .. w.failed)
@@ -335,7 +560,9 @@ local function spawn (self)
     return nil, err
   end
   local w = {pid = pid, fd = fd, ch = ch, inflight = 0, calls = {},
-             idle = now()}
+             idle = now(), async = self.async,
+             fifo = {}, fh = 1, ft = 0,  -- call ids in the order sent
+             sent = {}, tmo = {}, dl = {}, kind = {}, hstart = 0}
   w.onframe = framer(self, w)
   self.ep:ctl("add", fd, "r")
   self.byfd[fd] = w
@@ -356,48 +583,60 @@ local function flush (self, w)
 end
 
 
---- Send queued calls to workers with room; start workers as needed;
--- stop idle ones beyond the knobs. Faults are raised at the end, with
--- everything sent.
-local function dispatch (self)
-  local q, load, workers = self.queue, self.load, self.procs
-  local qdata, qcb = q.data, q.cb
-  local dirty, spawnerr = nil, nil
-  while q.head <= q.tail do
-    local best = nil
-    for i = 1, #workers do
-      local w = workers[i]
-      if not w.retiring and w.inflight < load
-         and (best == nil or w.inflight < best.inflight) then
-        best = w
+-- a worker whose running call has run longer than this (seconds) gets no
+-- new call while another has room: fast calls do not queue behind a slow one
+local LAG = 0.0002
+
+--- The worker for the next call at time t: the least loaded with room
+-- (fewer than load calls in flight),
+-- passing over those whose running call lags; and the best of those: the
+-- least late (by powers of two), then the least loaded.
+local function pick (self, t, load)
+  local best, lagging, late = nil, nil, math.huge
+  local workers = self.procs
+  for i = 1, #workers do
+    local w = workers[i]
+    local n = w.inflight
+    if n < load and not w.retiring then
+      if n > 0 and t - w.hstart > LAG then
+        local l = math.floor(math.log(t - w.hstart, 2))
+        if l < late or (l == late and n < lagging.inflight) then
+          lagging, late = w, l
+        end
+      elseif best == nil or n < best.inflight
+             or (n == best.inflight and w.hstart > best.hstart) then
+        best = w  -- of two as loaded, the one whose call started later
       end
     end
-    if (best == nil or best.inflight > 0) and #workers < self.max
-       and not self.failed and not spawnerr
-       and (self.busy_time <= 0 or now() - q.t[q.head] >= self.busy_time) then
-      local w, err = spawn(self)
-      best = w or best
-      spawnerr = err
-    end
-    if best == nil then break end
-    local h = q.head
-    local data, cb = qdata[h], qcb[h]
-    qdata[h], qcb[h], q.t[h] = nil, nil, nil
-    q.head = h + 1
-    local id = self.nextid
-    self.nextid = id < 0x7fffffff and id + 1 or 1
-    best.ch:send(CALL, id, data)
-    best.calls[id] = cb
-    best.inflight = best.inflight + 1
-    best.idle = nil
-    if best ~= dirty then
-      if dirty then flush(self, dirty) end
-      dirty = best
-    end
   end
-  if dirty then flush(self, dirty) end
-  -- retired workers go once they answered; idle ones by the knobs
-  local t, nidle = now(), 0
+  return best, lagging
+end
+
+
+--- Send the call at the head of the queue to w.
+local function sendone (self, w, t)
+  local data, cb, tmo, kind = unqueue(self.queue)
+  local id = self.nextid
+  self.nextid = id < 0x7fffffff and id + 1 or 1
+  w.ch:send((kind or CALL) + (tmo and FLUSHFIRST or 0), id, data)
+  w.calls[id] = cb
+  if kind then w.kind[id] = kind end
+  local ft = w.ft + 1
+  w.ft, w.fifo[ft], w.sent[id] = ft, id, data
+  if tmo then
+    w.tmo[id] = tmo
+    if w.async then w.dl[id] = t end
+  end
+  if w.inflight == 0 then w.hstart = t end
+  w.inflight = w.inflight + 1
+  w.idle = nil
+end
+
+
+--- Retired workers go once they answered; idle ones by the knobs; at
+-- least min run. The error of a failed start, if any.
+local function trim (self, spawnerr)
+  local workers, t, nidle = self.procs, now(), 0
   for i = #workers, 1, -1 do
     local w = workers[i]
     if w.retiring and w.inflight == 0 then
@@ -419,6 +658,43 @@ local function dispatch (self)
     local _, err = spawn(self)
     spawnerr = err
   end
+  return spawnerr
+end
+
+
+--- Send queued calls to workers with room (one write each); start
+-- workers as needed; stop idle ones beyond the knobs. Faults are raised
+-- at the end, with everything sent.
+local function dispatch (self)
+  local q, workers = self.queue, self.procs
+  local dirty, spawnerr, t = nil, nil, now()
+  self.clock = t
+  while q.head <= q.tail do
+    if q.data[q.head] == false then  -- a chunk of a map let go
+      unqueue(q)
+      self.outstanding = self.outstanding - 1
+      goto continue
+    end
+    local m = q.lim[q.head]  -- (a map's chunk)
+    local best, lagging = pick(self, t, m and m.lim or self.load)
+    if (best == nil or best.inflight > 0) and #workers < self.max
+       and not self.failed and not spawnerr
+       and (self.busy_time <= 0 or t - q.t[q.head] >= self.busy_time) then
+      local w, err = spawn(self)
+      best = w or best
+      spawnerr = err
+    end
+    best = best or lagging
+    if best == nil then break end
+    sendone(self, best, t)
+    if best ~= dirty then
+      if dirty then flush(self, dirty) end
+      dirty = best
+    end
+    ::continue::
+  end
+  if dirty then flush(self, dirty) end
+  spawnerr = trim(self, spawnerr)
   if spawnerr then
     if #workers == 0 then  -- nothing will serve what waits
       failqueue(self, spawnerr)
@@ -444,6 +720,9 @@ local function nextdue (self)
   if q.head <= q.tail and self.busy_time > 0 and #self.procs < self.max
      and not self.failed then
     due = math.min(due, q.t[q.head] + self.busy_time)
+  end
+  if self.timed then
+    for _, w in ipairs(self.procs) do due = math.min(due, deadline(w)) end
   end
   return due
 end
@@ -478,6 +757,7 @@ local function pump (self, timeout)
     if #self.procs == 0 and self.queue.head > self.queue.tail then left = 0 end
   end
   local ready = pack(self.ep:wait(left > 0 and (left ~= math.huge and left or -1) or 0))
+  self.clock = now()  -- the time of this turn's answers
   for i = 1, ready.n do
     local w = self.byfd[ready[i]]
     if w then
@@ -488,12 +768,13 @@ local function pump (self, timeout)
   for _, w in ipairs(self.procs) do
     if w.ch:buffered() then take(self, w) end
   end
+  if self.timed then expire(self) end
   dispatch(self)
   raise(self)
 end
 
 
-local function enqueue (self, data, cb)
+local function enqueue (self, data, cb, tmo, kind, lim)
   if type(data) ~= "string" then
     return cb(false, "the serialiser's encode returned a " .. type(data))
   end
@@ -507,6 +788,8 @@ local function enqueue (self, data, cb)
   local t = q.tail + 1
   q.tail = t
   q.data[t], q.cb[t], q.t[t] = data, cb, self.busy_time > 0 and now() or 0
+  if tmo then q.tmo[t], self.timed = tmo, true end
+  if kind then q.kind[t], q.lim[t] = kind, lim end
   self.outstanding = self.outstanding + 1
   if self.failed then self.failed = nil end  -- try again with new calls
   -- with calls waiting already, no worker has room: the next turn sends
@@ -518,9 +801,10 @@ end
 
 
 --- pool:call(args..., cb) queues; pool:call(args...) awaits the answer:
--- ok, results... or false, message.
-function Pool:call (...)
-  check(not self.closing, "call on a closed pool")
+-- ok, results... or false, message. (opts: the call's options, or nil)
+local function call (self, opts, ...)
+  check(not self.closing, "attempt to use a closed pool", 4)
+  local tmo = opts and opts.timeout or self.timeout
   local n = select("#", ...)
   local cb = n > 0 and select(n, ...) or nil
   if type(cb) == "function" then
@@ -531,7 +815,7 @@ function Pool:call (...)
       good, data = pcall(self.encode, unpack(args, 1, n - 1))
     end
     if not good then return cb(false, tostring(data)) end
-    return enqueue(self, data, cb)
+    return enqueue(self, data, cb, tmo)
   end
   local good, data = pcall(self.encode, ...)
   if not good then return false, tostring(data) end
@@ -541,13 +825,39 @@ function Pool:call (...)
     r = pack(...)
     -- read by another coroutine's turn: wake this one
     if coroutine.running() ~= co and self.ep then self.ep:kick() end
-  end)
+  end, tmo)
   self.waiting = self.waiting + 1
   local ok, err = pcall(function () while not r do pump(self) end end)
   self.waiting = self.waiting - 1
   if not ok then error(err, 0) end
   return unpack(r, 1, r.n)
 end
+
+function Pool:call (...) return call(self, nil, ...) end
+
+
+local function checktimeout (t, lvl)
+  check(t == nil or (type(t) == "number" and t > 0),
+        "timeout must be a number > 0", lvl)
+end
+
+
+--- pool:with{timeout = s}: the pool, its calls with these options:
+-- pool:with(opts):call(...), :map(list), :imap(list).
+local View = {}
+View.__index = View
+
+function Pool:with (opts)
+  check(not self.closing, "attempt to use a closed pool")
+  check(type(opts) == "table", "with: a table of options expected")
+  for k in pairs(opts) do
+    check(k == "timeout", "with: unknown option '" .. tostring(k) .. "'")
+  end
+  checktimeout(opts.timeout)
+  return setmetatable({pool = self, opts = opts}, View)
+end
+
+function View:call (...) return call(self.pool, self.opts, ...) end
 
 
 --- Run the loop until every queued call has answered.
@@ -561,29 +871,201 @@ end
 -- answers that came are handed to their callbacks. Returns the number
 -- of calls not answered yet.
 function Pool:poll (timeout)
-  check(not self.closed, "poll on a closed pool")
+  check(not self.closing, "attempt to use a closed pool")
   pump(self, timeout or 0)
   return self.outstanding
 end
 
 
---- list in, one call per element, list of first results out; raises on
--- the first job error in the list's order (after every call answered).
-function Pool:map (list)
-  check(type(list) == "table", "map: a list expected")
-  local res, errs, left = {}, {}, #list
-  for i = 1, #list do
-    self:call(list[i], function (ok, r)
-      left = left - 1
-      if ok then res[i] = r else errs[i] = r end
-    end)
-  end
-  while left > 0 do pump(self) end
-  for i = 1, #list do
-    if errs[i] then error(errs[i], 2) end
-  end
-  return res
+-- {------------------------------------------------------
+-- map and imap: a list in chunks, several items per message each way
+-- -------------------------------------------------------
+
+--- The items per chunk when none is asked for: about four chunks for
+-- each worker that can run at once (Python's rule).
+local function autochunk (self, n)
+  local workers = math.max(1, math.min(self.max, core.ncpu()))
+  return math.max(1, -(-n // (4 * workers)))
 end
+
+
+local mapopts = {chunksize = true, ordered = true, timeout = true}
+
+-- bytes of a chunk, about, at most, when the chunk size is automatic: a
+-- chunk stays in the caches, and the workers start sooner
+local CHUNKBYTES = 256 * 1024
+
+local function checkmapopts (opts, what)
+  check(opts == nil or type(opts) == "table", what .. ": options must be a table", 4)
+  for k in pairs(opts or {}) do
+    check(mapopts[k], what .. ": unknown option '" .. tostring(k) .. "'", 4)
+  end
+  local size = opts and opts.chunksize
+  check(size == nil or (math.type(size) == "integer" and size >= 1),
+        what .. ": chunksize must be an integer >= 1", 4)
+  checktimeout(opts and opts.timeout, 4)
+end
+
+
+--- The callback of the chunk list[i..j] of the map m.
+local function chunkcb (m, i, j)
+  return function (ok, data)
+    if m.cancelled then return end
+    if ok == nil then  -- an item failed; the chunk's results follow
+      local k, err = decode(data)
+      m.failed[i - 1 + k], m.err[i - 1 + k] = true, err
+      return
+    end
+    if ok then
+      local good, err = pcall(m.dechunk, data, m.res, i - 1)
+      if not good then ok, data = false, err end
+    end
+    if not ok then
+      if j > i then data = ("%s (a chunk of items %d..%d)"):format(data, i, j) end
+      for k = i, j do m.failed[k], m.err[k] = true, data end
+    end
+    m.left = m.left - (j - i + 1)
+    m.ends[i] = j
+    local r = m.ready
+    r[#r + 1] = i
+  end
+end
+
+
+--- Queue a chunk of m from list[i] to list[j] at most (max bytes at
+-- most, when given); the index of its last item.
+local function sendchunk (self, m, list, i, j, max)
+  local good, data, last = pcall(m.enchunk, list, i, j, max)
+  if good and (type(data) ~= "string" or #data > MAXMSG) and i < j then
+    good = false  -- too large: one item a message
+  end
+  if not good and i < j then  -- which item cannot go? each on its own
+    for k = i, j do sendchunk(self, m, list, k, k) end
+    return j
+  end
+  j = good and last or j
+  local cb = chunkcb(m, i, j)
+  if not good then cb(false, tostring(data)) return j end
+  local tmo = m.timeout and m.timeout * (j - i + 1)
+  -- a worker holds this chunk only beside fewer than m.lim others: the
+  -- rest wait here for whichever worker is free first
+  enqueue(self, data, cb, tmo, CHUNK, m)
+  local q = self.queue
+  if q.cb[q.tail] == cb then m.queued[q.tail] = cb end
+  return j
+end
+
+
+--- The chunks of a map of n items a worker may hold at once, when the
+-- first chunk has k items: `load`, but a quarter of the map's share of
+-- each worker at most (one slowed down leaves the rest to the others),
+-- and two at least (the next at hand while the owner sends more).
+local function maplimit (self, n, k)
+  local chunks = -(-n // math.max(k, 1))
+  local workers = math.max(1, math.min(self.max, core.ncpu()))
+  return math.max(2, math.min(self.load, chunks // (4 * workers)))
+end
+
+
+--- Start a map of list: its chunks queued.
+local function startmap (self, list, opts, what)
+  check(not self.closing, "attempt to use a closed pool", 4)
+  check(type(list) == "table", what .. ": a list expected", 4)
+  checkmapopts(opts, what)
+  opts = opts or {}
+  local n = #list
+  local size = opts.chunksize or autochunk(self, n)
+  local enchunk, dechunk = chunkcodec(self.serialiser)
+  local m = {n = n, left = n, res = newlist(n), failed = {}, err = {}, ends = {},
+             ready = {}, rh = 1, queued = {}, enchunk = enchunk,
+             dechunk = dechunk, timeout = opts.timeout or self.timeout,
+             ordered = opts.ordered ~= false}
+  local max = not opts.chunksize and CHUNKBYTES or nil
+  m.lim = 2
+  local i = 1
+  while i <= n do
+    local j = sendchunk(self, m, list, i, math.min(n, i + size - 1), max)
+    if i == 1 then m.lim = maplimit(self, n, j) end
+    i = j + 1
+  end
+  return m
+end
+
+
+--- A map let go before its end: its chunks still queued are not sent.
+local function cancel (self, m)
+  if m.left == 0 or m.cancelled then return end
+  m.cancelled = true
+  local q = self.queue
+  for h, cb in pairs(m.queued) do
+    if h >= q.head and q.cb[h] == cb then q.data[h] = false end
+  end
+end
+
+
+--- list in, list of first results out, in order (chunked: several items
+-- a message); raises on the first item that failed, in the list's order
+-- (after every item answered): "item K: message" for a string error,
+-- the error value itself otherwise.
+function Pool:map (list, opts)
+  local m = startmap(self, list, opts, "map")
+  while m.left > 0 do pump(self) end
+  local failed = m.failed
+  if next(failed) then
+    for k = 1, m.n do
+      if failed[k] then
+        local err = m.err[k]
+        if type(err) == "string" then error(("item %d: %s"):format(k, err), 2) end
+        error(err, 2)
+      end
+    end
+  end
+  return m.res
+end
+
+
+--- for i, ok, value in pool:imap(list [, opts]): the items' results as
+-- they come, in the list's order (ordered = false: in the order they
+-- come); ok false: value is the item's error. Leaving the loop early
+-- drops the chunks not sent yet.
+function Pool:imap (list, opts)
+  local m = startmap(self, list, opts, "imap")
+  local pos, last = 0, 0  -- the item given last, the end of its chunk
+  local function step ()
+    if pos < last then
+      pos = pos + 1
+    else
+      local i
+      if m.ordered then
+        i = pos + 1
+        if i > m.n then return nil end
+        while not m.ends[i] do pump(self) end
+      else
+        if m.rh > #m.ready and m.left == 0 then return nil end
+        while m.rh > #m.ready do pump(self) end
+        i = m.ready[m.rh]
+        m.rh = m.rh + 1
+      end
+      pos, last = i, m.ends[i]
+    end
+    if m.failed[pos] then return pos, false, m.err[pos] end
+    return pos, true, m.res[pos]
+  end
+  local closer = setmetatable({}, {__close = function () cancel(self, m) end})
+  return step, nil, nil, closer
+end
+
+--- The view's options, then opts over them.
+local function viewopts (self, opts)
+  local o = {timeout = self.opts.timeout}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  return o
+end
+
+function View:map (list, opts) return self.pool:map(list, viewopts(self, opts)) end
+function View:imap (list, opts) return self.pool:imap(list, viewopts(self, opts)) end
+
+-- }------------------------------------------------------
 
 
 --- The pool's workers: a list of {pid =, inflight =}.
@@ -618,12 +1100,39 @@ local function teardown (self)
 end
 
 
---- No new calls; wait for the queued ones, let the processes go, then
--- on_destroy. Blocks (yields inside worker:serve).
-function Pool:close ()
+--- Fail every call still unanswered (msg), killing the workers busy
+-- with one.
+local function cutoff (self, msg)
+  for i = #self.procs, 1, -1 do
+    local w = self.procs[i]
+    if w.inflight > 0 then
+      killworker(w)
+      removeworker(self, w)
+      core.pool_reap(w.pid, 1)
+      w.async = true  -- none of its calls goes back to the queue
+      unwind(self, w, msg)
+    end
+  end
+  failqueue(self, msg)
+end
+
+
+--- No new calls; wait for the queued ones (at most timeout seconds: then
+-- they fail and their workers are killed), let the processes go, then
+-- on_destroy. Blocks (yields inside worker:serve). true, or nil and
+-- what was cut off.
+function Pool:close (timeout)
   if self.closed then return true end
+  checktimeout(timeout, 3)
   self.closing = true
-  self:wait()
+  local limit = timeout and now() + timeout or math.huge
+  while self.outstanding > 0 and now() < limit do
+    pump(self, limit - now())
+  end
+  local cut = self.outstanding
+  if cut > 0 then
+    cutoff(self, ("pool closed: no answer after %g s"):format(timeout))
+  end
   while self.waiting > 0 do  -- awaiting coroutines see their answers first
     self.ep:kick()
     pump(self, 0.01)
@@ -631,6 +1140,7 @@ function Pool:close ()
   self.closed = true
   for _, pid in ipairs(teardown(self)) do core.pool_reap(pid, 2) end
   if self.on_destroy then self.on_destroy() end
+  if cut > 0 then return nil, ("%d calls cut off after %g s"):format(cut, timeout) end
   return true
 end
 
@@ -651,7 +1161,7 @@ end
 -- =======================================================
 
 local knobs = {min = 0, max = 8, busy_time = 0, max_idle = 1, idle_time = 1,
-               load = 2}
+               load = 32}
 
 local function new (opts)
   check(type(opts) == "table", "a table of options expected")
@@ -663,7 +1173,8 @@ local function new (opts)
       check(type(v) == "number" and v >= 0, k .. " must be a number >= 0")
     elseif not (k == 1 or k == "run" or k == "require" or k == "eval"
                 or k == "init" or k == "async" or k == "serialiser"
-                or k == "on_error" or k == "on_event" or k == "on_destroy") then
+                or k == "on_error" or k == "on_event" or k == "on_destroy"
+                or k == "timeout") then
       check(false, "unknown option '" .. tostring(k) .. "'")
     end
   end
@@ -673,6 +1184,7 @@ local function new (opts)
   check(opts.require == nil or type(opts.require) == "table",
         "require must be a list of module names")
   check(opts.eval == nil or type(opts.eval) == "string", "eval must be a string")
+  checktimeout(opts.timeout)
   check(opts.init == nil or type(opts.init) == "string"
         or type(opts.init) == "function", "init must be a function or a name")
   local ser = opts.serialiser
@@ -680,11 +1192,14 @@ local function new (opts)
         and type(ser.decode) == "function"),
         "serialiser must be {encode = function, decode = function}")
   local self = setmetatable({
-    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}}, procs = {},
-    byfd = {}, nextid = 1, outstanding = 0, waiting = 0,
+    queue = {head = 1, tail = 0, data = {}, cb = {}, t = {}, tmo = {}, kind = {},
+             lim = {}},  -- lim: a chunk's map
+    procs = {}, async = opts.async and true or false, timeout = opts.timeout,
+    timed = opts.timeout ~= nil,
+    byfd = {}, nextid = 1, outstanding = 0, waiting = 0, clock = now(),
     encode = ser and ser.encode or encode, decode = ser and ser.decode or decode,
     on_error = opts.on_error, on_event = opts.on_event,
-    on_destroy = opts.on_destroy,
+    on_destroy = opts.on_destroy, serialiser = ser,
   }, Pool)
   for k, v in pairs(knobs) do self[k] = opts[k] or v end
   check(self.max >= 1, "max must be at least 1")
