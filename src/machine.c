@@ -34,7 +34,7 @@
 #include <unistd.h>
 #include <sys/wait.h>
 
-#include "table.h"
+#include "state.h"
 
 
 static void ontimer (struct ev_loop *loop, ev_timer *t, int revents);

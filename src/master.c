@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include <sys/mman.h>
 
-#include "table.h"
+#include "state.h"
 
 
 static const char *const statenames[] =

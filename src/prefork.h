@@ -5,20 +5,23 @@
 ** The files, in layers: each calls only files of the layers below it
 ** (docs/architecture.md draws them).
 **
-**   6  core.c                     registers the rest
-**   5  master.c  pool.c  interp.c the three programs: a master's state
-**                                  machine, a process pool, the
-**                                  prefork-interp server
-**   4  serve.c                    worker:serve, the worker's accept loop
-**   3  worker.c                   the worker side of a master
-**   2  accept.c                   the accept strategies, both sides
-**   1  fdpass.c                   SCM_RIGHTS, peer credentials
-**      listen.c                   listening sockets (uses conn.c)
-**      conn.c                     connection objects, fds of Lua values
-**   0  task.c                     the coroutine scheduler (uses loop.c)
-**      loop.c  proc.c  serial.c   libev and logging; processes; values
-**      score.c                    the scoreboard; a worker's heartbeat
-**      wire.h                     byte-level encodings (no Lua)
+**   8  core.c                  registers the rest
+**   7  master.c                the master's Lua interface, its run
+**   6  machine.c  spawn.c      its state machine; forking a worker
+**   5  signals.c  status.c     its signals; its status endpoint
+**      table.c                 its worker table  (the master's files
+**      supervise.c             watchdogs          share state.h)
+**      pool.c  interp.c        a process pool; the prefork-interp server
+**   4  serve.c                 worker:serve, the worker's accept loop
+**   3  worker.c                the worker side of a master
+**   2  accept.c                the accept strategies, both sides
+**   1  fdpass.c                SCM_RIGHTS, peer credentials
+**      listen.c                listening sockets (uses conn.c)
+**      conn.c                  connection objects, fds of Lua values
+**   0  task.c                  the coroutine scheduler (uses the rest of 0)
+**      score.c                 the scoreboard; a worker's heartbeat
+**      loop.c proc.c serial.c  libev and logging; processes; values
+**      wire.h                  byte-level encodings (no Lua)
 */
 
 #if !defined(prefork_h)

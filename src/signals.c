@@ -11,7 +11,7 @@
 #include <signal.h>
 #include <string.h>
 
-#include "table.h"
+#include "state.h"
 
 
 /* the signals that reach the handler as they come (in m->sig[]) */

@@ -13,7 +13,7 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
-#include "table.h"
+#include "state.h"
 
 
 /* what a new worker needs to know, for childmain */

@@ -15,7 +15,7 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
-#include "table.h"
+#include "state.h"
 
 
 #define READMAX		4096

@@ -25,7 +25,7 @@
 #include <unistd.h>
 #include <sys/timerfd.h>
 
-#include "table.h"
+#include "state.h"
 
 
 /* the worker's process group: it leads one (spawn.c) */

@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "table.h"
+#include "state.h"
 
 
 /* {======================================================

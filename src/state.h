@@ -1,10 +1,12 @@
 /*
-** table.h: the master's worker table, which the files of the master share
-** (table.c, spawn.c, master.c): the master, its workers, and the table's operations.
+** state.h: the master's state (the master and its workers) and the
+** internal API of the master's files, bottom up: supervise.c (watchdogs),
+** table.c (the worker table), status.c, signals.c, spawn.c, machine.c
+** (the state machine), master.c (the Lua interface).
 */
 
-#if !defined(table_h)
-#define table_h
+#if !defined(state_h)
+#define state_h
 
 #include <signal.h>
 
