@@ -294,9 +294,15 @@ static void failed (lua_State *L, master *m, worker *w, const char *how) {
 }
 
 
+/* a worker's own end: exit 0 */
+static int cleanexit (int status) {
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+
 /* w's process is gone (status): it is respawned, at once or after a
-** backoff when it died early (before ready, in its first SURVIVED
-** seconds or of its boot_timeout), or freed */
+** backoff when it died early (a failure in its first SURVIVED seconds,
+** or not ready after its boot_timeout), or freed */
 static void exited (lua_State *L, master *m, worker *w, int status) {
   char how[32];
   pid_t pid = w->pid;
@@ -304,7 +310,8 @@ static void exited (lua_State *L, master *m, worker *w, int status) {
   int notready, early;
   gone(m, w);
   notready = w->state != W_RUNNING;
-  early = notready && (!w->survived || w->hung);
+  early = (!w->survived && (notready || !cleanexit(status)))
+          || (notready && w->hung);
   w->state = W_PENDING;  /* no process: nothing to signal */
   w->pid = 0;
   fmtstatus(status, how, sizeof(how));

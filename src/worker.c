@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 
 #include "prefork.h"
 
@@ -40,13 +41,16 @@ static struct {
   int channel;  /* accept = "master": connections come on ctl */
   int ep;  /* what accept waits on: an epoll set (listeners EPOLLEXCLUSIVE) */
   int told;  /* the master knows we are ready */
+  int ours;  /* it accepts with worker:accept or serve, not a loop of its own */
+  int dead;  /* a socket whose peer is gone: what the listeners become at a
+             ** stop, for a loop of the worker's own (see onstop) */
   int due;  /* the master knows we served our max_requests */
   pf_score *score;  /* our slot of the master's scoreboard */
   struct pollfd *pfd;  /* the listeners (or ctl), then wake[0] */
   int npfd;  /* the listeners' */
   timer_t doom;  /* fires PF_SIGDOOM a second after the master died */
   char name[40];  /* our id, for the log */
-} self = {0, 0, 0, {-1, -1}, -1, 0, -1, 0, 0, NULL, NULL, 0, 0, ""};
+} self = {0, 0, 0, {-1, -1}, -1, 0, -1, 0, 0, 0, -1, NULL, NULL, 0, 0, ""};
 
 
 static void wakeup (void) {
@@ -55,11 +59,25 @@ static void wakeup (void) {
 }
 
 
+/*
+** TERM or INT. A worker with a loop of its own (LuaSocket's accept on
+** worker.listeners, say) that waits for a connection would never see
+** the stop: its listeners are shared and stay open. So here each one's
+** fd becomes a socket whose peer is gone, in this process only: the
+** interrupted poll, made again on the same fd, returns at once, and the
+** accept that follows fails (EINVAL); the loop looks at
+** worker:stopping(). The master and the other workers keep the
+** listening socket. (Not for our own loops: their epoll sets hold the
+** listeners, and they stop by themselves.)
+*/
 static void onstop (int sig) {
-  int en = errno;
+  int en = errno, i;
   (void)sig;
   self.stopping = 1;
   wakeup();
+  for (i = 0; i < self.npfd && !self.ours && !self.channel
+              && self.dead >= 0; i++)
+    dup2(self.dead, self.pfd[i].fd);
   errno = en;
 }
 
@@ -116,6 +134,8 @@ static void forget (void *ud) {
   (void)ud;
   if (self.ctl >= 0) close(self.ctl);
   if (self.ep >= 0) close(self.ep);
+  if (self.dead >= 0) close(self.dead);
+  self.dead = -1;
   pf_accept_forget();  /* or it could hold the lock */
   pf_score_unbind();
   close(self.wake[0]);
@@ -149,7 +169,7 @@ static int waitset (int mode) {
 /* what accept waits on: the listeners (or the master's channel) and the
 ** stop pipe; exits without memory */
 static void waitfds (const pf_workerspec *spec) {
-  int i, *fds = (int *)calloc((size_t)spec->nls + 2, sizeof(int));
+  int i, fds2[2], *fds = (int *)calloc((size_t)spec->nls + 2, sizeof(int));
   self.pfd = (struct pollfd *)calloc((size_t)spec->nls + 2,
                                      sizeof(struct pollfd));
   if (self.pfd == NULL || fds == NULL
@@ -161,6 +181,10 @@ static void waitfds (const pf_workerspec *spec) {
   self.pfd[self.npfd].fd = self.wake[0];
   for (i = 0; i <= self.npfd; i++) self.pfd[i].events = POLLIN;
   self.ep = waitset(spec->mode);
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds2) == 0) {
+    close(fds2[1]);
+    self.dead = fds2[0];
+  }
 }
 
 
@@ -323,6 +347,7 @@ static int l_accept (lua_State *L) {
   int st = 0;
   if (!self.inworker)
     return luaL_error(L, "accept: not in a worker process");
+  self.ours = 1;
   ready();
   c = pf_newconn(L);
   pf_busy(0);
@@ -344,6 +369,7 @@ static int l_accept (lua_State *L) {
 ** outside a worker */
 const struct pollfd *pf_worker_fds (int *n) {
   *n = self.npfd;
+  self.ours = self.inworker;
   return self.inworker ? self.pfd : NULL;
 }
 
