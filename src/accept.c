@@ -55,7 +55,7 @@ static struct {
   int lockfd;  /* accept = "mutex": the lock file, opened by this worker */
   int locked;  /* the lock is held */
   int drained;  /* connections taken after the stop began */
-} self = {PF_ACCEPT_SHARED, NULL, 0, 0, -1, -1, 0, 0};
+} self = {.mode = PF_ACCEPT_SHARED, .ctl = -1, .lockfd = -1};
 
 
 /* the worker accepts from the listeners ls (n of them) or, with

@@ -50,7 +50,7 @@ static struct {
   int npfd;  /* the listeners' */
   timer_t doom;  /* fires PF_SIGDOOM a second after the master died */
   char name[40];  /* our id, for the log */
-} self = {0, 0, 0, {-1, -1}, -1, 0, -1, 0, 0, 0, -1, NULL, NULL, 0, 0, ""};
+} self = {.wake = {-1, -1}, .ctl = -1, .ep = -1, .dead = -1};
 
 
 static void wakeup (void) {
