@@ -278,6 +278,9 @@ typedef struct pf_workerspec {
   const char *name;  /* its id, for the log */
 } pf_workerspec;
 
+/* seconds a worker stops accepting after an accept failed (nginx: 0.5) */
+#define PF_ACCEPTPAUSE	0.5
+
 /* the exit status of a worker that timed out (as timeout(1)'s) */
 #define PF_EXIT_TIMEDOUT	124
 
@@ -289,6 +292,8 @@ typedef struct pf_workerspec {
 PF_API void pf_worker_setup (const pf_workerspec *spec);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);
+PF_API void pf_worker_acceptfailed (lua_State *L, int en);
+PF_API void pf_worker_acceptworked (lua_State *L);
 PF_API void pf_worker_stoplistening (void);
 PF_API int pf_worker_stopping (void);
 struct pollfd;

@@ -51,6 +51,7 @@ static struct {
   double lastflip;
   int stopping;
   ev_io wake;  /* the worker's stop pipe */
+  ev_timer pause;  /* accepting again after a failure */
 } sv;  /* all zero: not serving */
 
 
@@ -69,6 +70,34 @@ static void start (void) {
 }
 
 
+/* watch the listeners, or not */
+static void watching (int on) {
+  int i;
+  for (i = 0; i < sv.nacc; i++) {
+    if (on) ev_io_start(sv.loop, &sv.acc[i]);
+    else ev_io_stop(sv.loop, &sv.acc[i]);
+  }
+}
+
+
+/* an accept failed (EMFILE, say): the listeners rest a moment */
+static void acceptfailed (int en) {
+  watching(0);
+  ev_timer_set(&sv.pause, PF_ACCEPTPAUSE, 0);
+  ev_timer_start(sv.loop, &sv.pause);
+  pf_worker_acceptfailed(sv.L, en);
+}
+
+
+static void onpause (struct ev_loop *loop, ev_timer *t, int revents) {
+  (void)loop; (void)t; (void)revents;
+  if (sv.stopping) return;
+  watching(1);
+  sv.lastflip = 0;  /* libev adds them plain again: the next idle wake-up
+                    ** makes them exclusive */
+}
+
+
 static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
   int n;
   (void)io; (void)revents;
@@ -77,13 +106,12 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
     int st = pf_worker_accept(c);
     if (st <= 0) {
       lua_pop(sv.L, 1);
-      if (st < 0)
-        pf_log(sv.L, "error", "worker %ld: accept: %s", (long)getpid(),
-               strerror(errno));
+      if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
         makeexclusive();  /* woken for nothing: are the entries still exclusive? */
-      break;
+      return;
     }
+    if (n == 0) pf_worker_acceptworked(sv.L);
     start();
   }
 }
@@ -107,6 +135,7 @@ static void stopserving (void) {
   }
   sv.stopping = 1;
   stopaccepting();
+  ev_timer_stop(sv.loop, &sv.pause);
   ev_io_stop(sv.loop, &sv.wake);
   pf_worker_stoplistening();
   pf_task_stop(LINGER);
@@ -267,6 +296,7 @@ static int l_serve (lua_State *L) {
   sv.stopping = 0;
   ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
   ev_io_start(sv.loop, &sv.wake);
+  ev_init(&sv.pause, onpause);
   pf_worker_ready();
   if (pf_worker_stopping()) stopserving();
   else if (!watchlisteners(fds, n)) {

@@ -50,6 +50,7 @@ static struct {
   int npfd;  /* the listeners' */
   timer_t doom;  /* fires PF_SIGDOOM a second after the master died */
   char name[40];  /* our id, for the log */
+  unsigned long failures;  /* accept failures in a row (an episode) */
 } self = {.wake = {-1, -1}, .ctl = -1, .ep = -1, .dead = -1};
 
 
@@ -285,6 +286,42 @@ int pf_worker_accept (pf_conn *c) {
 }
 
 
+/* {------------------------------------------------------
+** Accept failures (EMFILE, say) make the worker pause accepting for
+** PF_ACCEPTPAUSE seconds, as nginx does, instead of spinning; an episode
+** of failures in a row is logged once, and once more when it ends.
+** ------------------------------------------------------- */
+
+/* an accept failed with en */
+void pf_worker_acceptfailed (lua_State *L, int en) {
+  if (self.failures++ == 0)
+    pf_log(L, "error", "worker %s (pid %ld): accept: %s; it pauses %.3gs "
+           "after each failure until one works", self.name, (long)getpid(),
+           strerror(en), PF_ACCEPTPAUSE);
+}
+
+
+/* an accept worked */
+void pf_worker_acceptworked (lua_State *L) {
+  unsigned long n = self.failures;
+  if (n == 0) return;
+  self.failures = 0;
+  pf_log(L, "info", "worker %s (pid %ld): accept works again, after %lu "
+         "failure%s", self.name, (long)getpid(), n, n == 1 ? "" : "s");
+}
+
+
+/* pause accepting (idle), unless a stop comes */
+static void acceptpause (void) {
+  struct timespec ts;
+  ts.tv_sec = (time_t)PF_ACCEPTPAUSE;
+  ts.tv_nsec = (long)((PF_ACCEPTPAUSE - (double)ts.tv_sec) * 1e9);
+  if (!self.stopping) nanosleep(&ts, NULL);  /* (TERM ends it: EINTR) */
+}
+
+/* }------------------------------------------------------ */
+
+
 /* accept = "mutex": wait for the lock; TERM and INT interrupt the wait
 ** (and only it), so that a stopping worker does not queue for the lock.
 ** 0 held, -1 not. */
@@ -308,7 +345,7 @@ static int lockwait (void) {
 ** the name of the call that failed */
 static int waitready (const char **what) {
   char drain[64];
-  int r;
+  int r, en;
   if (self.ep >= 0) {
     struct epoll_event evs[4];
     *what = "epoll_wait";
@@ -318,8 +355,10 @@ static int waitready (const char **what) {
     *what = "poll";
     r = poll(self.pfd, (nfds_t)self.npfd + 1, -1);
   }
+  en = errno;
   while (read(self.wake[0], drain, sizeof(drain)) > 0) {}
-  return r < 0 && errno != EINTR ? -1 : 0;
+  errno = en;
+  return r < 0 && en != EINTR ? -1 : 0;
 }
 
 
@@ -336,14 +375,15 @@ static int stopped (lua_State *L, pf_conn *c) {
 
 
 /*
-** worker:accept() -> conn | nil, "stopping" | nil, "accept: err", errno
+** worker:accept() -> conn | nil, "stopping" | nil, "epoll_wait: err", errno
 ** Blocks until a connection comes on any listener or a stop begins; at
 ** the stop the worker's listeners are closed. While it waits the worker
-** is idle (no heartbeat is due).
+** is idle (no heartbeat is due). An accept that fails (EMFILE, say) is
+** logged and tried again after a pause.
 */
 static int l_accept (lua_State *L) {
   pf_conn *c;
-  const char *what = "accept";
+  const char *what;
   int st = 0;
   if (!self.inworker)
     return luaL_error(L, "accept: not in a worker process");
@@ -351,16 +391,22 @@ static int l_accept (lua_State *L) {
   ready();
   c = pf_newconn(L);
   pf_busy(0);
-  while (!self.stopping && st == 0) {
+  while (!self.stopping && st <= 0) {
     if (lockwait() != 0) continue;
     st = pf_worker_accept(c);
     if (st != 0) pf_accept_unlock();
-    if (st == 0 && waitready(&what) != 0) st = -2;
+    if (st < 0) {  /* EMFILE, say: pause, then again */
+      pf_worker_acceptfailed(L, errno);
+      acceptpause();
+    }
+    else if (st == 0 && waitready(&what) != 0)
+      return pf_fail(L, what);
   }
   pf_busy(1);
-  if (st == 1) return 1;
-  if (st == -1) return pf_fail(L, "accept");
-  if (st == -2) return pf_fail(L, what);
+  if (st == 1) {
+    pf_worker_acceptworked(L);
+    return 1;
+  }
   return stopped(L, c);
 }
 
