@@ -1,0 +1,79 @@
+-- Faults a probe of the running system found: fd exhaustion must not
+-- turn a worker into a busy loop that floods the log, and what a worker
+-- started goes with it when it is killed at the end of a stop. (The
+-- master's death, the last worker and recvfds in the middle of a frame
+-- are in operate_spec and serve_spec.)
+
+local lu = require "luaunit"
+local H = require "helpers"
+
+-- a worker answers a line with "ok"; "sleep" waits in os.execute
+local SERVER = [[
+local strategy = ...
+prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
+  accept = strategy, graceful_timeout = 0.5,
+  fork = function (w)
+    w:serve(function (c)
+      if c:read("l") == "sleep" then os.execute("sleep 1000") end
+      c:close("ok\n")
+    end)
+  end}
+]]
+
+TestFaults = {}
+
+function TestFaults:tearDown () H.cleanup() end
+
+
+-- with 64 fds and 200 idle connections every accept fails (EMFILE): the
+-- workers pause instead of spinning, log once, and serve again after
+local function emfile (strategy)
+  local p = H.master(SERVER, {prefix = "prlimit --nofile=64 ", args = strategy})
+  local pids = H.ready(p, 2)
+  local cs = {}
+  for i = 1, 200 do cs[i] = H.connect(p.port) end
+  p:expect("accept: Too many open files; it pauses", 5, "err")
+  -- while the episode lasts, a second line would be a flood
+  H.wait_until(function ()
+    local _, paused = p:err():gsub("accept: Too many open files", "")
+    return paused >= 1 and paused <= 2 and H.alive(pids[1]) and H.alive(pids[2])
+           and p:err():match("after each failure until one works")
+  end, 5, "one line per worker")
+  for _, c in ipairs(cs) do c:close() end
+  lu.assertEquals(H.request_ok(p.port, "x\n", 10), "ok\n")
+  p:expect("accept works again, after %d+ failure", 10, "err")
+  local _, lines = p:err():gsub("accept: Too many open files", "")
+  lu.assertTrue(lines <= 4, "the log:\n" .. p:err():gsub("%%", "%%%%"))
+  lu.assertEquals(H.childpids(p.pid), pids)  -- nobody died of it
+end
+
+function TestFaults:test_fd_exhaustion_pauses_accepting_shared ()
+  emfile("shared")
+end
+
+function TestFaults:test_fd_exhaustion_pauses_accepting_reuseport ()
+  emfile("reuseport")
+end
+
+
+function TestFaults:test_what_a_worker_started_goes_with_it_at_the_stop ()
+  local p = H.master(SERVER, {args = "shared"})
+  local pids = H.ready(p, 2)
+  local c = H.connect(p.port)
+  c:send("sleep\n")
+  local sleeper = H.wait_until(function ()
+    for _, w in ipairs(pids) do
+      for _, k in ipairs(H.descendants(w)) do
+        if H.cmdline(k):match("^sleep 1000") then return k end
+      end
+    end
+  end, 5, "the sleep")
+  p:kill("TERM")
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+  lu.assertStrContains(p:err(), "still running after 0.5s: KILL")
+  H.wait_until(function () return not H.alive(sleeper) end, 5, "the sleep to go")
+  c:close()
+end
+
+
+os.exit(lu.LuaUnit.run())
