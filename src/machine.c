@@ -41,6 +41,10 @@ static void ontimer (struct ev_loop *loop, ev_timer *t, int revents);
 static void onready (struct ev_loop *loop, ev_io *io, int revents);
 static void nextrecycle (lua_State *L, master *m);
 
+/* crashes in a row right after the start (of a ready worker) that make
+** its respawns back off */
+#define CRASHLOOP	3
+
 
 /* {======================================================
 ** Workers
@@ -294,24 +298,44 @@ static void failed (lua_State *L, master *m, worker *w, const char *how) {
 }
 
 
-/* a worker's own end: exit 0 */
-static int cleanexit (int status) {
-  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+/* the worker itself failed: an error status or a fatal signal (not
+** KILL, TERM and the like, which come from outside) */
+static int crashed (int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status) != 0;
+  switch (WTERMSIG(status)) {
+    case SIGSEGV: case SIGBUS: case SIGFPE: case SIGILL: case SIGABRT:
+    case SIGSYS: case SIGTRAP:
+      return 1;
+    default:
+      return 0;
+  }
 }
 
 
-/* w's process is gone (status): it is respawned, at once or after a
-** backoff when it died early (a failure in its first SURVIVED seconds,
-** or not ready after its boot_timeout), or freed */
+/* the respawn delay of w, gone with status: 0, or a backoff when it died
+** early (not ready in its first SURVIVED seconds or by its boot_timeout)
+** or keeps crashing right after its start though ready (CRASHLOOP times) */
+static double respawnin (worker *w, int notready, int status) {
+  if (notready && (!w->survived || w->hung))
+    return pf_backoff(w->fails);
+  if (!notready && !w->survived && crashed(status)) {
+    if (++w->crashes >= CRASHLOOP) return pf_backoff(w->crashes - 1);
+  }
+  else
+    w->crashes = 0;
+  return 0;
+}
+
+
+/* w's process is gone (status): it is respawned (at once, or after a
+** backoff: respawnin), or freed */
 static void exited (lua_State *L, master *m, worker *w, int status) {
   char how[32];
   pid_t pid = w->pid;
   double delay = 0;
-  int notready, early;
+  int notready;
   gone(m, w);
   notready = w->state != W_RUNNING;
-  early = (!w->survived && (notready || !cleanexit(status)))
-          || (notready && w->hung);
   w->state = W_PENDING;  /* no process: nothing to signal */
   w->pid = 0;
   fmtstatus(status, how, sizeof(how));
@@ -319,10 +343,10 @@ static void exited (lua_State *L, master *m, worker *w, int status) {
   if (!notready) w->fails = 0;
   else if (w->respawn && !m->stopping) failed(L, m, w, how);  /* may stop */
   if (w->respawn && !m->stopping) {
-    if (early) delay = pf_backoff(w);
+    delay = respawnin(w, notready, status);
     m->respawns++;
     pf_schedule(m, w, delay);
-    pf_log(L, early ? "warn" : "info",
+    pf_log(L, delay > 0 ? "warn" : "info",
            "worker %s (pid %ld) %s: %s%s; respawn in %.3gs", w->name,
            (long)pid, w->hung ? "timed out" : "exited", how,
            notready ? " before it was ready" : "", delay);

@@ -105,10 +105,10 @@ static void forkfailed (lua_State *L, master *m, worker *w,
                         const char *what) {
   int en = errno;
   w->fails++;
-  pf_schedule(m, w, pf_backoff(w));
+  pf_schedule(m, w, pf_backoff(w->fails));
   w->hold = 1;
   pf_log(L, "error", "worker %s: %s failed: %s; retry in %.3gs",
-         w->name, what, strerror(en), pf_backoff(w));
+         w->name, what, strerror(en), pf_backoff(w->fails));
   w->hold = 0;
   if (!w->respawn || m->stopping) pf_freeworker(L, m, w);
 }

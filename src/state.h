@@ -38,6 +38,8 @@ typedef struct worker {
   int hold;  /* in a Lua call that may retire it: free it afterwards */
   int fails;  /* deaths (or boot timeouts) before ready, in a row */
   int survived;  /* it lived SURVIVED seconds */
+  int crashes;  /* crashes (an error or a fatal signal) within SURVIVED
+                ** seconds of the start, in a row, though it was ready */
   int exits;  /* of this id, since the master started */
   int slot;  /* its scoreboard slot, -1 none */
   int ctl;  /* the master's end of its socket, -1 none */
@@ -107,7 +109,7 @@ PF_API void pf_dropports (lua_State *L, worker *w);
 PF_API void pf_freeworker (lua_State *L, master *m, worker *w);
 PF_API void pf_arm (worker *w, double delay);
 PF_API void pf_schedule (master *m, worker *w, double delay);
-PF_API double pf_backoff (worker *w);
+PF_API double pf_backoff (int n);
 PF_API void pf_retire (lua_State *L, master *m, worker *w, int sig);
 PF_API int pf_newslot (master *m);
 

@@ -112,10 +112,11 @@ void pf_schedule (master *m, worker *w, double delay) {
 }
 
 
-double pf_backoff (worker *w) {
+/* the delay after n failures in a row: doubling, capped */
+double pf_backoff (int n) {
   double d = BACKOFF0;
   int i;
-  for (i = 1; i < w->fails && d < BACKOFFMAX; i++) d *= 2;
+  for (i = 1; i < n && d < BACKOFFMAX; i++) d *= 2;
   return d < BACKOFFMAX ? d : BACKOFFMAX;
 }
 
