@@ -29,10 +29,12 @@ PF_EXPORT int luaopen_prefork_core (lua_State *L) {
   pf_open_task(L);
   pf_open_conn(L);
   pf_open_listen(L);
+  pf_open_inherit(L);
   pf_open_fdpass(L);
   pf_open_worker(L);
   pf_open_serve(L);
   pf_open_master(L);
+  pf_open_notify(L);
   pf_open_pool(L);
   pf_open_interp(L);
   lua_pushcfunction(L, l_ncpu);

@@ -271,6 +271,29 @@ int pf_listener_template (const pf_listener *l) {
 
 
 /*
+** A listener object for fd, a listening socket this process inherited
+** (it owns fd from now on, but never removes a Unix socket's file: the
+** one who bound it does); NULL (nothing pushed) when fd has no address.
+** [-0, +(0|1), m]
+*/
+pf_listener *pf_listener_wrap (lua_State *L, int fd) {
+  struct sockaddr_storage ss;
+  socklen_t sl = sizeof(ss);
+  pf_listener *l;
+  memset(&ss, 0, sizeof(ss));
+  if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0) return NULL;
+  l = newlistener(L);
+  l->fd = fd;
+  fmtaddr((struct sockaddr *)&ss, l->addr, sizeof(l->addr));
+  if (ss.ss_family != AF_UNIX) {
+    memcpy(&l->sa, &ss, sizeof(ss));
+    l->salen = sl;
+  }
+  return l;
+}
+
+
+/*
 ** A listening SO_REUSEPORT sibling of the template tpl (same address and
 ** port) on top of the stack; NULL (a closed one pushed, errno set) when
 ** it cannot be made. [-0, +1, m]
@@ -325,6 +348,32 @@ static int li_getfd (lua_State *L) {
 
 static int li_address (lua_State *L) {
   lua_pushstring(L, checkopen(L)->addr);
+  return 1;
+}
+
+
+/* listener:own(on): whether this process removes a Unix socket's file
+** when it closes the listener (one bound here does; an inherited one
+** does not, unless it is taken over from the master it upgrades) */
+static int li_own (lua_State *L) {
+  pf_listener *l = checkopen(L);
+  struct stat st;
+  l->ino = 0;
+  l->owner = 0;
+  if (lua_toboolean(L, 2) && strncmp(l->addr, "unix:", 5) == 0
+      && stat(l->addr + 5, &st) == 0) {
+    l->owner = getpid();
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+  }
+  lua_settop(L, 1);
+  return 1;
+}
+
+
+/* listener:template() -> true for a reuseport template (not listening) */
+static int li_template (lua_State *L) {
+  lua_pushboolean(L, pf_listener_template(checkopen(L)));
   return 1;
 }
 
@@ -407,7 +456,8 @@ static int li_tostring (lua_State *L) {
 void pf_open_listen (lua_State *L) {
   static const luaL_Reg meth[] = {
     {"getfd", li_getfd}, {"address", li_address}, {"close", li_close},
-    {"accept", li_accept}, {"setdefer", li_setdefer},
+    {"accept", li_accept}, {"setdefer", li_setdefer}, {"own", li_own},
+    {"template", li_template},
     {NULL, NULL}
   };
   static const luaL_Reg metameth[] = {

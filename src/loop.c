@@ -10,6 +10,7 @@
 */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -160,12 +161,74 @@ static void writeall (int fd, const char *s, size_t n) {
 }
 
 
+/* {------------------------------------------------------
+** The log file (the `log = "path"` option): stderr appends to it, in the
+** master and in the workers (fd 2 is inherited), and every line of ours
+** begins with an ISO 8601 time. USR1 opens it again (logrotate moved it).
+** ------------------------------------------------------- */
+
+static char logpath[4096];  /* "" none */
+
+
+/* open the log file again on fd 2: 0, or -1 with errno (async-signal-safe:
+** the workers' USR1 handler calls it) */
+int pf_log_reopen (void) {
+  int fd;
+  if (logpath[0] == '\0') return 0;
+  fd = open(logpath, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return -1;
+  if (fd != 2) {
+    dup2(fd, 2);  /* (fd 2 itself stays inherited) */
+    close(fd);
+  }
+  return 0;
+}
+
+
+/* core.logfile(path) -> true | fail: stderr appends to path from now on */
+static int l_logfile (lua_State *L) {
+  size_t n;
+  const char *path = luaL_checklstring(L, 1, &n);
+  luaL_argcheck(L, n > 0 && n < sizeof(logpath), 1, "empty or too long");
+  memcpy(logpath, path, n + 1);
+  if (pf_log_reopen() != 0) {
+    logpath[0] = '\0';
+    return pf_fail(L, "open");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* core.reopenlog() -> true | fail (nothing to do without a log file) */
+static int l_reopenlog (lua_State *L) {
+  if (pf_log_reopen() != 0) return pf_fail(L, "open");
+  lua_pushboolean(L, logpath[0] != '\0');
+  return 1;
+}
+
+
+/* the head of a line: "[time ]prefork[pid]: " */
+static size_t linehead (char *head, size_t size) {
+  size_t n = 0;
+  if (logpath[0] != '\0') {
+    time_t t = time(NULL);
+    struct tm tm;
+    if (localtime_r(&t, &tm) != NULL)
+      n = strftime(head, size, "%Y-%m-%dT%H:%M:%S%z ", &tm);
+  }
+  return n + (size_t)snprintf(head + n, size - n, "prefork[%ld]: ",
+                              (long)getpid());
+}
+
+/* }------------------------------------------------------ */
+
+
 /* one line to stderr in a single write, so that lines of several
 ** processes do not interleave */
 static void logstderr (const char *msg) {
-  char head[32];
-  size_t hl = (size_t)snprintf(head, sizeof(head), "prefork[%ld]: ",
-                               (long)getpid());
+  char head[64];
+  size_t hl = linehead(head, sizeof(head));
   size_t ml = strlen(msg);
   char *line = (char *)malloc(hl + ml + 1);
   if (line == NULL) {  /* no memory: still say it, in pieces */
@@ -262,6 +325,8 @@ void pf_open_loop (lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"setlog", l_setlog},
     {"log", l_log},
+    {"logfile", l_logfile},
+    {"reopenlog", l_reopenlog},
     {"now", l_now},
     {NULL, NULL}
   };

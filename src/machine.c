@@ -108,6 +108,25 @@ static void becameready (lua_State *L, master *m, worker *w) {
   if (old != NULL) pf_retire(L, m, old, SIGTERM);
   nextrecycle(L, m);
   pf_log(L, "info", "worker %s (pid %ld) ready", name, (long)pid);
+  pf_machine_waitready(L, m);
+}
+
+
+/* every worker of the set is ready (none starting, none to spawn)? */
+static int allready (master *m) {
+  worker *w;
+  for (w = m->list; w != NULL; w = w->next)
+    if (w->respawn && w->state != W_RUNNING) return 0;
+  return 1;
+}
+
+
+/* on_ready() once every worker of the set is ready: after the start or a
+** reload (the front asks with m->waitready) */
+void pf_machine_waitready (lua_State *L, master *m) {
+  if (!m->waitready || m->stopping || !allready(m)) return;
+  m->waitready = 0;
+  if (pf_pushcb(L, m, "on_ready")) pf_callhook(L, "on_ready", 0);
 }
 
 /* }====================================================== */
@@ -372,7 +391,8 @@ static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
       return;
     }
   }
-  pf_reaped(c->rpid, c->rstatus);
+  if (!pf_upgrade_reaped(m, c->rpid, c->rstatus))
+    pf_reaped(c->rpid, c->rstatus);
 }
 
 
@@ -445,6 +465,7 @@ static void stop (lua_State *L, master *m, int how, const char *cause) {
   }
   if (m->list == NULL && m->running)
     ev_break(EV_DEFAULT, EVBREAK_ALL);
+  if (pf_pushcb(L, m, "on_stopping")) pf_callhook(L, "on_stopping", 0);
   if (how == 1)
     pf_log(L, "info", "stopping (%s): graceful stop, %d worker%s up to "
            "%.3gs", cause, n, n == 1 ? " gets" : "s get", m->graceful);
@@ -505,6 +526,7 @@ static void forget (void *ud) {
   worker *w;
   pf_signals_forget(m);
   pf_status_forget();
+  pf_upgrade_forget(m);
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_onreap(NULL, NULL);
   for (w = m->list; w != NULL; w = w->next) {
@@ -542,6 +564,7 @@ void pf_machine_stop (master *m) {
   ev_timer_stop(EV_DEFAULT, &m->tick);
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_signals_stop(m);
+  pf_upgrade_forget(m);
 }
 
 /* }====================================================== */

@@ -117,11 +117,11 @@ static int m_drop (lua_State *L) {
 }
 
 
-/* m:stop([graceful]) */
+/* m:stop([graceful [, cause]]) */
 static int m_stop (lua_State *L) {
   master *m = checkmaster(L);
   pf_master_stop(L, m, lua_isnoneornil(L, 2) || lua_toboolean(L, 2) ? 1 : 2,
-                 "master:stop");
+                 luaL_optstring(L, 3, "master:stop"));
   return 0;
 }
 
@@ -202,6 +202,28 @@ static int m_stats (lua_State *L) {
 }
 
 
+/* m:waitready(): on_ready() once every worker of the set is ready (now,
+** if they are) */
+static int m_waitready (lua_State *L) {
+  master *m = checkmaster(L);
+  m->waitready = 1;
+  pf_machine_waitready(L, m);
+  return 0;
+}
+
+
+/* m:upgrading(pid, fd, timeout): watch the new master of an upgrade
+** (on_upgrade(ok, why) tells the outcome) */
+static int m_upgrading (lua_State *L) {
+  master *m = checkmaster(L);
+  pid_t pid = (pid_t)luaL_checkinteger(L, 2);
+  int fd = (int)luaL_checkinteger(L, 3);
+  luaL_argcheck(L, m->uppid == 0, 1, "an upgrade is under way");
+  pf_upgrade_watch(m, pid, fd, luaL_checknumber(L, 4));
+  return 0;
+}
+
+
 /* a worker wanted before run, not yet forked nor waiting for a retry */
 static worker *unspawned (master *m) {
   worker *w;
@@ -250,6 +272,7 @@ static int m_run (lua_State *L) {
     return luaL_error(L, "libev: cannot make the default loop");
   m->L = L;
   m->running = 1;
+  m->waitready = 1;
   m->started = pf_now();
   runningmaster = m;
   pf_machine_start(m, m->tickevery);
@@ -319,6 +342,15 @@ static void readopts (lua_State *L, master *m) {
   m->maxmemory = optsecs(L, "max_memory", 0);
   m->maxfails = (int)optsecs(L, "max_boot_failures", 10);
   m->tickevery = optsecs(L, "tick", 0);
+  if (lua_getfield(L, 1, "user") == LUA_TSTRING) {  /* the front found them */
+    snprintf(m->user, sizeof(m->user), "%s", lua_tostring(L, -1));
+    lua_getfield(L, 1, "uid");
+    lua_getfield(L, 1, "gid");
+    m->uid = (uid_t)luaL_checkinteger(L, -2);
+    m->gid = (gid_t)luaL_checkinteger(L, -1);
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 1);
   lua_getfield(L, 1, "accept");
   m->strategy = pf_checkstrategy(L, -1);
   lua_pop(L, 1);
@@ -339,7 +371,7 @@ static int l_master (lua_State *L) {
   m = (master *)lua_newuserdatauv(L, sizeof(master), 0);
   memset(m, 0, sizeof(*m));
   m->opts = m->ctxs = LUA_NOREF;
-  m->lockfd = -1;
+  m->lockfd = m->upfd = -1;
   m->pid = getpid();
   m->L = L;
   readopts(L, m);
@@ -363,7 +395,8 @@ static int l_master (lua_State *L) {
 void pf_open_master (lua_State *L) {
   static const luaL_Reg meth[] = {
     {"run", m_run}, {"want", m_want}, {"drop", m_drop}, {"stop", m_stop},
-    {"workers", m_workers}, {"stats", m_stats},
+    {"workers", m_workers}, {"stats", m_stats}, {"waitready", m_waitready},
+    {"upgrading", m_upgrading},
     {NULL, NULL}
   };
   static const luaL_Reg metameth[] = {

@@ -75,6 +75,7 @@ PF_API int pf_pcall (lua_State *L, int nargs, int nresults);
 PF_API void pf_log (lua_State *L, const char *level, const char *fmt, ...)
   PF_PRINTF(3, 4);
 PF_API int pf_fail (lua_State *L, const char *what);
+PF_API int pf_log_reopen (void);
 PF_API int pf_failwith (lua_State *L, const char *why, int en);
 PF_API double pf_now (void);
 PF_API void pf_newclass (lua_State *L, const char *name,
@@ -99,6 +100,8 @@ PF_API void pf_reaped (pid_t pid, int status);
 PF_API pid_t pf_takereaped (pid_t pid, int *status);
 PF_API void pf_onreap (int (*hook) (void *ud, pid_t pid, int status),
                        void *ud);
+PF_API int pf_becomeuser (const char *name, uid_t uid, gid_t gid,
+                          const char **what);
 PF_API void pf_open_proc (lua_State *L);
 /* }====================================================== */
 
@@ -204,8 +207,13 @@ PF_API void pf_listener_close (pf_listener *l);
 PF_API int pf_listener_template (const pf_listener *l);
 PF_API int pf_listener_sibling (const pf_listener *l);
 PF_API pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl);
+PF_API pf_listener *pf_listener_wrap (lua_State *L, int fd);
 PF_API void pf_open_listen (lua_State *L);
 /* }====================================================== */
+
+
+/* inherit.c: inherited listening sockets, their variables */
+PF_API void pf_open_inherit (lua_State *L);
 
 
 /* {======================================================
@@ -343,6 +351,9 @@ PF_API void pf_open_interp (lua_State *L);
 
 /* master.c */
 PF_API void pf_open_master (lua_State *L);
+
+/* notify.c: sd_notify */
+PF_API void pf_open_notify (lua_State *L);
 
 /* pool.c */
 PF_API void pf_open_pool (lua_State *L);

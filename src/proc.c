@@ -4,11 +4,14 @@
 */
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
@@ -310,6 +313,155 @@ static int l_fork (lua_State *L) {
 
 
 /* {======================================================
+** The command line, and executing it again (an upgrade)
+** ======================================================= */
+
+/* this process's command line as it was started (the titles write over
+** it), read at the module's load: NUL-separated words */
+static char cmdline[65536];
+static size_t cmdlen = 0;
+static char exe[4096];
+
+
+static void savecmdline (void) {
+  FILE *f = fopen("/proc/self/cmdline", "re");
+  ssize_t n;
+  if (f != NULL) {
+    cmdlen = fread(cmdline, 1, sizeof(cmdline) - 1, f);
+    fclose(f);
+  }
+  n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  exe[n > 0 ? n : 0] = '\0';
+}
+
+
+/* core.cmdline() -> exe, {argv...}: how this process was started */
+static int l_cmdline (lua_State *L) {
+  size_t i = 0;
+  int k = 0;
+  lua_pushstring(L, exe);
+  lua_newtable(L);
+  while (i < cmdlen) {
+    size_t n = strlen(cmdline + i);
+    lua_pushlstring(L, cmdline + i, n);
+    lua_rawseti(L, -2, ++k);
+    i += n + 1;
+  }
+  return 2;
+}
+
+
+/* the strings of the list at idx, as a NULL-terminated array in a
+** userdata (kept on the stack) */
+static char **strings (lua_State *L, int idx) {
+  int i, n = (int)luaL_len(L, idx);
+  char **v = (char **)lua_newuserdatauv(L, sizeof(char *) * ((size_t)n + 1), 0);
+  for (i = 0; i < n; i++) {
+    lua_geti(L, idx, i + 1);
+    v[i] = (char *)(size_t)luaL_checkstring(L, -1);
+    lua_pop(L, 1);  /* (the list keeps it) */
+  }
+  v[n] = NULL;
+  return v;
+}
+
+
+/*
+** core.exec(path, argv, env, keep) -> pid | fail: a new process that
+** executes path with the lists argv and env ("K=V"); the fds in the list
+** keep are inherited (all others close on exec). The child starts with
+** default signals, none blocked.
+*/
+static int l_exec (lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  char **argv = strings(L, 2), **env = strings(L, 3);
+  int i, n = (int)luaL_len(L, 4);
+  pid_t pid;
+  for (i = 1; i <= n; i++) {  /* (checked before the fork) */
+    lua_geti(L, 4, i);
+    luaL_checkinteger(L, -1);
+    lua_pop(L, 1);
+  }
+  if ((pid = pf_fork()) == 0) {
+    sigset_t none;
+    for (i = 1; i <= n; i++) {
+      lua_geti(L, 4, i);
+      fcntl((int)lua_tointeger(L, -1), F_SETFD, 0);
+      lua_pop(L, 1);
+    }
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    execve(path, argv, env);
+    _exit(127);
+  }
+  if (pid < 0) return pf_fail(L, "fork");
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Users: whom the workers run as
+** ======================================================= */
+
+/* core.getuid() -> the effective uid of this process */
+static int l_getuid (lua_State *L) {
+  lua_pushinteger(L, geteuid());
+  return 1;
+}
+
+
+/* core.ids(user [, group]) -> uid, gid, name | nil, why: the ids of a
+** user (a name or a number) and of group (default: the user's own) */
+static int l_ids (lua_State *L) {
+  const char *user = luaL_checkstring(L, 1), *group = luaL_optstring(L, 2, NULL);
+  struct passwd *pw = getpwnam(user);
+  struct group *gr;
+  char *end;
+  unsigned long n = strtoul(user, &end, 10);
+  if (pw == NULL && *end == '\0' && end != user) pw = getpwuid((uid_t)n);
+  if (pw == NULL)
+    return pf_failwith(L, lua_pushfstring(L, "no user '%s'", user), ENOENT);
+  lua_pushinteger(L, pw->pw_uid);
+  if (group == NULL) lua_pushinteger(L, pw->pw_gid);
+  else if ((gr = getgrnam(group)) != NULL) lua_pushinteger(L, gr->gr_gid);
+  else if ((n = strtoul(group, &end, 10)), *end == '\0' && end != group)
+    lua_pushinteger(L, (lua_Integer)n);
+  else
+    return pf_failwith(L, lua_pushfstring(L, "no group '%s'", group), ENOENT);
+  lua_pushstring(L, pw->pw_name);
+  return 3;
+}
+
+
+/* core.chown(path, uid, gid) -> true | fail: a file handed to a user (a
+** Unix socket's, the log file, for the workers) */
+static int l_chown (lua_State *L) {
+  if (chown(luaL_checkstring(L, 1), (uid_t)luaL_checkinteger(L, 2),
+            (gid_t)luaL_checkinteger(L, 3)) != 0)
+    return pf_fail(L, "chown");
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+
+/* become user name (uid, gid), its supplementary groups too: 0, or -1
+** with errno and the failing call in *what */
+int pf_becomeuser (const char *name, uid_t uid, gid_t gid, const char **what) {
+  *what = "initgroups";
+  if (initgroups(name, gid) != 0) return -1;
+  *what = "setgid";
+  if (setgid(gid) != 0) return -1;
+  *what = "setuid";
+  return setuid(uid);
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
 ** Process titles
 ** ======================================================= */
 
@@ -429,7 +581,13 @@ void pf_open_proc (lua_State *L) {
     {"getpid", l_getpid},
     {"subreaper", l_subreaper},
     {"settitle", l_settitle},
+    {"cmdline", l_cmdline},
+    {"ids", l_ids},
+    {"chown", l_chown},
+    {"getuid", l_getuid},
+    {"exec", l_exec},
     {NULL, NULL}
   };
+  if (cmdlen == 0) savecmdline();
   luaL_setfuncs(L, funcs, 0);
 }

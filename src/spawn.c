@@ -73,6 +73,11 @@ static int childmain (lua_State *L) {
   setup(L, a);
   if (m->strategy == PF_ACCEPT_MUTEX && pf_accept_openlock(m->lockfd) < 0)
     return luaL_error(L, "mutex: lock file: %s", strerror(errno));
+  if (m->user[0] != '\0') {
+    const char *what;
+    if (pf_becomeuser(m->user, m->uid, m->gid, &what) != 0)
+      return luaL_error(L, "user %s: %s: %s", m->user, what, strerror(errno));
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
   if (lua_getfield(L, -1, "title") == LUA_TSTRING) {
     char title[256];

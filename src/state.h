@@ -78,6 +78,9 @@ struct master {
   double maxmemory;  /* bytes of RSS; recycling above; 0 none */
   int maxfails;  /* failures to start in a row that stop the master */
   double tickevery;  /* seconds between on_tick calls; 0 none */
+  char user[64];  /* the workers run as this user ("": as the master) */
+  uid_t uid;
+  gid_t gid;
   double started;  /* monotonic */
   unsigned long respawns, timeouts, recycled;  /* since the start */
   unsigned long requests;  /* of the workers that are gone */
@@ -96,6 +99,12 @@ struct master {
   ev_timer memory;  /* max_memory: the workers' RSS, once a second */
   ev_timer tick;  /* on_tick */
   ev_async counted;  /* TTIN and TTOU came (counted, not coalesced) */
+  int waitready;  /* on_ready is due when every worker is ready */
+  pid_t uppid;  /* an upgrade's new master, or 0 */
+  int upfd;  /* it says it is ready there; -1 */
+  double uptimeout;
+  ev_io upio;
+  ev_timer uptimer;
 };
 
 
@@ -127,6 +136,11 @@ PF_API void pf_status_start (master *m, pf_listener *l);
 PF_API void pf_status_stop (void);
 PF_API void pf_status_forget (void);
 
+/* upgrade.c: the old master's side of an upgrade */
+PF_API void pf_upgrade_watch (master *m, pid_t pid, int fd, double timeout);
+PF_API int pf_upgrade_reaped (master *m, pid_t pid, int status);
+PF_API void pf_upgrade_forget (master *m);
+
 /* signals.c: the signals the master takes */
 PF_API void pf_signals_start (master *m);
 PF_API void pf_signals_stop (master *m);
@@ -138,6 +152,7 @@ PF_API void pf_replaces (lua_State *L, master *m, worker *w, worker *old);
 PF_API void pf_master_stop (lua_State *L, master *m, int how,
                             const char *cause);
 PF_API void pf_machine_start (master *m, double tick);
+PF_API void pf_machine_waitready (lua_State *L, master *m);
 PF_API void pf_machine_stop (master *m);
 
 /* spawn.c: forking a worker */

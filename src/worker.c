@@ -83,6 +83,15 @@ static void onstop (int sig) {
 }
 
 
+/* USR1: the log file again (logrotate moved it) */
+static void onusr1 (int sig) {
+  int en = errno;
+  (void)sig;
+  pf_log_reopen();
+  errno = en;
+}
+
+
 /* the master died: stop as on TERM; a second later (the timer's signal)
 ** the worker's process group goes */
 static void ondoom (int sig) {
@@ -190,7 +199,7 @@ static void waitfds (const pf_workerspec *spec) {
 
 
 /* TERM and INT set the stop flag (a worker busy outside accept finishes
-** its work); the master's timeout signal; its death */
+** its work); the master's timeout signal; USR1; the master's death */
 static void handlers (pid_t master) {
   struct sigaction sa;
   struct sigevent sev;
@@ -202,6 +211,8 @@ static void handlers (pid_t master) {
   sigaction(SIGINT, &sa, NULL);
   sa.sa_handler = ontimeout;
   sigaction(PF_SIGTIMEOUT, &sa, NULL);
+  sa.sa_handler = onusr1;
+  sigaction(SIGUSR1, &sa, NULL);
   sa.sa_handler = ondoom;
   sigaction(PF_SIGDOOM, &sa, NULL);
   memset(&sev, 0, sizeof(sev));

@@ -3,7 +3,13 @@
 -- holds the public surface: options and their checking, defaults, the
 -- worker set as contexts, and the objects handed to user code.
 
+if _VERSION ~= "Lua 5.4" then
+  error(("lua-prefork needs Lua 5.4 (this is %s)"):format(_VERSION), 2)
+end
+
 local core = require "prefork.core"
+local listeners = require "prefork.listeners"
+local deploy = require "prefork.deploy"
 
 local prefork = {
   _VERSION = core._VERSION,
@@ -83,7 +89,7 @@ local function opt_integer (min)
 end
 
 for _, name in ipairs{"update", "fork", "on_start", "before_fork",
-                      "after_fork", "on_worker_exit", "on_reload", "log",
+                      "after_fork", "on_worker_exit", "on_reload",
                       "on_tick"} do
   checks[name] = function (v) return isfunction(v), "a function" end
 end
@@ -107,8 +113,18 @@ checks.tick = function (v)
   return math.type(v) ~= nil and v > 0, "a number of seconds > 0"
 end
 checks.status = function (v) return type(v) == "string", "an address" end
+checks.upgrade_timeout = opt_number(0)
+checks.pid_file = function (v) return type(v) == "string", "a path" end
+checks.user = function (v) return type(v) == "string", "a user name" end
+checks.group = function (v) return type(v) == "string", "a group name" end
+checks.reload = function (v)
+  return v == "update" or v == "exec", '"update" or "exec"'
+end
 checks.defer_accept = opt_integer(0)
 checks.title = function (v) return type(v) == "string", "a string" end
+checks.log = function (v)
+  return type(v) == "function" or type(v) == "string", "a function or a path"
+end
 local strategies = {shared = true, master = true, reuseport = true, mutex = true}
 checks.accept = function (v)
   return strategies[v] ~= nil, '"shared", "reuseport", "mutex" or "master"'
@@ -147,23 +163,6 @@ local function checkopts (opts)
   end
 end
 
-
--- bind every address; on a failure close what was bound and raise. With
--- reuseport the TCP ones are templates: each worker id gets its sockets.
-local function bindall (list, backlog, reuseport)
-  if type(list) ~= "table" then list = {list} end
-  local ls = {}
-  for i, a in ipairs(list) do
-    local ok, l, err = pcall(core.listen, a, backlog, reuseport)
-    if not ok or not l then
-      for _, done in ipairs(ls) do done:close() end
-      error(("prefork.start: listen[%d] %q: %s"):format(i, tostring(a),
-            ok and err or l), 3)
-    end
-    ls[i] = l
-  end
-  return ls
-end
 
 -- }======================================================
 
@@ -311,6 +310,7 @@ function Master:reload ()
   if ok then
     self:apply(config, contexts)
     core.log("info", "reloaded: " .. #contexts .. " workers")
+    self.core:waitready()
   else
     core.log("error", "reload failed, the running set stays: " .. tostring(err))
   end
@@ -380,43 +380,37 @@ end
 
 
 local function onsignal (self, name)
-  if name == "HUP" then
+  if name == "HUP" and self.opts.reload == "exec" then
+    deploy.upgrade(self, "HUP")
+  elseif name == "HUP" then
     core.log("info", "HUP: reloading")
+    deploy.reloading()
     self:reload()
   elseif name == "TTIN" or name == "TTOU" then
     scale(self, name)
   elseif name == "USR1" then
-    core.log("info", "USR1: no log file to reopen (the log goes to "
-             .. (self.opts.log and "a function" or "stderr") .. ")")
+    deploy.reopenlog(self)
   elseif name == "USR2" then
-    core.log("warn", "USR2: ignored (no upgrade in this version)")
+    deploy.upgrade(self, "USR2")
   end
 end
 
 -- }======================================================
 
 
--- every listener of opts: the bound ones (with defer_accept) and the
--- status endpoint's; raises, having closed what it opened
+-- every listener of opts (listeners.lua), with defer_accept; raises,
+-- having closed what it opened
 local function openall (opts)
-  local ls = bindall(opts.listen or {}, opts.backlog, opts.accept == "reuseport")
-  local function fail (msg)
-    for _, l in ipairs(ls) do l:close() end
-    error("prefork.start: " .. msg, 4)
-  end
+  local ls = listeners.open(opts, function (msg) core.log("info", msg) end)
   for i, l in ipairs(ls) do
     local ok, err = true, nil
-    if opts.defer_accept and opts.defer_accept > 0 then
+    if opts.defer_accept and opts.defer_accept > 0 and not l:address():match("^unix:") then
       ok, err = l:setdefer(opts.defer_accept)
     end
-    if not ok then fail(("defer_accept on listen[%d]: %s"):format(i, err)) end
-  end
-  if opts.status then
-    local ok, st, err = pcall(core.listen, opts.status)
-    if not ok or not st then
-      fail(("status %q: %s"):format(opts.status, ok and err or st))
+    if not ok then
+      listeners.close(ls)
+      error(("prefork.start: defer_accept on listen[%d]: %s"):format(i, err), 3)
     end
-    ls.status = st
   end
   return ls
 end
@@ -445,8 +439,51 @@ local function coremaster (self, opts, listeners)
     on_exit = opts.on_worker_exit
               and function (info) opts.on_worker_exit(self, info) end,
     on_signal = function (name) onsignal(self, name) end,
-    on_start = opts.on_start and function () opts.on_start(self) end,
+    on_start = function ()
+      core.watchdog(true)
+      if opts.on_start then opts.on_start(self) end
+    end,
+    on_ready = function () deploy.ready(self) end,
+    on_stopping = function () deploy.stopping(self) end,
+    on_upgrade = function (ok, why) deploy.upgraded(self, ok, why) end,
+    user = self.ids and self.ids.name, uid = self.ids and self.ids.uid,
+    gid = self.ids and self.ids.gid,
   }
+end
+
+
+-- the master object for opts and its listeners (ls)
+local function newmaster (opts, ls)
+  local self = setmetatable({
+    opts = opts, listeners = ls, running = {}, contexts = {},
+    count = opts.workers or core.ncpu(), addrs = {}, reloads = 0, upgrades = 0,
+  }, Master)
+  for i, l in ipairs(ls) do self.addrs[i] = l:address() end
+  local ok, ids = pcall(deploy.ids, opts, ls)
+  if not ok then
+    listeners.close(ls)
+    error(ids, 0)
+  end
+  self.ids = ids
+  return self
+end
+
+
+-- the first update, the log, the pid file: what comes before the run;
+-- raises, having closed the listeners
+local function prepare (self, opts)
+  local err
+  self.core, err = coremaster(self, opts, self.listeners)
+  if not self.core then error("prefork.start: " .. err, 0) end
+  local config, contexts = self:update()  -- the master object works in it
+  if config == nil then
+    error("prefork.start: update failed: " .. tostring(contexts), 0)
+  end
+  deploy.openlog(self)
+  if type(opts.log) == "function" then core.setlog(opts.log) end
+  self:apply(config, contexts)
+  deploy.writepid(self)
+  if opts.title then core.settitle(opts.title .. " master") end
 end
 
 
@@ -454,36 +491,15 @@ end
 -- setup failure, having closed what it opened.
 function prefork.start (opts)
   checkopts(opts)
-  local listeners = openall(opts)
-  local self = setmetatable({
-    opts = opts, listeners = listeners, running = {}, contexts = {},
-    count = opts.workers or core.ncpu(), addrs = {}, reloads = 0, upgrades = 0,
-  }, Master)
-  for i, l in ipairs(listeners) do self.addrs[i] = l:address() end
-  local function closeall ()
-    for _, l in ipairs(listeners) do l:close() end
-    if listeners.status then listeners.status:close() end
-  end
-  local err
-  self.core, err = coremaster(self, opts, listeners)
-  if not self.core then
-    closeall()
-    error("prefork.start: " .. err, 2)
-  end
-  local config, contexts = self:update()  -- the master object works in it
-  if config == nil then
-    closeall()
-    error("prefork.start: update failed: " .. tostring(contexts), 2)
-  end
-  if opts.log then core.setlog(opts.log) end
-  self:apply(config, contexts)
-  if opts.title then core.settitle(opts.title .. " master") end
-  local ok, why
-  ok, err, why = pcall(self.core.run, self.core)
-  closeall()
-  if opts.log then core.setlog(nil) end
+  local self = newmaster(opts, openall(opts))
+  local ok, err, why = pcall(prepare, self, opts)
+  if ok then ok, err, why = pcall(self.core.run, self.core) end
+  listeners.close(self.listeners)
+  core.watchdog(false)
+  if type(opts.log) == "function" then core.setlog(nil) end
   if not ok then error(err, 0) end
   if not err then error("prefork.start: giving up: " .. why, 2) end
+  deploy.removepid(self)
   return true
 end
 
