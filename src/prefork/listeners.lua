@@ -35,7 +35,8 @@ local function systemd (out)
   local list = {}
   for name in ((names or "") .. ":"):gmatch("([^:]*):") do list[#list + 1] = name end
   for i = 0, tonumber(n) - 1 do
-    out[#out + 1] = {fd = 3 + i, origin = "systemd:" .. (list[i + 1] or "unknown"),
+    local name = list[i + 1] ~= "" and list[i + 1] or "unknown"
+    out[#out + 1] = {fd = 3 + i, origin = "systemd:" .. name,
                      source = "systemd"}
   end
 end
