@@ -134,14 +134,31 @@ local function isspare (pid)
   return (H.readfile("/proc/" .. pid .. "/comm") or ""):match("^spare executor") ~= nil
 end
 
+--- is pid the server's spare maker (the child that forks the spares)?
+local function ismaker (pid)
+  return (H.readfile("/proc/" .. pid .. "/comm") or ""):match("^spare maker") ~= nil
+end
 
---- the executor pids (children of the server, but the spare) that are alive
+
+--- the executor pids (children of the server, but the spares and their
+-- maker) that are alive
 local function executors (s)
   local t = {}
   for _, pid in ipairs(H.childpids(s)) do
-    if not isspare(pid) then t[#t + 1] = pid end
+    if not isspare(pid) and not ismaker(pid) then t[#t + 1] = pid end
   end
   return t
+end
+
+
+--- the server's spare executors and its spare maker that are alive
+local function spares (s)
+  local t, m = {}, {}
+  for _, pid in ipairs(H.childpids(s)) do
+    if isspare(pid) then t[#t + 1] = pid end
+    if ismaker(pid) then m[#m + 1] = pid end
+  end
+  return t, m
 end
 
 
@@ -362,47 +379,79 @@ function TestInterp:test_a_spare_executor_takes_the_next_call ()
   local log = d .. "/log.txt"
   call(d, "end", {env = "T_LOG=" .. log})
   local s = server(d)
-  local function spares ()
-    local t = {}
-    for _, pid in ipairs(H.childpids(s)) do
-      if isspare(pid) then t[#t + 1] = pid end
-    end
-    return t
+  -- between calls: a spare executor waits, its maker too, and no other child
+  H.wait_until(function () return #spares(s) == 1 and #executors(s) == 0 end, 5, "one spare")
+  local sp, maker = spares(s)
+  sp, maker = sp[1], maker[1]
+  lu.assertNotNil(maker, "the spare maker")
+  lu.assertEquals(#H.childpids(s), 2)
+  if not H.valgrind then
+    lu.assertStrContains(H.cmdline(sp), "t.lua [spare]")
+    lu.assertStrContains(H.cmdline(maker), "t.lua [spare maker]")
   end
-  -- between calls: one spare executor waits, and no other child
-  H.wait_until(function () return #spares() == 1 and #executors(s) == 0 end, 5, "one spare")
-  local sp = spares()[1]
-  if not H.valgrind then lu.assertStrContains(H.cmdline(sp), "t.lua [spare]") end
   -- the next call runs in it, as any executor
   local r = call(d, "fds")
   lu.assertEquals(r.rc, 0)
   lu.assertEquals(tonumber(r.out:match("PID (%d+)")), sp)
   lu.assertEquals(tonumber(r.out:match("PGID (%d+)")), sp)
+  lu.assertEquals(tonumber(r.out:match("SERVER (%d+)")), s)  -- a child of the server
   lu.assertEquals(fdlist(r.out), "0 1 2")
-  H.wait_until(function () return #spares() == 1 and spares()[1] ~= sp end, 5, "a new spare")
-  -- a signal sent to the waiting spare acts there, not on the next call
-  sp = spares()[1]
+  H.wait_until(function () local t = spares(s) return #t >= 1 and t[1] ~= sp end, 5, "a new spare")
+  -- a signal sent to a waiting spare acts there, not on the next call
+  sp = spares(s)[1]
   H.kill(sp, "TERM")
-  H.wait_until(function () return #spares() == 0 end, 5, "the TERMed spare reaped")
+  H.wait_until(function () return not alive(sp) end, 5, "the TERMed spare reaped")
   r = call(d, "echo 2", {input = "next"})
   lu.assertEquals(r.rc, 2)
   lu.assertStrContains(r.out, "NEXT")
-  H.wait_until(function () return #spares() == 1 end, 5, "a spare again")
-  -- a spare that dies: the next call is forked as before, then a new spare
-  sp = spares()[1]
+  lu.assertNotEquals(tonumber(r.out:match("PID (%d+)")), sp)
+  H.wait_until(function () return #spares(s) >= 1 end, 5, "a spare again")
+  -- a spare that dies: the next call is served all the same, then a new spare
+  sp = spares(s)[1]
   H.kill(sp, "KILL")
-  H.wait_until(function () return #spares() == 0 end, 5, "the killed spare reaped")
+  H.wait_until(function () return not alive(sp) end, 5, "the killed spare reaped")
   r = call(d, "echo 3", {input = "after"})
   lu.assertEquals(r.rc, 3)
   lu.assertStrContains(r.out, "AFTER")
-  H.wait_until(function () return #spares() == 1 end, 5, "a spare again")
-  lu.assertStrContains(H.readfile(log), "spare executor " .. sp .. ": status 9")
-  -- the spare goes with the server
-  sp = spares()[1]
+  H.wait_until(function () return #spares(s) >= 1 end, 5, "a spare again")
+  H.wait_until(function () return (H.readfile(log) or ""):find("spare executor " .. sp .. ": status 9", 1, true) end,
+               5, "the killed spare logged")
+  -- the spares and their maker go with the server
+  local left, m = spares(s)
+  left[#left + 1] = m[1]
   H.sh(("cd %s && %s %s t.lua"):format(q(d), WRAPPER, interpwords("--kill")))
-  H.wait_until(function () return not alive(s) and not alive(sp) end, 5, "the server and its spare gone")
-  reap(sp)
+  H.wait_until(function ()
+    for _, p in ipairs(left) do if alive(p) then return false end end
+    return not alive(s)
+  end, 5, "the server, its spares and their maker gone")
+  for _, p in ipairs(left) do reap(p) end
   reap(s)
+end
+
+
+function TestInterp:test_a_killed_spare_maker_comes_back ()
+  local d = newdir()
+  local log = d .. "/log.txt"
+  call(d, "end", {env = "T_LOG=" .. log})
+  local s = server(d)
+  H.wait_until(function () local _, m = spares(s) return #m == 1 end, 5, "the spare maker")
+  local _, m = spares(s)
+  H.kill(m[1], "KILL")
+  H.wait_until(function () return not alive(m[1]) end, 5, "the maker reaped")
+  H.wait_until(function () return (H.readfile(log) or ""):find("spare maker " .. m[1] .. ": status 9", 1, true) end,
+               5, "the maker's death logged")
+  -- calls go on (a waiting spare, or a fork of their own), and a new maker comes
+  for i = 1, 3 do
+    local r = call(d, "echo " .. i, {input = "m" .. i})
+    lu.assertEquals(r.rc, i)
+    lu.assertStrContains(r.out, "M" .. i)
+  end
+  H.wait_until(function ()
+    call(d, "end")
+    local _, m2 = spares(s)
+    return #m2 == 1 and m2[1] ~= m[1]
+  end, 10, "a new spare maker")
+  lu.assertEquals(server(d), s)
 end
 
 
@@ -554,7 +603,8 @@ function TestInterp:test_a_killed_client_interrupts_its_executor ()
   H.wait_until(function ()
     local left = {}
     for _, pid in ipairs(procsin(d)) do
-      if pid ~= s and not isspare(pid) and not H.cmdline(pid):match("^%S*prefork%-interp ") then
+      if pid ~= s and not isspare(pid) and not ismaker(pid)
+         and not H.cmdline(pid):match("^%S*prefork%-interp ") then
         left[#left + 1] = pid
       end
     end
