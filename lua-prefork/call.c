@@ -30,6 +30,9 @@
 ** Connecting, the request, the greeting
 ** ======================================================= */
 
+static int catch_signals (void);
+static int sigpipe_r = -1;  /* the signals caught, to forward */
+
 /* the server must run as we do, or as root */
 static void check_server (int fd) {
   struct ucred cr;
@@ -94,6 +97,7 @@ static int send_request (int sock) {
   size_t len = pf_req_size(environ, cl.exec_argv);
   int i, ok;
   if (len > UINT32_MAX - 4) die("cannot handle data with length >2^32");
+  if (sigpipe_r < 0) sigpipe_r = catch_signals();  /* (from the request on) */
   req = (unsigned char *)xmalloc(len + 4);
   pf_req_encode(req, environ, cl.exec_argv, len);
   memset(mm, 0, sizeof(mm));
@@ -189,7 +193,8 @@ static void on_signal (int sig) {
 }
 
 
-/* forward those the caller did not leave ignored */
+/* forward those the caller did not leave ignored: caught from the moment
+** the request goes (the executor may run before the greeting is read) */
 static int catch_signals (void) {
   int p[2];
   size_t i;
@@ -228,7 +233,7 @@ int call_status (int sock) {
   struct pollfd p[2];
   int status;
   p[0].fd = sock; p[0].events = POLLIN;
-  p[1].fd = catch_signals(); p[1].events = POLLIN;
+  p[1].fd = sigpipe_r; p[1].events = POLLIN;
   while (have < 4) {
     if (poll(p, 2, -1) < 0) {
       if (errno == EINTR) continue;
