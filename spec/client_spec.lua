@@ -181,11 +181,11 @@ end
 
 function Test:tearDown ()
   H.cleanup()
-  for _ = 1, 3 do
+  H.wait_until(function ()  -- (a watcher may fork once more meanwhile)
     for _, pid in ipairs(pids_naming(D)) do H.kill(pid, "KILL") end
-    H.sleep(0.05)
     reap_all()
-  end
+    return #pids_naming(D) == 0
+  end, 10, "the processes of " .. D .. " gone")
   for _, s in ipairs(setups()) do self.idents[#self.idents + 1] = s.path end
   for line in (H.readfile(D .. "/probe") or ""):gmatch("[^\n]+") do
     self.idents[#self.idents + 1] = line:match("^%S+")
@@ -228,17 +228,16 @@ end
 function Test:test_concurrent_callers ()
   run(CLIENT .. " -U perl " .. server())  -- the server exists
   local cmd = {}
-  for i = 1, 6 do
-    cmd[#cmd + 1] = ("(%s -U perl %s sleep 0.3 %d >o%d; echo $? >rc%d) &"):format(
+  for i = 1, 6 do  -- each call waits (up to 10 s) until three run at once
+    cmd[#cmd + 1] = ("(%s -U perl %s meet 3 %d >o%d; echo $? >rc%d) &"):format(
                     CLIENT, server(), i, i, i)
   end
-  local t0 = H.now()
   local r = run("sh -c " .. q(table.concat(cmd, " ") .. " wait"))
   lu.assertEquals(r.code, 0)
-  lu.assertTrue(H.now() - t0 < 5)
   for i = 1, 6 do
     lu.assertEquals(H.readfile(D .. "/rc" .. i), i .. "\n")
-    lu.assertStrContains(H.readfile(D .. "/o" .. i), "sleep 0.3 " .. i .. "\n")
+    lu.assertStrContains(H.readfile(D .. "/o" .. i), "meet 3 " .. i .. "\n")
+    lu.assertStrMatches(H.readfile(D .. "/o" .. i), ".*met [3-6]\n.*")  -- not one by one
   end
   lu.assertEquals(#setups(), 1)
 end
@@ -480,11 +479,12 @@ function Test:test_bad_greetings_are_clear_errors ()
   }
   for _, c in ipairs(cases) do
     local f, opts = fake(self, c[1])
-    local t0 = H.now()
     local r = run(CLIENT .. " " .. opts .. " a")
     lu.assertEquals(r.code, 127, c[1])
     lu.assertStrMatches(r.err, "^" .. c[2] .. "$")
-    lu.assertTrue(H.now() - t0 < 2.5, c[1])  -- no wait for data over the limit
+    if c[1] == "badmagic" or c[1] == "hugexlen" then  -- no wait for more data:
+      lu.assertNotStrContains(f:out(), "closed\n", c[1])  -- the fake still holds on
+    end
     f:stop()
   end
 end
