@@ -733,6 +733,32 @@ function TestInterp:test_bad_input_fails_that_call_only ()
 end
 
 
+function TestInterp:test_idle_connections_hold_no_server_slot ()
+  local d = newdir()
+  local log = d .. "/log.txt"
+  call(d, "end", {env = "T_MAX=4 T_LOG=" .. log})
+  local s = server(d)
+  local path = assert(sockpath(s))
+  local idle = {}
+  for i = 1, 4 do  -- as many as max_servers: greeted, and never a request
+    local c, g = fakeconnect(path)
+    lu.assertEquals(g, "PFI\n\0\0\0\0")
+    idle[i] = c
+  end
+  -- a real call goes through all the same, at once (before, it waited 30 s)
+  local r = call(d, "echo 3", {input = "busy", timeout = 10})
+  lu.assertEquals(r.rc, 3)
+  lu.assertStrContains(r.out, "BUSY")
+  -- the idle ones are closed at their deadline, and logged
+  for _, c in ipairs(idle) do assertclosed(c) end
+  H.wait_until(function ()
+    local _, n = (H.readfile(log) or ""):gsub("call: no complete request within 2 s %(client pid %d+%): closed", "")
+    return n == 4
+  end, 5, "the four logged")
+  lu.assertEquals(server(d), s)
+end
+
+
 function TestInterp:test_max_errors_is_counted ()
   local d = newdir()
   local log = d .. "/log.txt"
