@@ -489,6 +489,39 @@ function Test:test_bad_greetings_are_clear_errors ()
   end
 end
 
+function Test:test_a_server_of_another_uid_gets_nothing ()
+  local nobody = tonumber(H.sh("id -u nobody 2>/dev/null"):match("%d+") or "")
+  if H.sh("id -u"):match("%d+") ~= "0" or H.sh("command -v setpriv") == "" or not nobody then
+    lu.skip("needs root, setpriv and a user nobody to run a server as another uid")
+  end
+  -- a fake server run by nobody, from a directory it can read (the
+  -- checkout may be under a 0700 one); our socket path a symlink to it
+  local T = H.sh("mktemp -d /tmp/lpcred.XXXXXX"):match("%S+")
+  H.sh(("chmod 755 %s && mkdir %s/s && chown nobody %s/s && cp %s %s/ && chmod 644 %s/fake.pl")
+       :format(T, T, T, q(FIXTURES .. "fake.pl"), T, T))
+  local tag = D:match("[^.]+$")
+  local path = runbase() .. "/slpt" .. tag
+  os.execute("mkdir -p -m 0700 " .. q(runbase()))
+  self.idents[#self.idents + 1] = path
+  local f = H.spawn(("setpriv --reuid=nobody --regid=nogroup --clear-groups perl %s/fake.pl %s/s/sock status 0")
+                    :format(T, T))
+  local ok, err = pcall(function ()
+    f:expect("ready\n")
+    H.sh(("ln -sf %s/s/sock %s"):format(T, q(path)))
+    local r = run(CLIENT .. " -g lpt" .. tag .. " -U perl " .. server() .. " a", "secret input\n")
+    lu.assertEquals(r.code, 127, r.err)
+    lu.assertStrContains(r.err, "lua-prefork: the server on " .. path .. " runs as uid " .. nobody)
+    lu.assertStrContains(r.err, "refused (nothing was sent to it)")
+    H.wait_until(function () return f:out():match("closed\n") end, 10, "the fake to see the client go")
+    lu.assertNotStrContains(f:out(), "request")  -- neither fds nor environment
+    lu.assertEquals(#setups(), 0)  -- and no server of ours started instead
+  end)
+  f:stop()
+  os.remove(path)
+  H.sh("rm -rf " .. q(T))
+  if not ok then error(err, 0) end
+end
+
 function Test:test_extra_data_is_skipped ()
   local _, opts = fake(self, "xdata")
   local r = run(CLIENT .. " " .. opts .. " a")
