@@ -20,6 +20,9 @@ local interp = {}
 -- it shares with the server (see "A quick end" in src/interp_exec.c)
 local sentinel = core.interp_sentinel()
 interp._sentinel = sentinel
+-- the data the initialisation is about to make, in one heap: the server
+-- puts it in huge pages, which makes the forks of spares cheaper
+core.interp_oneheap()
 
 local also = {}  -- prefork_autoreload_also_check paths
 
