@@ -35,10 +35,10 @@
 #if !defined(PF_INTERP_MAXPENDING)
 #define PF_INTERP_MAXPENDING	32
 #endif
-/* most spare executors kept ready (calls back to back raise the count
-** from one up to this) */
+/* most spare executors kept ready (two are; calls that find none raise
+** the count up to this) */
 #if !defined(PF_INTERP_MAXSPARES)
-#define PF_INTERP_MAXSPARES	2
+#define PF_INTERP_MAXSPARES	3
 #endif
 
 
@@ -126,6 +126,7 @@ PF_API void pf_ispare_init (int keep, struct ev_watcher *onspare);
 PF_API pf_ijob *pf_ispare_fork (void);
 PF_API int pf_ispare_take (const pf_ijob *j, pid_t *pid);
 PF_API void pf_ispare_more (void);
+PF_API void pf_ispare_topup (void);
 PF_API void pf_ispare_stop (void);
 PF_API void pf_ispare_forget (void);
 PF_API void pf_ispare_wait (void);

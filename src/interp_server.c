@@ -258,10 +258,12 @@ static void timeoutcb (struct ev_loop *loop, ev_timer *w, int revents) {
 }
 
 
-/* the status of a call to its client; the call lingers until reaped */
+/* the status of a call to its client (the call lingers until reaped);
+** now the spare it took is replaced */
 static void answer (call *c, int st) {
   pf_icall_answer(&c->c, st);
   ev_io_stop(EV_DEFAULT, &c->io);
+  pf_ispare_topup();
 }
 
 
@@ -421,6 +423,8 @@ static int stale (void) {
 static void takeconn (int fd) {
   struct ucred cr;
   socklen_t len = sizeof(cr);
+  cr.uid = (uid_t)-1;
+  cr.pid = 0;
   if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0
       || cr.uid != S.uid) {
     pf_ilog(0, LOG_ERR, "refused a connection from uid %ld (pid %ld)",

@@ -5,12 +5,14 @@
 ** exit; neither should hold up a call. So executors are forked ahead, by
 ** the spare maker (interp_exec.c), a child made once the script is
 ** initialised, and the server hands each complete request to a ready
-** spare. The spare that takes a call is replaced at once, while that
-** call runs; one spare is kept ready, two once a call found none (calls
-** back to back). The spares are the server's children (the maker forks
-** them with CLONE_PARENT): the server has their statuses. A maker that
-** dies is made again, at most once a second; meanwhile calls are forked
-** as they come, as they are when no spare is ready.
+** spare. Two spares are kept ready, three once a call found none. The
+** spare that takes a call is replaced once that call is answered, not
+** while it runs: on two cores the fork would compete with the call (a
+** call that leaves none ready has its spare replaced at once). The
+** spares are the server's children (the maker forks them with
+** CLONE_PARENT): the server has their statuses. A maker that dies is made
+** again, at most once a second; meanwhile calls are forked as they come,
+** as they are when no spare is ready.
 */
 
 #include <errno.h>
@@ -219,7 +221,8 @@ pf_ijob *pf_ispare_fork (void) {
 ** answers one byte once it has the call; without it (a spare killed a
 ** moment ago keeps its socket while the kernel takes its memory apart)
 ** the call was not taken. That wait is bounded (1 s: a stopped spare).
-** The spare is replaced at once: the maker forks while the call runs.
+** The spare is replaced once the call is answered (pf_ispare_topup), or
+** at once when none is left.
 */
 int pf_ispare_take (const pf_ijob *j, pid_t *pid) {
   int i;
@@ -232,13 +235,22 @@ int pf_ispare_take (const pf_ijob *j, pid_t *pid) {
     if (pf_iexec_handoff(p.fd, j) && poll(&p, 1, 1000) == 1)
       (void)!recv(p.fd, &ack, 1, MSG_DONTWAIT);
     forgetspare(i);
+    if (ack == 'A') {
+      if (P.nspares + P.making == 0) topup();
+      return 1;
+    }
     topup();
-    if (ack == 'A') return 1;
     pf_ilog(0, LOG_WARNING, "spare executor %ld: did not take the call",
             (long)*pid);
     kill(*pid, SIGKILL);  /* reaped by the loop */
   }
   return 0;
+}
+
+
+/* a call was answered: the spares it took are replaced */
+void pf_ispare_topup (void) {
+  topup();
 }
 
 
@@ -253,7 +265,7 @@ void pf_ispare_more (void) {
 void pf_ispare_init (int keep, ev_watcher *onspare) {
   P.keep = keep;
   P.onspare = onspare;
-  P.want = 1;
+  P.want = 2;
   P.makerfd = -1;
   P.wantmaker = keep;
   ev_io_init(&P.mw, makercb, -1, EV_READ);
