@@ -258,16 +258,16 @@ static void timeoutcb (struct ev_loop *loop, ev_timer *w, int revents) {
 }
 
 
-/* the status of a call to its client (the call lingers until reaped);
-** now the spare it took is replaced */
+/* the status of a call to its client; the call lingers until reaped */
 static void answer (call *c, int st) {
   pf_icall_answer(&c->c, st);
   ev_io_stop(EV_DEFAULT, &c->io);
-  pf_ispare_topup();
 }
 
 
-/* the executor ended: its status to the client, and the call is done */
+/* the executor ended: its status to the client, the call is done, and
+** only now the spare it took is replaced (its client and its teardown
+** are out of the way) */
 static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   call *c = (call *)w->data;
   int st = w->rstatus;
@@ -284,6 +284,7 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))
     pf_ilog(0, LOG_INFO, "executor %ld: status %d", (long)pid, st);
   freecall(c);
+  pf_ispare_topup();
 }
 
 

@@ -6,9 +6,10 @@
 ** the spare maker (interp_exec.c), a child made once the script is
 ** initialised, and the server hands each complete request to a ready
 ** spare. Two spares are kept ready, three once a call found none. The
-** spare that takes a call is replaced once that call is answered, not
-** while it runs: on two cores the fork would compete with the call (a
-** call that leaves none ready has its spare replaced at once). The
+** spare that takes a call is replaced once that call is over (its
+** executor reaped), not while it runs or while its client takes its
+** status: on two cores the fork would compete with them (a call that
+** leaves none ready has its spare replaced at once). The
 ** spares are the server's children (the maker forks them with
 ** CLONE_PARENT): the server has their statuses. A maker that dies is made
 ** again, at most once a second; meanwhile calls are forked as they come,
@@ -221,8 +222,8 @@ pf_ijob *pf_ispare_fork (void) {
 ** answers one byte once it has the call; without it (a spare killed a
 ** moment ago keeps its socket while the kernel takes its memory apart)
 ** the call was not taken. That wait is bounded (1 s: a stopped spare).
-** The spare is replaced once the call is answered (pf_ispare_topup), or
-** at once when none is left.
+** The spare is replaced once the call is over (pf_ispare_topup), or at
+** once when none is left.
 */
 int pf_ispare_take (const pf_ijob *j, pid_t *pid) {
   int i;
@@ -248,7 +249,7 @@ int pf_ispare_take (const pf_ijob *j, pid_t *pid) {
 }
 
 
-/* a call was answered: the spares it took are replaced */
+/* a call is over: the spare it took is replaced */
 void pf_ispare_topup (void) {
   topup();
 }
