@@ -70,6 +70,16 @@ local function server (d)
 end
 
 
+--- a server whose log goes to d/log.txt (env: more T_* settings): d,
+-- the log's path, the server's pid
+local function logserver (env)
+  local d = newdir()
+  local log = d .. "/log.txt"
+  call(d, "end", {env = (env and env .. " " or "") .. "T_LOG=" .. log})
+  return d, log, server(d)
+end
+
+
 --- the fds listed in an executor's "FDS ..." line, below 1000 (valgrind
 -- keeps its own above), sorted, as a string
 local function fdlist (out)
@@ -373,10 +383,7 @@ end
 
 
 function TestInterp:test_a_spare_executor_takes_the_next_call ()
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver()
   -- between calls: spare executors wait, their maker too, and no other child
   H.wait_until(function () return #spares(s) >= 1 and #executors(s) == 0 end, 5, "a spare")
   local sp, maker = spares(s)
@@ -432,10 +439,7 @@ end
 
 
 function TestInterp:test_a_killed_spare_maker_comes_back ()
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver()
   H.wait_until(function () local _, m = spares(s) return #m == 1 end, 5, "the spare maker")
   local _, m = spares(s)
   H.kill(m[1], "KILL")
@@ -698,10 +702,7 @@ local BAD = {
 
 
 function TestInterp:test_bad_input_fails_that_call_only ()
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver()
   local path = assert(sockpath(s))
   local nfd = H.fdcount(s)
   for _, b in ipairs(BAD) do
@@ -738,10 +739,7 @@ end
 
 
 function TestInterp:test_idle_connections_hold_no_server_slot ()
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_MAX=4 T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver("T_MAX=4")
   local path = assert(sockpath(s))
   local idle = {}
   for i = 1, 4 do  -- as many as max_servers: greeted, and never a request
@@ -764,10 +762,7 @@ end
 
 
 function TestInterp:test_max_errors_is_counted ()
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_MAXERR=2 T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver("T_MAXERR=2")
   local path = assert(sockpath(s))
   for _ = 1, 3 do
     local c = fakeconnect(path)
@@ -786,10 +781,7 @@ function TestInterp:test_a_peer_of_another_uid_is_refused ()
   if uid ~= 0 or H.sh("command -v setpriv") == "" then
     lu.skip("needs root and setpriv to connect as nobody")
   end
-  local d = newdir()
-  local log = d .. "/log.txt"
-  call(d, "end", {env = "T_LOG=" .. log})
-  local s = server(d)
+  local d, log, s = logserver()
   local path = assert(sockpath(s))
   -- nobody, with the capability to pass the 0700 run directory
   local out = H.sh(("setpriv --reuid=65534 --regid=65534 --clear-groups " ..
