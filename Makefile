@@ -30,7 +30,9 @@ SRCS = src/core.c src/loop.c src/proc.c src/serial.c src/score.c \
        src/task.c src/conn.c src/listen.c src/inherit.c src/fdpass.c \
        src/accept.c src/worker.c src/serve.c src/table.c src/supervise.c \
        src/status.c src/signals.c src/upgrade.c src/spawn.c src/machine.c \
-       src/master.c src/notify.c src/pool.c src/interp.c
+       src/master.c src/notify.c src/pool.c src/wire.c src/interp.c \
+       src/interp_server.c src/interp_spare.c src/interp_log.c \
+       src/interp_call.c src/interp_exec.c
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua src/prefork/pool.lua src/prefork/interp.lua \
@@ -39,6 +41,9 @@ LUASRC = src/prefork/init.lua src/prefork/pool.lua src/prefork/interp.lua \
 # dynamic loader, no NSS); CLIENT_STATIC= links it dynamically, but for
 # nettle (the sanitizer builds do)
 CLIENT = $(BUILD)/lua-prefork
+CLIENT_SRCS = lua-prefork/main.c lua-prefork/msg.c lua-prefork/args.c \
+              lua-prefork/rundir.c lua-prefork/call.c lua-prefork/spawn.c \
+              src/wire.c
 CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
                 $(CFLAGS)
 CLIENT_STATIC = -static
@@ -87,9 +92,9 @@ $(CORE): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
 
-$(CLIENT): lua-prefork/lua-prefork.c
+$(CLIENT): $(CLIENT_SRCS) lua-prefork/client.h src/wire.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CLIENT_CFLAGS) $(CLIENT_STATIC) -o $@ lua-prefork/lua-prefork.c $(LDFLAGS) $(NETTLE_LIBS)
+	$(CC) $(CLIENT_CFLAGS) $(CLIENT_STATIC) -o $@ $(CLIENT_SRCS) $(LDFLAGS) $(NETTLE_LIBS)
 
 # what the test suite needs (make deps DEPS="..." installs another list)
 deps:
@@ -149,9 +154,9 @@ clean:
 
 # libFuzzer targets (clang; Debian's libclang-rt) for every parser of
 # outside input; FUZZ_SECONDS each, from the seed corpus in fuzz/corpus/
-FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame interp_request interp_env
-# standalone targets (no Lua harness): the lua-prefork command's parsers
-FUZZ_C_TARGETS = interp_greeting
+FUZZ_TARGETS = http_request conn_read fd_frame serial pool_frame
+# standalone targets (no Lua harness): the prefork-interp wire (src/wire.c)
+FUZZ_C_TARGETS = interp_greeting interp_request interp_env wire_roundtrip
 FUZZ_SECONDS = 60
 FUZZ_CC = clang
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
@@ -180,7 +185,7 @@ fuzz-run: $(FUZZ_LIB)
 	done
 	@for t in $(FUZZ_C_TARGETS); do \
 	  $(FUZZ_CC) -std=c99 -D_GNU_SOURCE $(FUZZ_FLAGS) \
-	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c || exit 1; \
+	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c src/wire.c || exit 1; \
 	done
 	@for t in $(FUZZ_TARGETS) $(FUZZ_C_TARGETS); do \
 	  mkdir -p $(BUILD)/fuzz/corpus-$$t; \

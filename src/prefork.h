@@ -316,35 +316,9 @@ PF_API void pf_open_serve (lua_State *L);
 
 
 /* {======================================================
-** interp.c: the prefork-interp server (wire parsers are pure, fuzzed)
+** interp.c: the prefork-interp server (interp*.c; their own header
+** is interp.h, the wire's wire.h)
 ** ======================================================= */
-
-#include <time.h>
-
-/* longest request (environment and argv) a client may send */
-#if !defined(PF_INTERP_MAXREQ)
-#define PF_INTERP_MAXREQ	(1024 * 1024)
-#endif
-/* seconds from the greeting until the request must be complete */
-#if !defined(PF_INTERP_REQTIMEOUT)
-#define PF_INTERP_REQTIMEOUT	30.0
-#endif
-#define PF_INTERP_GREETLEN	8
-
-typedef struct pf_interp_env {
-  struct timespec mtime;  /* the socket's mtime: the autoreload baseline */
-  int fd[4];  /* LISTEN, CALL, WATCHI, WATCHE */
-} pf_interp_env;
-
-typedef struct pf_interp_req {
-  char **env, **argv;  /* NULL-terminated; env owns the one allocation */
-  int nenv, nargv;
-} pf_interp_req;
-
-PF_API const char *pf_interp_parseenv (const char *s, pf_interp_env *e);
-PF_API size_t pf_interp_greeting (unsigned char *buf);
-PF_API const char *pf_interp_parsereq (char *buf, size_t len,
-                                       pf_interp_req *r);
 PF_API void pf_open_interp (lua_State *L);
 /* }====================================================== */
 

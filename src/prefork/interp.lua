@@ -9,17 +9,20 @@
 --   interp.initialisation_complete{max_servers = 4}
 --   ... per-invocation code: arg, os.getenv, io.* are the caller's ...
 --
--- The server, its calls and the executors are C (src/interp.c), on the
--- module's libev loop.
+-- The server, its calls and the executors are C (src/interp*.c, the wire
+-- in src/wire.c), on the module's libev loop.
 
 local core = require "prefork.core"
 
 local interp = {}
 
 -- made first, finalized last: ends an executor without freeing the heap
--- it shares with the server (see quickend in src/interp.c)
+-- it shares with the server (see "A quick end" in src/interp_exec.c)
 local sentinel = core.interp_sentinel()
 interp._sentinel = sentinel
+-- the data the initialisation is about to make, in one heap: the server
+-- puts it in huge pages, which makes the forks of spares cheaper
+core.interp_oneheap()
 
 local also = {}  -- prefork_autoreload_also_check paths
 
@@ -138,7 +141,7 @@ function interp.initialisation_complete (opts)
   for _, p in ipairs(opts.autoreload_extra or {}) do files[#files + 1] = p end
   for _, p in ipairs(also) do files[#files + 1] = p end
   local keep = {}
-  for i, fd in ipairs(opts.keep_fds or {}) do keep[i] = tostring(fd) end
+  for i, fd in ipairs(opts.keep_fds or {}) do keep[i] = fd end
   local argv = core.interp_serve(env, {
     files = files,
     keep = keep,
@@ -149,6 +152,7 @@ function interp.initialisation_complete (opts)
     ident = "prefork-interp " .. (script or "?"),
     servertitle = (script or "lua") .. " [server]",
     sparetitle = (script or "lua") .. " [spare]",
+    makertitle = (script or "lua") .. " [spare maker]",
   })
   -- only an executor gets here
   _G.arg = makearg(argv, script)
