@@ -17,7 +17,7 @@
 #include <unistd.h>
 #include <sys/mman.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 /* {======================================================

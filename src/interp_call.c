@@ -13,7 +13,7 @@
 #include <unistd.h>
 #include <sys/socket.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 /* the greeting: 1 sent, 0 the client is gone already, -1 errno */

@@ -24,7 +24,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 static pf_iexeccfg X;  /* the server's, for its executors */

@@ -11,7 +11,7 @@
 #include <syslog.h>
 #include <unistd.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 static struct {

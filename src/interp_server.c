@@ -38,7 +38,7 @@
 
 #include <ev.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 /* {======================================================

@@ -29,7 +29,7 @@
 
 #include <ev.h>
 
-#include "interp.h"
+#include "interp_state.h"
 
 
 typedef struct spare {

@@ -3,25 +3,28 @@
 ** Nothing here is exported from the shared object: only luaopen_prefork_core is.
 **
 ** The files, in layers: each calls only files of the layers below it
-** (docs/architecture.md draws them).
+** (docs/architecture.md draws them and says where a new feature goes).
 **
-**   8  core.c                  registers the rest
-**   7  master.c                the master's Lua interface, its run
-**   6  machine.c  spawn.c      its state machine; forking a worker
-**   5  signals.c  status.c     its signals; its status endpoint
-**      table.c                 its worker table  (the master's files
-**      supervise.c             watchdogs          share state.h)
-**      pool.c  interp.c        a process pool; the prefork-interp server
+**   9  core.c                  registers the rest
+**   8  master.c  notify.c      the master's Lua interface and run; sd_notify
+**   7  machine.c               its state machine
+**   6  spawn.c                 forking a worker
+**   5  status.c  upgrade.c     its status endpoint; an upgrade's old side
+**      table.c                 its worker table (the master's files share
+**      supervise.c signals.c   state.h); watchdogs; its signals
+**      pool.c                  a process pool
+**      interp*.c               the prefork-interp server (interp_state.h)
 **   4  serve.c                 worker:serve, the worker's accept loop
 **   3  worker.c                the worker side of a master
 **   2  accept.c                the accept strategies, both sides
 **   1  fdpass.c                SCM_RIGHTS, peer credentials
+**      inherit.c               inherited listeners (uses listen.c)
 **      listen.c                listening sockets (uses conn.c)
 **      conn.c                  connection objects, fds of Lua values
 **   0  task.c                  the coroutine scheduler (uses the rest of 0)
 **      score.c                 the scoreboard; a worker's heartbeat
 **      loop.c proc.c serial.c  libev and logging; processes; values
-**      wire.h                  byte-level encodings (no Lua)
+**      wire.c                  byte-level encodings (no Lua: the client's too)
 */
 
 #if !defined(prefork_h)
@@ -317,7 +320,7 @@ PF_API void pf_open_serve (lua_State *L);
 
 /* {======================================================
 ** interp.c: the prefork-interp server (interp*.c; their own header
-** is interp.h, the wire's wire.h)
+** is interp_state.h, the wire's wire.h)
 ** ======================================================= */
 PF_API void pf_open_interp (lua_State *L);
 /* }====================================================== */

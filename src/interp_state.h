@@ -1,6 +1,6 @@
 /*
-** interp.h: what the files of the prefork-interp server share. From the
-** bottom up (a file calls only the files above it in this list):
+** interp_state.h: what the files of the prefork-interp server share.
+** From the bottom up (a file calls only the files above it in this list):
 **   wire.c           the wire, pure (src/wire.h)
 **   interp_exec.c    the executor: the per-call child, its quick end and
 **                    early status, the spare maker and the spares
@@ -13,8 +13,8 @@
 **   interp.c         the Lua entry (core.interp_*)
 */
 
-#if !defined(interp_h)
-#define interp_h
+#if !defined(interp_state_h)
+#define interp_state_h
 
 #include <signal.h>
 #include <sys/types.h>
