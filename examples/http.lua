@@ -5,7 +5,9 @@
 -- request's headers, the worker's PID and the time. Workers run worker:serve: many connections each, one coroutine
 -- per connection, HTTP/1.1 persistent connections (pipelining-safe),
 -- HTTP/1.0 keep-alive on request, "Connection: close" honoured. A
--- malformed request gets 400 and the connection closes.
+-- malformed request gets 400 and the connection closes. Each request
+-- counts (worker:count) toward max_requests; a worker that hangs for 10 s
+-- is replaced; HUP starts new workers, USR2 upgrades to the code on disk.
 -- Try: curl -i http://127.0.0.1:8080/   or   wrk http://127.0.0.1:8080/
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
@@ -58,9 +60,14 @@ local function page (req)
 end
 
 
+local worker  -- this process's, once it is one
+
 -- one connection, in its own coroutine: requests until one of the two
--- sides wants to close
+-- sides wants to close, or the worker stops (its last answer says that
+-- the connection closes: a graceful stop, reload or upgrade loses no
+-- request of a keep-alive client)
 local function serve (conn)
+  local first = true
   conn:settimeout(10)  -- an idle or slow client does not stay forever
   while true do
     local req, err = read_request(conn)
@@ -77,14 +84,27 @@ local function serve (conn)
       return
     end
     if length > 0 and not conn:read(length) then return end  -- read, not used
-    local keep = keepalive(req)
+    if not first then worker:count() end  -- (the connection counted one)
+    first = false
+    local keep = keepalive(req) and not worker:stopping()
     if not respond(conn, "200 OK", page(req), keep) or not keep then return end
   end
 end
 
 
+local generation = 0
+
 prefork.start{
   workers = tonumber(os.getenv("WORKERS")) or prefork.ncpu(),
+  -- a worker without a heartbeat for 10 s is replaced (a handler that
+  -- hangs), and so is one after about 10 000 requests (a slow leak)
+  timeout = 10,
+  max_requests = 10000, max_requests_jitter = 1000,
+  -- each HUP starts new workers (this is where a new config would load)
+  update = function ()
+    generation = generation + 1
+    return {generation = generation}
+  end,
   listen = (arg[2] or "127.0.0.1"):gsub("^(.*:.*)$", "[%1]") .. ":" .. (arg[1] or 8080),
   title = "http.lua",
   on_start = function (master)
@@ -93,5 +113,8 @@ prefork.start{
     io.stdout:flush()
   end,
   accept = os.getenv("ACCEPT"),  -- "shared" (default) or "master"
-  fork = function (worker) worker:serve(serve) end,
+  fork = function (w)
+    worker = w
+    worker:serve(serve)
+  end,
 }
