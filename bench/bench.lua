@@ -210,6 +210,79 @@ B.case{name = "respawn", title = "respawn: SIGKILL of the only worker until its 
   end}
 
 
+B.case{name = "hang", title = "hung worker (timeout 2 s): GET /hang spins until the worker is replaced and a new one answers",
+  unit = "ms", better = "lower", target = {max = 3000},
+  note = "From the GET /hang that makes the only worker spin in its handler, to "
+    .. "the first answer of its replacement (lua-prefork: timeout = 2, which also "
+    .. "logs the Lua traceback; gunicorn --timeout 2; unicorn timeout 3, its least).",
+  run = function ()
+    local peers = {
+      {"lua-prefork", function (port)
+        return ("env QUIET=1 TIMEOUT=2 %s bench/hello.lua %d 1"):format(H.lua, port) end},
+      {"gunicorn", function (port)
+        return ("gunicorn -w 1 -k sync --timeout 2 -b 127.0.0.1:%d --chdir bench/peers "
+                .. "hang_wsgi:app"):format(port) end},
+      {"unicorn", function (port)
+        H.writefile(tmp .. "/unicorn-hang.rb", "worker_processes 1\ntimeout 3\n")
+        return ("unicorn -E none -c %s/unicorn-hang.rb -l 127.0.0.1:%d bench/peers/hang.ru")
+               :format(tmp, port) end},
+    }
+    local samples, errors = {}, {}
+    for r = 1, quick and 1 or 3 do
+      for _, peer in ipairs(peers) do
+        local port = B.freeport()
+        local ok, p = pcall(B.server, peer[1], peer[2](port), port)
+        if ok then
+          local t0 = H.now()
+          local c = require("socket").connect("127.0.0.1", port)
+          c:send("GET /hang HTTP/1.0\r\n\r\n")
+          H.sleep(0.05)  -- the worker spins
+          local answered = pcall(H.wait_until, function ()
+            return H.request(port, GET, 1)
+          end, 15)
+          c:close()
+          samples[peer[1]] = samples[peer[1]] or {}
+          if answered then table.insert(samples[peer[1]], (H.now() - t0) * 1000)
+          else errors[peer[1]] = (errors[peer[1]] or 0) + 1 end
+          B.say(("  round %d %-12s %s"):format(r, peer[1], answered
+                and ("%.0f ms"):format(samples[peer[1]][#samples[peer[1]]]) or "not replaced"))
+          B.stop(p)
+        end
+      end
+    end
+    return samples, errors
+  end}
+
+
+B.case{name = "heartbeat", title = "the heartbeat's cost: HTTP hello keep-alive, 2 workers, timeout on (default 30 s) against timeout = false",
+  unit = "req/s", better = "higher",
+  note = "The same bench/hello.lua; with timeout on each loop turn, accept and "
+    .. "read or write stamps the worker's heartbeat (a coarse clock, no system call).",
+  run = function ()
+    local variants = {
+      {"timeout on (30 s)", "TIMEOUT=30"},
+      {"timeout = false", "TIMEOUT_OFF=1"},
+    }
+    local samples = {}
+    local servers = {}
+    for _, v in ipairs(variants) do
+      local port = B.freeport()
+      servers[#servers + 1] = B.server(v[1], ("env QUIET=1 %s %s bench/hello.lua %d 2")
+                                       :format(v[2], H.lua, port), port)
+    end
+    for r = 1, B.rounds do
+      for _, p in ipairs(servers) do
+        local rps = B.wrk(p.port, B.seconds, false)
+        samples[p.name] = samples[p.name] or {}
+        table.insert(samples[p.name], rps)
+        B.say(("  round %d %-20s %9.0f req/s"):format(r, p.name, rps))
+      end
+    end
+    B.stop_all(servers)
+    return samples
+  end}
+
+
 B.case{name = "startup64", title = "start-up of 64 workers: launch until 64 workers exist and one answers",
   unit = "ms", better = "lower",
   run = function ()
@@ -240,8 +313,11 @@ B.case{name = "startup64", title = "start-up of 64 workers: launch until 64 work
   end}
 
 
-B.case{name = "idle", title = "idle master: context switches over 10 s with 2 idle workers",
+B.case{name = "idle", title = "idle master: context switches over 10 s with 2 idle workers (default options: lua-prefork's timeout is on)",
   unit = "wake-ups", better = "lower", target = {max = 0},
+  note = "A worker's watchdog is armed only while it is busy: once every worker "
+    .. "is idle, the master has no timer left (a last expiry per worker finds it "
+    .. "idle and disarms). gunicorn's arbiter wakes every second.",
   run = function ()
     local only = {["lua-prefork"] = true, nginx = true, unicorn = true,
                   gunicorn = true, ["node cluster"] = true}

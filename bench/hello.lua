@@ -8,7 +8,8 @@
 -- after the first byte of the answer, to give chaos runs work in flight.
 -- The update hook hands out a new config on each SIGHUP, so every reload
 -- replaces every worker. ACCEPT=reuseport|mutex|master picks a strategy;
--- QUIET=1 silences the log; MAX_REQUESTS=N recycles the workers (a
+-- QUIET=1 silences the log; TIMEOUT=S sets timeout, and GET /hang then
+-- loops for ever (the hang case); MAX_REQUESTS=N recycles the workers (a
 -- stopping worker's last answer closes its connection); PRELOAD_MB=N makes an
 -- N MB Lua heap in the master before the fork; FULLGC=1 runs a full
 -- collection in each worker first (the worst case for copy-on-write).
@@ -21,6 +22,7 @@ local prefork = require "prefork"
 
 local port = arg[1] or "8080"
 local delay = tonumber(arg[3] or 0)
+local hangs = os.getenv("TIMEOUT") ~= nil  -- GET /hang loops (the hang case)
 
 local HEAD = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
 local KEEP = HEAD .. "\r\nHello, World!"
@@ -37,6 +39,7 @@ local function hello (conn)
   while true do
     local line = read(conn, "l")
     if not line then return end
+    if hangs and line:find("^GET /hang ") then while true do end end
     local close = line:find("HTTP/1.0", 1, true) ~= nil
     while true do  -- the headers, up to the empty line
       line = read(conn, "l")
@@ -85,6 +88,7 @@ prefork.start{
     io.stdout:flush()
   end,
   max_requests = tonumber(os.getenv("MAX_REQUESTS")),
+  timeout = os.getenv("TIMEOUT_OFF") and false or tonumber(os.getenv("TIMEOUT")),
   fork = function (w)
     if os.getenv("FULLGC") == "1" then collectgarbage() end  -- worst case
     worker = w
