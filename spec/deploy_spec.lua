@@ -8,14 +8,19 @@ local prefork = require "prefork"
 local core = require "prefork.core"
 local socket = require "socket"
 
-local CHECKOUT = H.sh("pwd"):match("[^\n]+")
+-- what the sanitizer builds preload into Lua ("" otherwise): a script
+-- run by its #! line needs it too
+local PRELOAD = H.lua:match("^(env LD_PRELOAD=%S+) ") or ""
 
--- the app: a master from the checkout whose workers answer a line with
--- "MARK pid"; the environment chooses its options
+-- systemd-socket-activate starts its command with a clean environment
+-- but for what -E names
+local PASS = "-E LISTEN -E LUA_PATH -E LUA_CPATH"
+
+-- the app: a master (from the build under test: LUA_PATH, LUA_CPATH)
+-- whose workers answer a line with "MARK pid"; the environment chooses
+-- its options
 local APP = [[
 #!/usr/bin/env lua5.4
-package.path = %q .. "/src/?.lua;" .. %q .. "/src/?/init.lua;" .. package.path
-package.cpath = %q .. "/build/?.so;" .. package.cpath
 local prefork = require "prefork"
 local MARK = %q
 local listen = os.getenv("LISTEN")
@@ -39,13 +44,13 @@ local dirs = {}
 local function appdir (mark)
   local d = H.sh("mktemp -d /tmp/deploy_spec.XXXXXX"):match("%S+")
   dirs[#dirs + 1] = d
-  H.writefile(d .. "/app.lua", APP:format(CHECKOUT, CHECKOUT, CHECKOUT, mark or "v1"))
+  H.writefile(d .. "/app.lua", APP:format(mark or "v1"))
   H.sh("chmod 755 " .. d .. " " .. d .. "/app.lua")
   return d
 end
 
 local function setmark (d, mark)
-  H.writefile(d .. "/app.lua", APP:format(CHECKOUT, CHECKOUT, CHECKOUT, mark))
+  H.writefile(d .. "/app.lua", APP:format(mark))
 end
 
 --- start the app in d with the environment env ("K=V ..."), by cmd
@@ -72,7 +77,7 @@ end
 function TestDeploy:test_systemd_socket_activation_with_a_name ()
   local d, port = appdir(), H.freeport()
   local p = app(d, "LISTEN=systemd:web", ("systemd-socket-activate -l 127.0.0.1:%d "
-                .. "--fdname=web -E LISTEN %s app.lua"):format(port, H.lua))
+                .. "--fdname=web %s %s app.lua"):format(port, PASS, H.lua))
   H.wait_until(function () return H.request(port, "x\n", 5) end, 10, "an answer")
   lu.assertStrMatches(ask(port), "v1 %d+\n")
   p:expect("listening on 127.0.0.1:" .. port .. " %(inherited: systemd:web%)", 5, "err")
@@ -85,7 +90,7 @@ end
 function TestDeploy:test_systemd_socket_for_the_address_the_app_listens_on ()
   local d, port = appdir(), H.freeport()
   local p = app(d, "LISTEN=127.0.0.1:" .. port, ("systemd-socket-activate -l %d "
-                .. "-E LISTEN %s app.lua"):format(port, H.lua))
+                .. "%s %s app.lua"):format(port, PASS, H.lua))
   H.wait_until(function () return H.request(port, "x\n", 5) end, 10, "an answer")
   lu.assertStrMatches(ask(port), "v1 %d+\n")
   p:expect("inherited: systemd:unknown", 5, "err")
@@ -186,7 +191,7 @@ function TestDeploy:test_usr2_upgrade_loads_the_new_code ()
 end
 
 function TestDeploy:test_usr2_upgrade_of_an_executable_script ()
-  upgrade("./app.lua")
+  upgrade(PRELOAD .. " ./app.lua")
 end
 
 
