@@ -189,7 +189,9 @@ static int readone (lua_State *L, pf_conn *c, int arg) {
     case 'l': return readline(L, c, 1);
     case 'L': return readline(L, c, 0);
     case 'a': return readtoend(L, c);
-    default: return luaL_argerror(L, arg, "invalid format");
+    default:
+      return luaL_error(L, "conn:read: invalid format '%s' (\"l\", \"L\", \"a\" "
+                        "or a number of bytes)", f);
   }
 }
 

@@ -96,6 +96,12 @@ static void splithost (lua_State *L, const char *a, char *host, size_t hs,
                        const char **port) {
   const char *colon = strrchr(a, ':');
   size_t hl;
+  if (strstr(a, "://") != NULL)
+    luaL_error(L, "bad address '%s' (a URL: an address is host:port, "
+               "[v6]:port or unix:/path)", a);
+  if (colon == a)
+    luaL_error(L, "bad address '%s' (no host: *%s or 0.0.0.0%s for every "
+               "IPv4 address)", a, a, a);
   if (colon == NULL) {  /* a bare port */
     host[0] = '\0';
     *port = a;
