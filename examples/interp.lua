@@ -3,10 +3,15 @@
 --
 -- A script with an expensive initialisation (~200 ms: a large table and
 -- a pause standing for loading data), paid once: every later call is a
--- fork of the initialised server. Try it twice:
---   time ./examples/interp.lua a b; time ./examples/interp.lua c d
+-- fork of the initialised server. From a checkout, try it twice:
+--   time build/lua-prefork examples/interp.lua a b
+--   time build/lua-prefork examples/interp.lua c d
 -- Standalone (no wrapper) it runs straight through, initialisation
 -- included: lua5.4 examples/interp.lua a b
+local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
+package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path
+package.cpath = here .. "build/?.so;" .. package.cpath
+
 local interp = require "prefork.interp"
 local prefork = require "prefork"
 

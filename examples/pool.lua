@@ -3,6 +3,10 @@
 -- returned; then the pool is closed and on_destroy awaited.
 --   lua5.4 examples/pool.lua
 
+local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
+package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path
+package.cpath = here .. "build/?.so;" .. package.cpath
+
 local prefork = require "prefork"
 
 local destroyed = false
