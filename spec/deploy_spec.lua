@@ -241,4 +241,15 @@ function TestDeploy:test_workers_run_as_nobody ()
 end
 
 
+function TestDeploy:test_the_systemd_units_of_the_example_are_valid ()
+  local d = appdir()
+  H.sh(("cp examples/systemd/app.socket examples/systemd/app.service %s/"):format(d))
+  local out = H.sh(("systemd-analyze verify %s/app.socket %s/app.service 2>&1"):format(d, d))
+  for line in out:gmatch("[^\n]+") do
+    lu.assertNil(line:match("app%.s[oe][cr][kv]"), line)  -- (others' units may warn)
+  end
+  lu.assertNotNil(H.sh("luac5.4 -p examples/systemd/app.lua && echo ok"):match("ok"))
+end
+
+
 os.exit(lu.LuaUnit.run())
