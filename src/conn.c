@@ -518,13 +518,15 @@ static int c_tostring (lua_State *L) {
 ** object). Raises for
 ** anything else, or for a closed one.
 */
-int pf_tofd (lua_State *L, int idx) {
+/* the fd of the value at idx, or -1 with *why set */
+static int testfd (lua_State *L, int idx, const char **why) {
   int fd = -1;
-  idx = lua_absindex(L, idx);
-  if (lua_type(L, idx) == LUA_TNUMBER) {
-    lua_Integer n = luaL_checkinteger(L, idx);
-    luaL_argcheck(L, n >= 0 && n <= 0x7fffffff, idx, "not an fd");
-    return (int)n;
+  *why = "closed";
+  if (lua_type(L, idx) == LUA_TNUMBER) {  /* (LuaSocket's getfd: a float) */
+    int isint;
+    lua_Integer n = lua_tointegerx(L, idx, &isint);
+    *why = "not an fd";
+    return isint && n >= 0 && n <= 0x7fffffff ? (int)n : -1;
   }
   else if (luaL_testudata(L, idx, PF_CONN))
     fd = ((pf_conn *)lua_touserdata(L, idx))->fd;
@@ -532,18 +534,44 @@ int pf_tofd (lua_State *L, int idx) {
     luaL_Stream *s = (luaL_Stream *)lua_touserdata(L, idx);
     fd = s->closef != NULL ? fileno(s->f) : -1;
   }
-  else if (luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
+  else if ((lua_type(L, idx) == LUA_TUSERDATA || lua_type(L, idx) == LUA_TTABLE)
+           && luaL_getmetafield(L, idx, "__index") != LUA_TNIL) {
     lua_pop(L, 1);  /* obj:getfd() */
-    if (lua_getfield(L, idx, "getfd") != LUA_TFUNCTION)
-      return luaL_argerror(L, idx, "not an fd (no getfd method)");
+    *why = "not an fd (no getfd method)";
+    if (lua_getfield(L, idx, "getfd") != LUA_TFUNCTION) {
+      lua_pop(L, 1);
+      return -1;
+    }
     lua_pushvalue(L, idx);
     lua_call(L, 1, 1);
     fd = (int)luaL_optinteger(L, -1, -1);
     lua_pop(L, 1);
+    *why = "closed";
   }
   else
-    return luaL_typeerror(L, idx, "fd, connection, socket or file");
-  luaL_argcheck(L, fd >= 0, idx, "closed");
+    *why = "not an fd, a connection, a socket or a file";
+  return fd;
+}
+
+
+int pf_tofd (lua_State *L, int idx) {
+  const char *why;
+  int fd = testfd(L, lua_absindex(L, idx), &why);
+  if (fd < 0) luaL_argerror(L, idx, why);
+  return fd;
+}
+
+
+/* the fd of the item i of the list at idx (argument arg); raises naming
+** the item */
+int pf_tofdin (lua_State *L, int idx, int i, int arg) {
+  const char *why;
+  int fd;
+  lua_geti(L, idx, i);
+  fd = testfd(L, lua_gettop(L), &why);
+  lua_pop(L, 1);
+  if (fd < 0)
+    luaL_argerror(L, arg, lua_pushfstring(L, "item %d: %s", i, why));
   return fd;
 }
 

@@ -57,11 +57,7 @@ static void putfds (lua_State *L, struct msghdr *msg, ctlbuf *ctl) {
   struct cmsghdr *cm;
   int fds[MAXFDS];
   if (n == 0) return;
-  for (i = 0; i < n; i++) {
-    lua_geti(L, 3, i + 1);
-    fds[i] = pf_tofd(L, -1);
-    lua_pop(L, 1);
-  }
+  for (i = 0; i < n; i++) fds[i] = pf_tofdin(L, 3, i + 1, 3);
   memset(ctl, 0, sizeof(*ctl));
   msg->msg_control = ctl->buf;
   msg->msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
@@ -140,11 +136,7 @@ static int l_sendfds (lua_State *L) {
   n = (int)luaL_len(L, 3);
   luaL_argcheck(L, n <= MAXFDS, 3, "more than 253 fds");
   luaL_argcheck(L, len <= PF_MAXFDMSG, 2, "data too long");
-  for (i = 1; i <= n; i++) {  /* check them all before a byte goes */
-    lua_geti(L, 3, i);
-    pf_tofd(L, -1);
-    lua_pop(L, 1);
-  }
+  for (i = 1; i <= n; i++) pf_tofdin(L, 3, i, 3);  /* all, before a byte */
   lua_settop(L, 3);
   lua_pushnumber(L, pf_deadline(c != NULL ? c->timeout : -1));
   return sendloop(L, 0);

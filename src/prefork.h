@@ -194,6 +194,7 @@ typedef struct pf_conn {
 
 PF_API pf_conn *pf_newconn (lua_State *L);
 PF_API int pf_tofd (lua_State *L, int idx);
+PF_API int pf_tofdin (lua_State *L, int idx, int i, int arg);
 PF_API void pf_open_conn (lua_State *L);
 /* }====================================================== */
 

@@ -84,7 +84,8 @@ end
 
 local function opt_integer (min)
   return function (v)
-    return math.type(v) == "integer" and v >= min, "an integer >= " .. min
+    return math.type(v) == "integer" and v >= min,
+           min == 1 and "a positive integer" or "an integer >= " .. min
   end
 end
 
@@ -100,7 +101,7 @@ local function opt_seconds (v)
          "a number of seconds > 0, or false"
 end
 
-checks.workers = opt_integer(0)
+checks.workers = opt_integer(1)
 checks.backlog = opt_integer(1)
 checks.graceful_timeout = opt_number(0)
 checks.timeout = opt_seconds
@@ -143,9 +144,18 @@ checks.listen = function (v)
 end
 
 
+-- a value as an error message shows it: 2.5, "text", a table
+local function shown (v)
+  local t = type(v)
+  if t == "string" then return ("%q"):format(v) end
+  if t == "number" or t == "boolean" or t == "nil" then return tostring(v) end
+  return "a " .. t
+end
+
+
 local function checkopts (opts)
   if type(opts) ~= "table" then
-    error("prefork.start: options must be a table, got " .. type(opts), 3)
+    error("prefork.start: options must be a table (got " .. shown(opts) .. ")", 3)
   end
   for k, v in pairs(opts) do
     local check = checks[k]
@@ -154,8 +164,8 @@ local function checkopts (opts)
     end
     local ok, want = check(v)
     if not ok then
-      error(("prefork.start: option '%s' must be %s, got %s"):format(
-            k, want, type(v) == "string" and ("%q"):format(v) or type(v)), 3)
+      error(("prefork.start: option '%s' must be %s (got %s)"):format(
+            k, want, shown(v)), 3)
     end
   end
   if not opts.fork then
@@ -328,7 +338,7 @@ end
 -- highest ids go first.
 function Master:set_workers (n)
   if math.type(n) ~= "integer" or n < 0 then
-    error("set_workers: expected an integer >= 0, got " .. tostring(n), 2)
+    error("master:set_workers: n must be an integer >= 0 (got " .. tostring(n) .. ")", 2)
   end
   local set = {}
   for i, ctx in ipairs(self.contexts) do set[i] = ctx end
