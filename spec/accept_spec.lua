@@ -268,7 +268,7 @@ function TestAccept:test_unknown_strategy_is_refused ()
   local ok, err = pcall(require("prefork").start,
                         {accept = "magic", fork = function () end})
   lu.assertFalse(ok)
-  lu.assertStrContains(err, [[option 'accept' must be "shared", "reuseport", "mutex" or "master"]])
+  lu.assertStrContains(err, [[accept must be "shared", "reuseport", "mutex" or "master"]])
 end
 
 

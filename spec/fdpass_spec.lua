@@ -175,7 +175,7 @@ function TestFdpass:test_misuse_raises ()
   local a, b = prefork.socketpair()
   lu.assertErrorMsgContains("string expected", prefork.sendfds, a, nil, {})
   lu.assertErrorMsgContains("table expected", prefork.sendfds, a, "x")
-  lu.assertErrorMsgContains("fd, connection, socket or file expected",
+  lu.assertErrorMsgContains("item 1: not an fd, a connection, a socket or a file",
                             prefork.sendfds, a, "x", {true})
   lu.assertErrorMsgContains("not an fd", prefork.sendfds, a, "x", {-1})
   lu.assertErrorMsgContains("no getfd method", prefork.sendfds,

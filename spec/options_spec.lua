@@ -25,8 +25,8 @@ end
 TestOptions = {}
 
 function TestOptions:test_options_must_be_a_table ()
-  fails("options must be a table, got nil", nil)
-  fails("options must be a table, got string", "workers=2")
+  fails("prefork.start: options must be a table (got nil)", nil)
+  fails('options must be a table (got "workers=2")', "workers=2")
 end
 
 function TestOptions:test_unknown_options_are_named ()
@@ -35,25 +35,26 @@ function TestOptions:test_unknown_options_are_named ()
 end
 
 function TestOptions:test_wrong_types_name_the_option ()
-  fails([[option 'workers' must be an integer >= 0, got "2"]],
+  fails([[prefork.start: workers must be a positive integer (got "2")]],
         {workers = "2", fork = fork})
-  fails("option 'workers' must be an integer >= 0, got number",
+  fails("prefork.start: workers must be a positive integer (got 1.5)",
         {workers = 1.5, fork = fork})
-  fails("option 'workers' must be an integer >= 0", {workers = -1, fork = fork})
-  fails("option 'fork' must be a function, got table", {fork = {}})
-  fails("option 'update' must be a function", {update = 1, fork = fork})
-  fails("option 'on_start' must be a function", {on_start = true, fork = fork})
-  fails("option 'graceful_timeout' must be a number >= 0",
+  fails("workers must be a positive integer (got -1)", {workers = -1, fork = fork})
+  fails("workers must be a positive integer (got 0)", {workers = 0, fork = fork})
+  fails("prefork.start: fork must be a function (got a table)", {fork = {}})
+  fails("update must be a function", {update = 1, fork = fork})
+  fails("on_start must be a function", {on_start = true, fork = fork})
+  fails("graceful_timeout must be a number >= 0",
         {graceful_timeout = -1, fork = fork})
-  fails("option 'title' must be a string", {title = 3, fork = fork})
-  fails("option 'backlog' must be an integer >= 1", {backlog = 0, fork = fork})
-  fails("option 'defer_accept' must be an integer >= 0",
+  fails("title must be a string", {title = 3, fork = fork})
+  fails("backlog must be a positive integer (got 0)", {backlog = 0, fork = fork})
+  fails("defer_accept must be an integer >= 0",
         {defer_accept = "yes", fork = fork})
-  fails("option 'listen' must be an address or a list of addresses, got boolean",
+  fails("listen must be an address or a list of addresses (got true)",
         {listen = true, fork = fork})
-  fails("option 'listen' must be a list of addresses (item 2 is a table)",
+  fails("listen must be a list of addresses (item 2 is a table)",
         {listen = {"127.0.0.1:0", {}}, fork = fork})
-  fails([[option 'accept' must be "shared", "reuseport", "mutex" or "master"]],
+  fails([[accept must be "shared", "reuseport", "mutex" or "master"]],
         {accept = "magic", fork = fork})
 end
 
@@ -114,8 +115,8 @@ prefork.start{workers = 1, listen = "127.0.0.1:0",
 ]])
   lu.assertEquals({p:wait(5)}, {"exit", 0})
   lu.assertStrContains(p:out(), "false\t")
-  lu.assertStrContains(p:out(), "set_workers: expected an integer >= 0, got -1")
-  lu.assertStrContains(p:out(), "set_workers: expected an integer >= 0, got x")
+  lu.assertStrContains(p:out(), "master:set_workers: n must be an integer >= 0 (got -1)")
+  lu.assertStrContains(p:out(), "master:set_workers: n must be an integer >= 0 (got x)")
   H.cleanup()
 end
 

@@ -164,7 +164,7 @@ local function checkopts (opts)
     end
     local ok, want = check(v)
     if not ok then
-      error(("prefork.start: option '%s' must be %s (got %s)"):format(
+      error(("prefork.start: %s must be %s (got %s)"):format(
             k, want, shown(v)), 3)
     end
   end
