@@ -411,6 +411,10 @@ static int l_peercred (lua_State *L) {
   socklen_t len = sizeof(cr);
   if (getsockopt(pf_tofd(L, 1), SOL_SOCKET, SO_PEERCRED, &cr, &len) != 0)
     return pf_fail(L, "getsockopt");
+  if (cr.pid == 0) {  /* not a Unix socket, or no peer */
+    errno = ENOTCONN;
+    return pf_fail(L, "peercred");
+  }
   lua_pushinteger(L, cr.pid);
   lua_pushinteger(L, cr.uid);
   lua_pushinteger(L, cr.gid);

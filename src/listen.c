@@ -5,6 +5,7 @@
 */
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
@@ -329,12 +330,15 @@ pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl) {
 static int l_listen (lua_State *L) {
   const char *a = lua_type(L, 1) == LUA_TNUMBER
                   ? lua_tostring(L, 1) : luaL_checkstring(L, 1);
-  int backlog = (int)luaL_optinteger(L, 2, 1024);
+  lua_Integer backlog = luaL_optinteger(L, 2, 1024);
   int kind = lua_toboolean(L, 3) ? TEMPLATE : PLAIN;
-  pf_listener *l = newlistener(L);  /* closed until bound: __gc is safe */
-  int n = strncmp(a, "unix:", 5) == 0 ? listenunix(L, l, a + 5, backlog)
-                                      : listeninet(L, l, a, backlog, kind);
-  return n;  /* the listener on top, or the fail triple */
+  pf_listener *l;
+  luaL_argcheck(L, backlog >= 1 && backlog <= INT_MAX, 2,
+                "backlog must be a positive integer");
+  l = newlistener(L);  /* closed until bound: __gc is safe */
+  return strncmp(a, "unix:", 5) == 0
+         ? listenunix(L, l, a + 5, (int)backlog)
+         : listeninet(L, l, a, (int)backlog, kind);  /* the listener on top, or the fail triple */
 }
 
 

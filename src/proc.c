@@ -4,6 +4,7 @@
 */
 
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -172,9 +173,12 @@ static int l_wait (lua_State *L) {
 
 /* prefork.kill(pid, [signal]) -> true; signal defaults to "TERM" */
 static int l_kill (lua_State *L) {
-  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  lua_Integer pid = luaL_checkinteger(L, 1);
   int sig = lua_isnoneornil(L, 2) ? SIGTERM : pf_signum(L, 2);
-  if (kill(pid, sig) != 0)
+  luaL_argcheck(L, pid != 0 && pid != -1, 1,
+                "0 and -1 would signal this process group or every process");
+  luaL_argcheck(L, pid > INT_MIN && pid <= INT_MAX, 1, "not a pid");
+  if (kill((pid_t)pid, sig) != 0)
     return pf_fail(L, "kill");
   lua_pushboolean(L, 1);
   return 1;

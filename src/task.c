@@ -467,7 +467,7 @@ static int sleep_k (lua_State *L, int status, lua_KContext ctx) {
 /* prefork.sleep(seconds) -> true; yields in a task */
 static int l_sleep (lua_State *L) {
   lua_Number s = luaL_checknumber(L, 1);
-  luaL_argcheck(L, s >= 0, 1, "negative time");
+  luaL_argcheck(L, s >= 0, 1, "seconds must be a number >= 0");
   return pf_pushwait(L, pf_waitk(L, -1, 0, pf_now() + s, 0, 0, sleep_k));
 }
 

@@ -14,7 +14,7 @@ local D = {}
 -- =======================================================
 
 --- Write the master's pid to the pid file, atomically (a whole file or
--- none: written aside, then renamed over).
+-- none: written aside, then renamed over). Raises when it cannot.
 function D.writepid (self)
   local path = self.opts.pid_file
   if not path then return end
@@ -24,7 +24,7 @@ function D.writepid (self)
   local ok, rerr = f and os.rename(tmp, path)
   if not ok then
     os.remove(tmp)
-    core.log("error", ("pid_file %s: %s"):format(path, err or rerr))
+    error(("prefork.start: pid_file %s: %s"):format(path, err or rerr), 0)
   end
 end
 

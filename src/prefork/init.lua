@@ -419,7 +419,7 @@ local function openall (opts)
     end
     if not ok then
       listeners.close(ls)
-      error(("prefork.start: defer_accept on listen[%d]: %s"):format(i, err), 3)
+      error(("prefork.start: defer_accept on listen[%d]: %s"):format(i, err), 0)
     end
   end
   return ls
@@ -491,8 +491,8 @@ local function prepare (self, opts)
   end
   deploy.openlog(self)
   if type(opts.log) == "function" then core.setlog(opts.log) end
-  self:apply(config, contexts)
   deploy.writepid(self)
+  self:apply(config, contexts)
   if opts.title then core.settitle(opts.title .. " master") end
 end
 
@@ -507,9 +507,9 @@ function prefork.start (opts)
   listeners.close(self.listeners)
   core.watchdog(false)
   if type(opts.log) == "function" then core.setlog(nil) end
+  deploy.removepid(self)
   if not ok then error(err, 0) end
   if not err then error("prefork.start: giving up: " .. why, 2) end
-  deploy.removepid(self)
   return true
 end
 

@@ -101,8 +101,8 @@ local function checkopts (opts)
     end
     local ok, what = check(v)
     if not ok then
-      error(("bad argument #1 to 'initialisation_complete' (option '%s' must be %s)")
-            :format(k, what), 3)
+      error(("bad argument #1 to 'initialisation_complete' (option '%s' must be %s, got %s)")
+            :format(k, what, type(v) == "string" and ("%q"):format(v) or tostring(v)), 3)
     end
   end
   return opts

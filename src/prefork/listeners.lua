@@ -156,7 +156,9 @@ local function open1 (entry, adopted, ls, opts, log)
   local found = takenby(s, adopted)
   if #found == 0 and (s:match("^systemd") or s:match("^fd:")) then
     local fd = tonumber(s:match("^fd:(%d+)$"))
-    if not fd then
+    if s:match("^fd:") and not fd then
+      error(("bad address '%s' (fd:N, N an open file descriptor)"):format(s), 0)
+    elseif not fd then
       error(("no socket from systemd for %q (LISTEN_FDS, LISTEN_FDNAMES)"):format(s), 0)
     end
     local got = adoptall{{fd = fd, origin = s, source = "fd"}}
@@ -180,7 +182,7 @@ function M.open (opts, log)
   local inh, upfd = M.inherited()
   local ls = {origin = {}, upgradefd = upfd}
   local ok, adopted = pcall(adoptall, inh)
-  if not ok then error("prefork.start: " .. adopted, 3) end
+  if not ok then error("prefork.start: " .. adopted, 0) end
   local entries = opts.listen
   if type(entries) ~= "table" then entries = {entries} end
   local done, err = pcall(function ()
@@ -194,7 +196,7 @@ function M.open (opts, log)
   if not done then
     M.close(ls)
     for _, a in ipairs(adopted) do a.l:close() end
-    error("prefork.start: " .. err, 3)
+    error("prefork.start: " .. err, 0)
   end
   return ls
 end

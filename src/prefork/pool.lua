@@ -838,7 +838,7 @@ function Pool:call (...) return call(self, nil, ...) end
 
 local function checktimeout (t, lvl)
   check(t == nil or (type(t) == "number" and t > 0),
-        "timeout must be a number > 0", lvl)
+        "timeout must be a number > 0 (got " .. tostring(t) .. ")", lvl or 4)
 end
 
 
@@ -1170,7 +1170,8 @@ local function new (opts)
         "the function (opts[1] or run) must be a function or a name")
   for k, v in pairs(opts) do
     if knobs[k] then
-      check(type(v) == "number" and v >= 0, k .. " must be a number >= 0")
+      check(type(v) == "number" and v >= 0,
+            k .. " must be a number >= 0 (got " .. tostring(v) .. ")")
     elseif not (k == 1 or k == "run" or k == "require" or k == "eval"
                 or k == "init" or k == "async" or k == "serialiser"
                 or k == "on_error" or k == "on_event" or k == "on_destroy"
@@ -1202,7 +1203,7 @@ local function new (opts)
     on_destroy = opts.on_destroy, serialiser = ser,
   }, Pool)
   for k, v in pairs(knobs) do self[k] = opts[k] or v end
-  check(self.max >= 1, "max must be at least 1")
+  check(self.max >= 1, "max must be at least 1 (got " .. tostring(self.max) .. ")")
   check(self.load >= 1, "load must be at least 1")
   check(self.min <= self.max, "min must not exceed max")
   local wopts = {opts[1] or opts.run, init = opts.init, async = opts.async,
