@@ -103,5 +103,68 @@ function TestExamples:test_relaunch_replaces_the_changed_worker_on_hup ()
   lu.assertEquals({p:wait(5)}, {"exit", 0})
 end
 
+function TestExamples:test_pool ()
+  local p = H.spawn(H.lua .. " examples/pool.lua")
+  lu.assertEquals({p:wait(20)}, {"exit", 0})
+  local out, seen = p:out(), {}
+  for n, sq in out:gmatch("returned\ttrue\tdoit (%d+) in %d+\t(%d+)\n") do
+    lu.assertEquals(tonumber(sq), tonumber(n) ^ 2 // 1)
+    seen[#seen + 1] = tonumber(n)
+  end
+  table.sort(seen)
+  lu.assertEquals(seen, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10})
+  lu.assertStrContains(out, "destroyed\ttrue\n")
+  lu.assertEquals(H.childpids(p.pid), {})
+end
+
+--- the README's way: build/lua-prefork examples/interp.lua ARGS, from a
+-- directory of the test's own (the server's identity includes the cwd)
+function TestExamples:test_interp_through_the_wrapper_and_standalone ()
+  local root = H.sh("pwd"):match("[^\n]+")
+  local dir = H.sh("mktemp -d /tmp/lpexample.XXXXXX"):match("[^\n]+")
+  local client = os.getenv("LUA_PREFORK_CLIENT") or root .. "/build/lua-prefork"
+  -- (under the sanitizers, the lua5.4 it starts needs their runtime)
+  local preload = H.lua:match("^env (LD_PRELOAD=%S+) ")
+  client = (preload and "env " .. preload .. " " or "") .. client
+  local run = ("cd %s && %s %s/examples/interp.lua "):format(dir, client, root)
+  local one = H.sh(run .. "a b")
+  local pid1, server1 = one:match("hello from pid (%d+) %(server (%d+)%), 200000 words ready; args: a b\n")
+  lu.assertNotNil(pid1, one)
+  local two = H.sh(run .. "c d")
+  local pid2, server2 = two:match("hello from pid (%d+) %(server (%d+)%), 200000 words ready; args: c d\n")
+  lu.assertEquals(server2, server1)  -- the same resident server, a new call
+  lu.assertNotEquals(pid2, pid1)
+  H.sh(("cd %s && %s --kill %s/examples/interp.lua"):format(dir, client, root))
+  H.wait_until(function () return not H.alive(tonumber(server1)) end, 10, "the server to go")
+  os.execute("rm -rf " .. dir)
+  -- run directly, it runs straight through in one process
+  local direct = H.sh(H.lua .. " examples/interp.lua e f")
+  local pid3, parent = direct:match("hello from pid (%d+) %(server (%d+)%), 200000 words ready; args: e f\n")
+  lu.assertNotNil(pid3, direct)
+  lu.assertNotEquals(parent, server1)
+end
+
+--- the README's "A server in ten lines" as printed there, and its client
+-- one-liner: both run as they are (the port changed to a free one)
+function TestExamples:test_readme_server_in_ten_lines ()
+  local readme = H.readfile("README.md")
+  local code = readme:match("## A server in ten lines\n\n```lua\n(.-)```")
+  local client = readme:match("`nc`%-free test: `(lua5%.4 %-e .-)`%.?\n")
+  lu.assertNotNil(code)
+  lu.assertNotNil(client)
+  local _, lines = code:gsub("\n", "")
+  lu.assertTrue(lines <= 12, lines .. " lines")
+  local port = H.freeport()
+  local app = H.tmpname() .. ".lua"
+  H.writefile(app, (code:gsub("8080", port)))
+  local p = H.spawn(H.lua .. " " .. app)
+  H.ready(p, 4)
+  local said = H.sh((client:gsub("8080", port)))
+  lu.assertEquals(said, "you said: hi\n")
+  p:kill("INT")  -- Ctrl-C
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+  os.remove(app)
+end
+
 
 os.exit(lu.LuaUnit.run())
