@@ -248,7 +248,7 @@ function TestServe:test_sleep_and_wait_fd_block_outside_serve ()
   lu.assertTrue(prefork.wait_fd(b, "r", 1))
   lu.assertTrue(prefork.wait_fd(b:getfd(), "w"))
   lu.assertErrorMsgContains("invalid option", prefork.wait_fd, b, "x")
-  lu.assertErrorMsgContains("negative time", prefork.sleep, -1)
+  lu.assertErrorMsgContains("seconds must be a number >= 0", prefork.sleep, -1)
   a:close() b:close()
 end
 

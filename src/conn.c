@@ -91,9 +91,12 @@ static int fill (pf_conn *c) {
       c->cap = ncap;
     }
   }
+  if (c->drained) return AGAIN;  /* nothing there yet, surely: wait first */
   for (;;) {
-    ssize_t n = recv(c->fd, c->buf + c->w, c->cap - c->w, 0);
+    size_t room = c->cap - c->w;
+    ssize_t n = recv(c->fd, c->buf + c->w, room, 0);
     if (n > 0) {
+      c->drained = (size_t)n < room;  /* the socket had no more */
       c->w += (size_t)n;
       c->wrote = 0;  /* a request is under way: not idle */
       pf_beat();
@@ -232,6 +235,7 @@ static int read_k (lua_State *L, int status, lua_KContext ctx) {
   pf_conn *c = (pf_conn *)lua_touserdata(L, 1);
   int i = (int)(ctx >> 16), how = pf_wakereason(L);
   (void)status;
+  c->drained = 0;
   if (how != PF_READY) return (i - 2) + waitfailed(L, "read", how);
   return readloop(L, c, i, (int)(ctx & 0xffff));
 }
@@ -243,8 +247,14 @@ static int readloop (lua_State *L, pf_conn *c, int i, int nargs) {
   while (i <= nargs + 1) {
     int st = readone(L, c, i);
     if (st == AGAIN) {
-      int w = pf_waitk(L, c->fd, POLLIN, c->dl, c->wrote && c->r == c->w,
+      int w = pf_waitk(L, c->fd, POLLIN, c->dl, PF_WAITCONN
+                       | (c->wrote && c->r == c->w ? PF_WAITIDLE : 0),
                        ((lua_KContext)i << 16) | nargs, read_k);
+      if (w == PF_STOPPING && c->drained) {  /* look before giving up */
+        c->drained = 0;
+        continue;
+      }
+      c->drained = 0;
       if (w != PF_READY) return (i - 2) + waitfailed(L, "read", w);
     }
     else if (st <= 0)
@@ -282,6 +292,7 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off);
 /* the connection goes: closing twice is fine */
 static void closeconn (pf_conn *c) {
   if (c->fd >= 0) {
+    pf_fdclosed();
     close(c->fd);
     c->fd = -1;
     if (c->counter != NULL) pf_add(*c->counter, -1);
@@ -290,7 +301,7 @@ static void closeconn (pf_conn *c) {
   putbuf(c->buf, c->cap);
   c->buf = NULL;
   c->cap = c->r = c->w = 0;
-  c->closing = 0;
+  c->closing = c->drained = 0;
 }
 
 
@@ -333,8 +344,8 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
       return writefailed(L, c, PF_READY, off);
-    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, 0, (lua_KContext)off,
-                             write_k)) != PF_READY)
+    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, PF_WAITCONN,
+                             (lua_KContext)off, write_k)) != PF_READY)
       return writefailed(L, c, how, off);
   }
   c->wrote = 1;  /* an answer went out: reading next waits for a request */

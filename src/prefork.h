@@ -158,8 +158,14 @@ PF_API int pf_score_disarm (pf_score *s);
 
 PF_API double pf_deadline (double timeout);
 PF_API int pf_waitfd (int fd, int events, double deadline);
+/* pf_waitk's flags: a wait for a new request on an idle connection; a
+** wait on a connection's fd (closed only after pf_fdclosed) */
+#define PF_WAITIDLE	1
+#define PF_WAITCONN	2
+
 PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
-                     int idle, lua_KContext ctx, lua_KFunction k);
+                     int flags, lua_KContext ctx, lua_KFunction k);
+PF_API void pf_fdclosed (void);
 PF_API int pf_wakereason (lua_State *L);
 PF_API int pf_intask (lua_State *L);
 PF_API int pf_pushwait (lua_State *L, int how);
@@ -188,6 +194,7 @@ typedef struct pf_conn {
   double dl;  /* deadline of the call under way (monotonic); < 0: none */
   int wrote;  /* an answer went out and no byte came since: idle */
   int closing;  /* close(data): writing, then closing */
+  int drained;  /* the last read emptied the socket: wait before the next */
   char *buf;  /* read buffer; unread bytes are buf[r..w) */
   size_t cap, r, w;
 } pf_conn;

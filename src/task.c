@@ -38,6 +38,9 @@ typedef struct task {
   int idle;  /* waiting idle (for a new request) */
   int lingering;  /* the last chance an idle wait gets at a stop */
   int lingered;  /* it had it */
+  int ioevs;  /* the events io was last set for, */
+  int ioconn;  /* for a connection's fd (PF_WAITCONN), */
+  unsigned long ioepoch;  /* in this epoch of pf_fdclosed */
   ev_io io;
   ev_timer timer;
 } task;
@@ -54,6 +57,7 @@ static struct {
   task *tasks;  /* every live task */
   task *pool;  /* finished ones kept for the next tasks */
   int npool;
+  unsigned long epoch;  /* connection fds closed so far (pf_fdclosed) */
 } T;  /* all zero: not running */
 
 
@@ -61,6 +65,31 @@ static const char TASKS = 't';  /* registry key: coroutine -> its task */
 
 /* coroutines kept for reuse at most */
 #define POOLMAX	256
+
+
+/*
+** A connection's fd stays open, and so registered with epoll, from one
+** wait of its task to the next unless pf_fdclosed ran in between: such
+** a wait keeps libev's registration as it is (ev_io_set would make libev
+** tell the kernel again, one epoll_ctl per wait). Any other fd may have
+** been closed and its number reused meanwhile: it is set anew.
+*/
+static void setio (task *t, int fd, int events, int conn) {
+  int evs = (events & POLLIN ? EV_READ : 0) | (events & POLLOUT ? EV_WRITE : 0);
+  if (!conn || !t->ioconn || t->io.fd != fd || t->ioevs != evs
+      || t->ioepoch != T.epoch)
+    ev_io_set(&t->io, fd, evs);
+  t->ioevs = evs;
+  t->ioconn = conn;
+  t->ioepoch = T.epoch;
+}
+
+
+/* a connection's fd is being closed (or handed over): the next wait on
+** that fd number registers it anew */
+void pf_fdclosed (void) {
+  T.epoch++;
+}
 
 
 /* the task of coroutine L, NULL when L is not a task */
@@ -201,6 +230,7 @@ static task *newtask (void) {
     t->io.data = t->timer.data = t;
   }
   t->io.fd = -1;
+  t->ioconn = 0;
   t->reason = PF_READY;
   t->idle = t->lingering = t->lingered = 0;
   t->prev = NULL;
@@ -286,13 +316,13 @@ int pf_task_spawn (lua_State *L, int nargs, int own, int now) {
 ** ======================================================= */
 
 /*
-** Wait until fd is ready for events or the deadline passes (idle: the
-** wait is for a new request on an idle connection). In a task it yields,
+** Wait until fd is ready for events or the deadline passes (flags:
+** PF_WAITIDLE, PF_WAITCONN). In a task it yields,
 ** and k(ctx) continues when the loop resumes it (with pf_wakereason
 ** telling how the wait ended); elsewhere it blocks in poll. fd < 0 is a
 ** sleep until the deadline. Returns PF_READY, PF_TIMEOUT or PF_STOPPING.
 */
-int pf_waitk (lua_State *L, int fd, int events, double deadline, int idle,
+int pf_waitk (lua_State *L, int fd, int events, double deadline, int flags,
               lua_KContext ctx, lua_KFunction k) {
   task *t = findtask(L);
   if (t == NULL || !lua_isyieldable(L)) {
@@ -301,14 +331,13 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int idle,
     sleepuntil(deadline);
     return PF_READY;
   }
-  if (idle && T.stopping) {  /* a last chance, or none */
+  if ((flags & PF_WAITIDLE) && T.stopping) {  /* a last chance, or none */
     if (t->lingered || T.linger <= 0) return PF_STOPPING;
     t->lingering = t->lingered = 1;
     deadline = pf_now() + T.linger;
   }
-  t->idle = idle;
-  ev_io_set(&t->io, fd, (events & POLLIN ? EV_READ : 0)
-                        | (events & POLLOUT ? EV_WRITE : 0));
+  t->idle = flags & PF_WAITIDLE;
+  setio(t, fd, events, flags & PF_WAITCONN);
   if (fd >= 0) ev_io_start(T.loop, &t->io);
   if (deadline >= 0) {
     double left = deadline - pf_now();
