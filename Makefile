@@ -59,7 +59,8 @@ SPEC_TIMEOUT = 180
 # Debian packages: to build and run, to test, to check, to measure
 DEPS_RUN = lua5.4 liblua5.4-dev libev-dev gcc make nettle-dev
 DEPS_TEST = $(DEPS_RUN) lua-unit lua-socket lua-busted luarocks curl wrk \
-            iproute2 procps chiark-utils-bin chiark-scripts libio-fdpass-perl
+            iproute2 procps chiark-utils-bin chiark-scripts libio-fdpass-perl \
+            systemd libserver-starter-perl
 DEPS_FUZZ = $(DEPS_RUN) clang libclang-rt-14-dev
 DEPS_BENCH = python3 wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \
