@@ -44,7 +44,7 @@ CLIENT = $(BUILD)/lua-prefork
 CLIENT_SRCS = lua-prefork/main.c lua-prefork/msg.c lua-prefork/args.c \
               lua-prefork/rundir.c lua-prefork/call.c lua-prefork/spawn.c \
               src/wire.c
-CLIENT_CFLAGS = -std=c99 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
+CLIENT_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) -DLUA_PREFORK_LUA='"$(LUA)"' \
                 $(CFLAGS)
 CLIENT_STATIC = -static
 NETTLE_STATIC = -Wl,-Bstatic -lnettle -Wl,-Bdynamic
@@ -185,7 +185,7 @@ fuzz-run: $(FUZZ_LIB)
 	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c $(FUZZ_LIB) -llua$(LUA_VERSION) -lev || exit 1; \
 	done
 	@for t in $(FUZZ_C_TARGETS); do \
-	  $(FUZZ_CC) -std=c99 -D_GNU_SOURCE $(FUZZ_FLAGS) \
+	  $(FUZZ_CC) -std=c11 -D_GNU_SOURCE $(FUZZ_FLAGS) \
 	    -o $(BUILD)/fuzz/$$t fuzz/$$t.c src/wire.c || exit 1; \
 	done
 	@for t in $(FUZZ_TARGETS) $(FUZZ_C_TARGETS); do \
