@@ -5,6 +5,7 @@ local lu = require "luaunit"
 local H = require "helpers"
 local prefork = require "prefork"
 local socket = require "socket"
+local core = require "prefork.core"
 
 local connect = H.connect
 
@@ -288,6 +289,53 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
   lu.assertEquals(H.request_ok(p.port, "rest\n"), "sent rest\n")
   lu.assertEquals(waiter:receive("*l"), "abcde 0")
   waiter:close()
+end
+
+-- A read that found the socket empty last time waits before its next
+-- recv; with timeout 0 it still returns what is already there
+function TestServe:test_timeout_zero_reads_what_is_there ()
+  local function case ()
+    local a, b = prefork.socketpair()
+    a:settimeout(0)
+    b:write("x\n")
+    local r1 = {a:read("l")}
+    b:write("y\n")
+    local r2 = {a:read("l")}
+    local r3 = {a:read("l")}
+    a:close() b:close()
+    return {r1, r2, r3}
+  end
+  local want = {{"x"}, {"y"}, {nil, "timeout", H.ETIMEDOUT}}
+  lu.assertEquals(case(), want)  -- outside a task: poll
+  local got
+  core.run(function () got = case() end)  -- in a task: the loop
+  lu.assertEquals(got, want)
+end
+
+-- a task's waits on one connection keep libev's registration; a closed
+-- fd whose number comes back (conn:close, prefork.close, a pool channel
+-- taking a connection over) is registered anew: its wait is woken
+function TestServe:test_a_reused_fd_number_wakes_its_wait ()
+  local closers = {
+    function (a) a:close() end,
+    function (a) core.chan(a):close() end,
+  }
+  for i, closeit in ipairs(closers) do
+    local got
+    core.run(function ()
+      local a, b = prefork.socketpair()
+      core.go(function () prefork.sleep(0.02) b:write("one\n") end)
+      local first = a:read("l")  -- a wait on fd N that ended ready
+      local n = a:getfd()
+      closeit(a)
+      local c, d = prefork.socketpair()  -- N again
+      core.go(function () prefork.sleep(0.02) d:write("two\n") end)
+      c:settimeout(5)
+      got = {first, c:getfd() == n, c:read("l")}
+      b:close() c:close() d:close()
+    end)
+    lu.assertEquals(got, {"one", true, "two"}, "closer " .. i)
+  end
 end
 
 

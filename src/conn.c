@@ -91,12 +91,12 @@ static int fill (pf_conn *c) {
       c->cap = ncap;
     }
   }
-  if (c->drained) return AGAIN;  /* nothing there yet, surely: wait first */
+  if (c->drained) return AGAIN;  /* nothing there yet, probably: wait first */
   for (;;) {
     size_t room = c->cap - c->w;
     ssize_t n = recv(c->fd, c->buf + c->w, room, 0);
     if (n > 0) {
-      c->drained = (size_t)n < room;  /* the socket had no more */
+      c->drained = (size_t)n < room;  /* the socket had no more, probably */
       c->w += (size_t)n;
       c->wrote = 0;  /* a request is under way: not idle */
       pf_beat();
@@ -228,41 +228,41 @@ static int readfailed (lua_State *L, int i, int st) {
 }
 
 
-static int readloop (lua_State *L, pf_conn *c, int i, int nargs);
+static int readloop (lua_State *L, pf_conn *c, int i, int nargs, int how);
 
 /* a read resumed after its wait in a serve coroutine; ctx: i, nargs */
 static int read_k (lua_State *L, int status, lua_KContext ctx) {
   pf_conn *c = (pf_conn *)lua_touserdata(L, 1);
-  int i = (int)(ctx >> 16), how = pf_wakereason(L);
   (void)status;
-  c->drained = 0;
-  if (how != PF_READY) return (i - 2) + waitfailed(L, "read", how);
-  return readloop(L, c, i, (int)(ctx & 0xffff));
+  return readloop(L, c, (int)(ctx >> 16), (int)(ctx & 0xffff),
+                  pf_wakereason(L));
 }
 
 
 /* read the formats from argument i on; wait (or yield) when the data is
-** not there yet */
-static int readloop (lua_State *L, pf_conn *c, int i, int nargs) {
-  while (i <= nargs + 1) {
-    int st = readone(L, c, i);
-    if (st == AGAIN) {
-      int w = pf_waitk(L, c->fd, POLLIN, c->dl, PF_WAITCONN
-                       | (c->wrote && c->r == c->w ? PF_WAITIDLE : 0),
-                       ((lua_KContext)i << 16) | nargs, read_k);
-      if (w == PF_STOPPING && c->drained) {  /* look before giving up */
-        c->drained = 0;
-        continue;
-      }
+** not there yet. how: how the last wait ended, NOWAIT before the first.
+** A wait that began without a recv (the socket seemed drained) and ended
+** in a timeout or a stop looks once more before it fails. */
+#define NOWAIT	2
+static int readloop (lua_State *L, pf_conn *c, int i, int nargs, int how) {
+  for (;;) {
+    int st;
+    if (how != NOWAIT) {  /* after a wait, the next fill reads */
+      int looked = !c->drained;
       c->drained = 0;
-      if (w != PF_READY) return (i - 2) + waitfailed(L, "read", w);
+      if (how != PF_READY && looked)
+        return (i - 2) + waitfailed(L, "read", how);
     }
-    else if (st <= 0)
-      return readfailed(L, i, st);
-    else
+    while ((st = readone(L, c, i)) > 0 && i <= nargs)
       i++;
+    if (st > 0) return nargs;
+    if (st != AGAIN) return readfailed(L, i, st);
+    if (how != NOWAIT && how != PF_READY)  /* it looked once more */
+      return (i - 2) + waitfailed(L, "read", how);
+    how = pf_waitk(L, c->fd, POLLIN, c->dl, PF_WAITSAMEFD
+                   | (c->wrote && c->r == c->w ? PF_WAITIDLE : 0),
+                   ((lua_KContext)i << 16) | nargs, read_k);
   }
-  return nargs;
 }
 
 
@@ -283,7 +283,7 @@ static int c_read (lua_State *L) {
   luaL_argcheck(L, nargs < 0xffff, 0xffff, "too many formats");
   luaL_checkstack(L, nargs + 3, "too many arguments");
   c->dl = pf_deadline(c->timeout);
-  return readloop(L, c, 2, nargs);
+  return readloop(L, c, 2, nargs, NOWAIT);
 }
 
 
@@ -344,7 +344,7 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
       return writefailed(L, c, PF_READY, off);
-    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, PF_WAITCONN,
+    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, PF_WAITSAMEFD,
                              (lua_KContext)off, write_k)) != PF_READY)
       return writefailed(L, c, how, off);
   }
@@ -504,6 +504,7 @@ static int l_conn (lua_State *L) {
 static int l_close (lua_State *L) {
   lua_Integer fd = luaL_checkinteger(L, 1);
   luaL_argcheck(L, fd >= 0 && fd <= 0x7fffffff, 1, "not an fd");
+  pf_fdclosed();  /* it may be a connection's */
   if (close((int)fd) != 0 && errno != EINTR)
     return pf_fail(L, "close");
   lua_pushboolean(L, 1);

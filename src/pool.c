@@ -121,7 +121,10 @@ static int l_chan (lua_State *L) {
   if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0
       || fcntl(fd, F_SETFD, FD_CLOEXEC) != 0)
     return pf_fail(L, "fcntl");
-  if (conn) conn->fd = -1;
+  if (conn) {  /* the fd is the channel's now */
+    pf_fdclosed();
+    conn->fd = -1;
+  }
   c->fd = fd;
   (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufsize, sizeof(bufsize));
   return 1;

@@ -159,9 +159,11 @@ PF_API int pf_score_disarm (pf_score *s);
 PF_API double pf_deadline (double timeout);
 PF_API int pf_waitfd (int fd, int events, double deadline);
 /* pf_waitk's flags: a wait for a new request on an idle connection; a
-** wait on a connection's fd (closed only after pf_fdclosed) */
+** wait on the same open file as the caller's previous such wait, unless
+** pf_fdclosed was called since (whoever closes or hands over the fd of
+** a connection calls it first) */
 #define PF_WAITIDLE	1
-#define PF_WAITCONN	2
+#define PF_WAITSAMEFD	2
 
 PF_API int pf_waitk (lua_State *L, int fd, int events, double deadline,
                      int flags, lua_KContext ctx, lua_KFunction k);

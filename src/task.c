@@ -39,7 +39,7 @@ typedef struct task {
   int lingering;  /* the last chance an idle wait gets at a stop */
   int lingered;  /* it had it */
   int ioevs;  /* the events io was last set for, */
-  int ioconn;  /* for a connection's fd (PF_WAITCONN), */
+  int iosame;  /* for an fd that stays open (PF_WAITSAMEFD), */
   unsigned long ioepoch;  /* in this epoch of pf_fdclosed */
   ev_io io;
   ev_timer timer;
@@ -57,7 +57,7 @@ static struct {
   task *tasks;  /* every live task */
   task *pool;  /* finished ones kept for the next tasks */
   int npool;
-  unsigned long epoch;  /* connection fds closed so far (pf_fdclosed) */
+  unsigned long epoch;  /* PF_WAITSAMEFD fds closed so far (pf_fdclosed) */
 } T;  /* all zero: not running */
 
 
@@ -68,25 +68,28 @@ static const char TASKS = 't';  /* registry key: coroutine -> its task */
 
 
 /*
-** A connection's fd stays open, and so registered with epoll, from one
-** wait of its task to the next unless pf_fdclosed ran in between: such
-** a wait keeps libev's registration as it is (ev_io_set would make libev
-** tell the kernel again, one epoll_ctl per wait). Any other fd may have
-** been closed and its number reused meanwhile: it is set anew.
+** A task that waits again on the same open file, with the same events,
+** in the same resume as its last wait (a read after a write, the next
+** request on a keep-alive connection) leaves its watcher as libev knows
+** it: ev_io_set would make libev call epoll_ctl again. That is right only
+** while the file stays open: an fd closed in between (the kernel drops
+** it from the epoll set) and its number reused would never wake the
+** wait. So the caller vouches (PF_WAITSAMEFD) and every close of such an
+** fd counts (pf_fdclosed); anything else is set anew.
 */
-static void setio (task *t, int fd, int events, int conn) {
+static void setio (task *t, int fd, int events, int same) {
   int evs = (events & POLLIN ? EV_READ : 0) | (events & POLLOUT ? EV_WRITE : 0);
-  if (!conn || !t->ioconn || t->io.fd != fd || t->ioevs != evs
+  if (!same || !t->iosame || t->io.fd != fd || t->ioevs != evs
       || t->ioepoch != T.epoch)
     ev_io_set(&t->io, fd, evs);
   t->ioevs = evs;
-  t->ioconn = conn;
+  t->iosame = same;
   t->ioepoch = T.epoch;
 }
 
 
-/* a connection's fd is being closed (or handed over): the next wait on
-** that fd number registers it anew */
+/* an fd that PF_WAITSAMEFD waits may use is being closed or handed over:
+** the next wait on its number registers it anew */
 void pf_fdclosed (void) {
   T.epoch++;
 }
@@ -230,7 +233,7 @@ static task *newtask (void) {
     t->io.data = t->timer.data = t;
   }
   t->io.fd = -1;
-  t->ioconn = 0;
+  t->iosame = 0;
   t->reason = PF_READY;
   t->idle = t->lingering = t->lingered = 0;
   t->prev = NULL;
@@ -317,7 +320,7 @@ int pf_task_spawn (lua_State *L, int nargs, int own, int now) {
 
 /*
 ** Wait until fd is ready for events or the deadline passes (flags:
-** PF_WAITIDLE, PF_WAITCONN). In a task it yields,
+** PF_WAITIDLE, PF_WAITSAMEFD). In a task it yields,
 ** and k(ctx) continues when the loop resumes it (with pf_wakereason
 ** telling how the wait ended); elsewhere it blocks in poll. fd < 0 is a
 ** sleep until the deadline. Returns PF_READY, PF_TIMEOUT or PF_STOPPING.
@@ -337,7 +340,7 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int flags,
     deadline = pf_now() + T.linger;
   }
   t->idle = flags & PF_WAITIDLE;
-  setio(t, fd, events, flags & PF_WAITCONN);
+  setio(t, fd, events, flags & PF_WAITSAMEFD);
   if (fd >= 0) ev_io_start(T.loop, &t->io);
   if (deadline >= 0) {
     double left = deadline - pf_now();
