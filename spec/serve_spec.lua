@@ -239,13 +239,23 @@ end
 
 
 function TestServe:test_sleep_and_wait_fd_block_outside_serve ()
-  local t0 = H.now()
-  lu.assertTrue(prefork.sleep(0.05))
-  lu.assertTrue(H.now() - t0 >= 0.045)
+  -- the sleep blocks this process: a child that saw it asleep left its
+  -- mark before the sleep returned (the sleep is long enough for the
+  -- child to look; the mark is looked at before anything else waits)
+  local mark = H.tmpname()
+  local kid = H.while_asleep(function ()
+    H.writefile(mark .. ".new", "saw it asleep")
+    os.rename(mark .. ".new", mark)
+  end)
+  lu.assertTrue(prefork.sleep(1))
+  lu.assertEquals(H.readfile(mark), "saw it asleep")
+  lu.assertEquals({prefork.wait(kid)}, {kid, "exit", 0})
   local a, b = prefork.socketpair()
   lu.assertEquals({prefork.wait_fd(b, "r", 0.05)}, {nil, "timeout", H.ETIMEDOUT})
-  a:write("x")
-  lu.assertTrue(prefork.wait_fd(b, "r", 1))
+  -- a wait with a timeout waits: a byte written once it sleeps wakes it
+  kid = H.while_asleep(function () a:write("x") end)
+  lu.assertTrue(prefork.wait_fd(b, "r", 10))
+  lu.assertEquals({prefork.wait(kid)}, {kid, "exit", 0})
   lu.assertTrue(prefork.wait_fd(b:getfd(), "w"))
   lu.assertErrorMsgContains("invalid option", prefork.wait_fd, b, "x")
   lu.assertErrorMsgContains("seconds must be a number >= 0", prefork.sleep, -1)
