@@ -18,8 +18,7 @@ function TestLifecycle:test_fork_failure_is_retried_with_backoff_never_fatal ()
   -- a real EAGAIN from fork: an unprivileged user at its process limit
   local p = H.master(SERVE .. [[
 prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
-              fork = serve}]], {wait = false, prefix =
-    "setpriv --reuid=nobody --regid=nogroup --clear-groups prlimit --nproc=2 "})
+              fork = serve}]], {wait = false, prefix = H.nproc_prefix(2)})
   p:expect("fork failed: Resource temporarily unavailable; retry in 0.1s", 10, "err")
   p:expect("fork failed: Resource temporarily unavailable; retry in 0.2s", 10, "err")
   lu.assertFalse(p:exited())  -- the master lives

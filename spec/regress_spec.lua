@@ -47,8 +47,7 @@ prefork.start{workers = 2, listen = "127.0.0.1:0",
   end,
   fork = function (w) for c in w:connections() do c:close() end end}
 print("RETURNED")
-]], {wait = false, prefix =
-    "setpriv --reuid=nobody --regid=nogroup --clear-groups prlimit --nproc=2 "})
+]], {wait = false, prefix = H.nproc_prefix(2)})
   lu.assertEquals({p:wait(10)}, {"exit", 0})
   lu.assertStrContains(p:err(), "fork failed")
   lu.assertStrContains(p:out(), "RETURNED")
@@ -132,13 +131,16 @@ end
 function TestRegress:test_signals_ignored_before_stay_ignored_in_workers ()
   local p = H.master([[
 prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w) for c in w:connections() do c:close() end end}
+  fork = function (w)
+    for c in w:connections() do c:write(prefork.getpid()) c:close() end
+  end}
 ]], {prefix = "nohup "})  -- HUP ignored, as nohup does
-  local kid = H.wait_until(function () return H.childpids(p.pid)[1] end, 5)
+  local kid = H.ready(p, 1)[1]
   local ign = H.readfile("/proc/" .. kid .. "/status"):match("SigIgn:%s*(%x+)")
   lu.assertEquals(tonumber(ign, 16) & 1, 1)  -- bit 0: SIGHUP
   H.kill(kid, "HUP")
-  H.sleep(0.2)
+  -- a HUP that killed it would have done so before it could answer again
+  lu.assertEquals(H.request_ok(p.port), tostring(kid))
   lu.assertEquals(H.childpids(p.pid), {kid})
 end
 
@@ -149,17 +151,22 @@ function TestRegress:test_a_stop_closes_the_masters_listeners_at_once ()
 prefork.start{workers = 1, listen = {"127.0.0.1:0", "unix:%s"},
   on_start = announce,
   fork = function (w)
-    for c in w:connections() do require("socket").sleep(1) c:close() end
+    for c in w:connections() do
+      io.stdout:write("BUSY\n") io.stdout:flush()
+      c:read("l")
+      c:close()
+    end
   end}
 ]]):format(path))
   local c = H.connect(p.port, 5)
-  H.sleep(0.2)
+  p:expect("BUSY\n")
   p:kill("TERM")
-  -- the worker is busy for a second more; the unix socket is gone already
+  -- the worker is busy until this client speaks; the unix socket goes now
   H.wait_until(function ()
     return H.sh("test -e " .. path .. " || echo gone") == "gone\n"
-  end, 0.5, "the socket file to go")
+  end, 10, "the socket file to go")
   lu.assertFalse(p:exited())
+  c:send("done\n")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
   c:close()
 end
