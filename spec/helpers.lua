@@ -285,7 +285,8 @@ end
 -- o.options (more fields of prefork.start, as Lua source) and o.handler (Lua
 -- source run for each connection `c` of the worker `w`: in a loop over
 -- w:connections(), or with o.serve in w:serve(function (c) ... end)).
--- o.workers (2), o.accept (the strategy), o.ready = false: return without
+-- o.workers (2), o.accept (the strategy), o.listen (Lua source: "127.0.0.1:0"
+-- by default; the first address gives p.port), o.ready = false: return without
 -- waiting for readiness; o.prefix, o.args, o.timeout: as for H.master.
 function H.server (o)
   local workers = o.workers or 2
@@ -294,9 +295,9 @@ function H.server (o)
     local body = o.serve
       and ("    w:serve(function (c)\n%s\n    end)\n"):format(o.handler)
       or ("    for c in w:connections() do\n%s\n    end\n"):format(o.handler)
-    code = ("%s\nprefork.start{workers = %d, listen = \"127.0.0.1:0\",%s\n"
+    code = ("%s\nprefork.start{workers = %d, listen = %s,%s\n"
             .. "  on_start = announce,\n%s\n  fork = function (w)\n%s  end}\n")
-      :format(o.head or "", workers,
+      :format(o.head or "", workers, o.listen or '"127.0.0.1:0"',
               o.accept and (" accept = %q,"):format(o.accept) or "",
               o.options or "", body)
   end
