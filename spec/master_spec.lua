@@ -39,10 +39,10 @@ function TestMaster:tearDown () H.cleanup() end
 
 
 function TestMaster:test_n_distinct_workers_serve ()
-  local p = H.master(IDPID .. [[
+  local p = H.server{workers = 3, code = IDPID .. [[
 prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
-              fork = idpid}]])
-  local pids = H.nworkers(p, 3)
+              fork = idpid}]]}
+  local pids = p.pids
   -- every worker takes one of 3 held connections, once all are in accept
   local seen = H.wait_until(function ()
     local s = ask_all(p.port, 3)
@@ -53,14 +53,11 @@ end
 
 
 function TestMaster:test_kill9_worker_is_replaced_at_once ()
-  local p = H.master(IDPID .. [[
+  local p = H.server{code = IDPID .. [[
 prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
-              fork = idpid}]])
-  local before = H.ready(p, 2)
-  -- scenario: a worker that lived past its first second is respawned
-  -- with no backoff (nothing shows when that second is over)
-  H.sleep(1.1)
-  H.kill(before[1], "KILL")
+              fork = idpid}]]}
+  local before = p.pids
+  H.kill(before[1], "KILL")  -- ready, and a KILL is no crash: no backoff
   H.wait_until(function ()
     local k = H.childpids(p.pid)
     return #k == 2 and k[1] ~= before[1] and k[2] ~= before[1]
@@ -81,15 +78,17 @@ function TestMaster:test_crash_loop_backs_off ()
   local p = H.master([[
 prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
               fork = function () error("boom at start") end}]])
-  H.sleep(2.5)
+  p:expect("respawn in 0.8s", 10, "err")  -- the fourth death
   local err = p:err()
   local delays = {}
   for d in err:gmatch("exited: exit 1 before it was ready; respawn in ([%d.]+)s") do
     delays[#delays + 1] = tonumber(d)
   end
-  -- 0.1 + 0.2 + 0.4 + 0.8 = 1.5 s: four or five deaths, not hundreds
-  lu.assertTrue(#delays >= 3 and #delays <= 6, "deaths: " .. #delays)
+  -- each death doubles the delay, from the first: four deaths by then,
+  -- not hundreds, and none respawned at once
+  lu.assertEquals({table.unpack(delays, 1, 4)}, {0.1, 0.2, 0.4, 0.8})
   for i = 2, #delays do lu.assertTrue(delays[i] > delays[i - 1]) end
+  lu.assertNotStrContains(err, "respawn in 0s")
   lu.assertStrContains(err, "boom at start")
   lu.assertStrContains(err, "stack traceback")
 end
@@ -161,11 +160,14 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
     print("EXIT", info.how, info.code); io.stdout:flush()
   end,
   fork = function (w)
-    for c in w:connections() do socket.sleep(30) end
+    for c in w:connections() do
+      io.stdout:write("BUSY\n") io.stdout:flush()
+      socket.sleep(30)
+    end
   end}
 ]])
   local c = H.connect(p.port, 5)
-  H.sleep(0.2)
+  p:expect("BUSY\n")
   p:kill("QUIT")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
   lu.assertStrContains(p:out(), "EXIT\tsignal\t9")
@@ -285,18 +287,15 @@ end
 
 
 function TestMaster:test_ttin_and_ttou_change_the_count ()
-  local p = H.master([[
-prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
+  local p = H.server{handler = "c:close()", options = [[
   on_worker_exit = function (m, info)
     print("EXIT", info.id); io.stdout:flush()
-  end,
-  fork = function (w) for c in w:connections() do c:close() end end}
-]])
+  end,]]}
   local function n() return #H.childpids(p.pid) end
-  H.wait_until(function () return n() == 2 end, 5, "2 workers")
+  lu.assertEquals(n(), 2)
   p:kill("TTIN")
   H.wait_until(function () return n() == 3 end, 5, "3 workers")
-  H.sleep(0.1)
+  H.ready(p, 3)
   p:kill("TTOU")
   H.wait_until(function () return n() == 2 end, 5, "2 workers again")
   p:kill("TTOU")
@@ -328,12 +327,8 @@ end
 
 function TestMaster:test_titles ()
   lu.skipIf(H.valgrind, "under valgrind argv is the tool's: titles are left alone")
-  local p = H.master([[
-prefork.start{workers = 2, listen = "127.0.0.1:0", title = "pftitle",
-  on_start = announce,
-  fork = function (w) for c in w:connections() do c:close() end end}
-]])
-  local kids = H.nworkers(p, 2)
+  local p = H.server{options = '  title = "pftitle",', handler = "c:close()"}
+  local kids = p.pids
   lu.assertEquals(H.cmdline(p.pid), "pftitle master")
   local titles = {H.cmdline(kids[1]), H.cmdline(kids[2])}
   table.sort(titles)
@@ -415,11 +410,8 @@ end
 
 
 function TestMaster:test_worker_gets_term_when_the_master_dies ()
-  local p = H.master([[
-prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w) for c in w:connections() do c:close() end end}
-]])
-  local kids = H.nworkers(p, 2)
+  local p = H.server{handler = "c:close()"}
+  local kids = p.pids
   p:kill("KILL")
   p:wait(5)
   H.wait_until(function ()
