@@ -284,7 +284,9 @@ end
 -- or else the script is made of o.head (code before prefork.start),
 -- o.options (more fields of prefork.start, as Lua source) and o.handler (Lua
 -- source run for each connection `c` of the worker `w`: in a loop over
--- w:connections(), or with o.serve in w:serve(function (c) ... end)).
+-- w:connections(), or with o.serve in w:serve(function (c) ... end));
+-- o.worker: Lua source run first in each worker (its locals are the
+-- handler's).
 -- o.workers (2), o.accept (the strategy), o.listen (Lua source: "127.0.0.1:0"
 -- by default; the first address gives p.port), o.ready = false: return without
 -- waiting for readiness; o.prefix, o.args, o.timeout: as for H.master.
@@ -295,6 +297,7 @@ function H.server (o)
     local body = o.serve
       and ("    w:serve(function (c)\n%s\n    end)\n"):format(o.handler)
       or ("    for c in w:connections() do\n%s\n    end\n"):format(o.handler)
+    body = (o.worker or "") .. "\n" .. body
     code = ("%s\nprefork.start{workers = %d, listen = %s,%s\n"
             .. "  on_start = announce,\n%s\n  fork = function (w)\n%s  end}\n")
       :format(o.head or "", workers, o.listen or '"127.0.0.1:0"',
