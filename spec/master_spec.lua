@@ -95,19 +95,12 @@ end
 
 
 function TestMaster:test_term_lets_inflight_requests_finish ()
-  local p = H.master([[
-local socket = require "socket"
-prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    for c in w:connections() do
+  local p = H.server{workers = 3, head = 'local socket = require "socket"', handler = [[
       c:read("l")
       io.stdout:write("BUSY\n"); io.stdout:flush()
-      socket.sleep(0.8)
+      socket.sleep(0.8)  -- scenario: the request under way at the TERM
       c:write("done ", w.id, "\n")
-      c:close()
-    end
-  end}
-]])
+      c:close()]]}
   local cs = {}
   for i = 1, 3 do
     cs[i] = H.connect(p.port, 5)
@@ -130,17 +123,10 @@ end
 
 
 function TestMaster:test_graceful_timeout_ends_in_kill ()
-  local p = H.master([[
-local socket = require "socket"
-prefork.start{workers = 1, listen = "127.0.0.1:0", graceful_timeout = 0.3,
-  on_start = announce,
-  fork = function (w)
-    for c in w:connections() do
+  local p = H.server{workers = 1, head = 'local socket = require "socket"',
+    options = "  graceful_timeout = 0.3,", handler = [[
       io.stdout:write("BUSY\n") io.stdout:flush()
-      socket.sleep(30)
-    end
-  end}
-]])
+      socket.sleep(30)]]}
   local c = H.connect(p.port, 5)
   p:expect("BUSY\n")
   p:kill("TERM")
@@ -153,19 +139,12 @@ end
 
 
 function TestMaster:test_quit_stops_at_once ()
-  local p = H.master([[
-local socket = require "socket"
-prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
+  local p = H.server{head = 'local socket = require "socket"', options = [[
   on_worker_exit = function (m, info)
     print("EXIT", info.how, info.code); io.stdout:flush()
-  end,
-  fork = function (w)
-    for c in w:connections() do
+  end,]], handler = [[
       io.stdout:write("BUSY\n") io.stdout:flush()
-      socket.sleep(30)
-    end
-  end}
-]])
+      socket.sleep(30)]]}
   local c = H.connect(p.port, 5)
   p:expect("BUSY\n")
   p:kill("QUIT")
@@ -305,10 +284,10 @@ end
 
 
 function TestMaster:test_no_zombies_and_no_fd_growth_after_200_respawns ()
-  local p = H.master(IDPID .. [[
+  local p = H.server{workers = 1, code = IDPID .. [[
 prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-              fork = idpid}]])
-  local pid = H.wait_until(function () return H.childpids(p.pid)[1] end, 5)
+              fork = idpid}]]}
+  local pid = p.pids[1]
   lu.assertNotNil(H.request_ok(p.port, "x\n"))
   local fds = H.fdcount(p.pid)
   for _ = 1, 200 do

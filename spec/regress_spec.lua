@@ -129,13 +129,9 @@ end
 
 
 function TestRegress:test_signals_ignored_before_stay_ignored_in_workers ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    for c in w:connections() do c:write(prefork.getpid()) c:close() end
-  end}
-]], {prefix = "nohup "})  -- HUP ignored, as nohup does
-  local kid = H.ready(p, 1)[1]
+  local p = H.server{workers = 1, prefix = "nohup ",  -- HUP ignored, as nohup does
+                     handler = "c:write(prefork.getpid()) c:close()"}
+  local kid = p.pids[1]
   local ign = H.readfile("/proc/" .. kid .. "/status"):match("SigIgn:%s*(%x+)")
   lu.assertEquals(tonumber(ign, 16) & 1, 1)  -- bit 0: SIGHUP
   H.kill(kid, "HUP")
@@ -147,17 +143,11 @@ end
 
 function TestRegress:test_a_stop_closes_the_masters_listeners_at_once ()
   local path = H.tmpname() .. ".sock"
-  local p = H.master(([[
-prefork.start{workers = 1, listen = {"127.0.0.1:0", "unix:%s"},
-  on_start = announce,
-  fork = function (w)
-    for c in w:connections() do
+  local p = H.server{workers = 1, listen = ('{"127.0.0.1:0", "unix:%s"}'):format(path),
+    handler = [[
       io.stdout:write("BUSY\n") io.stdout:flush()
       c:read("l")
-      c:close()
-    end
-  end}
-]]):format(path))
+      c:close()]]}
   local c = H.connect(p.port, 5)
   p:expect("BUSY\n")
   p:kill("TERM")
