@@ -35,6 +35,7 @@ function TestServe:test_one_worker_serves_many_connections_at_once ()
     pids[pid] = true
     cs[i]:close()
   end
+  lu.assertEquals(pids, {[tostring(p.pids[1])] = true})  -- its one worker
   lu.assertEquals(#H.childpids(p.pid), 1)
 end
 
