@@ -129,16 +129,15 @@ end
 
 
 function TestLifecycle:test_a_restart_binds_the_same_port_at_once ()
-  local code = SERVE .. [[
-prefork.start{workers = 2, listen = "127.0.0.1:" .. arg[1], on_start = announce,
-              fork = function (w)
-                for c in w:connections() do c:write("x") c:close() end
-              end}]]
-  local p = H.master(code, {args = "0"})
+  local function server (port)
+    return H.server{listen = '"127.0.0.1:" .. arg[1]', args = port,
+                    handler = 'c:write("x") c:close()'}
+  end
+  local p = server("0")
   for _ = 1, 20 do H.request_ok(p.port) end  -- server-side closes: TIME_WAIT
   p:kill("TERM")
   p:wait(5)
-  local again = H.master(code, {args = tostring(p.port)})
+  local again = server(tostring(p.port))
   lu.assertEquals(again.port, p.port)
   lu.assertEquals(H.request_ok(p.port), "x")
 end
