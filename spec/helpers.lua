@@ -312,14 +312,17 @@ end
 
 --- Fork a child that runs fn once this process sleeps (blocked in a
 -- call, state S): what fn does happens while the call waits. Its pid,
--- for prefork.wait.
+-- for prefork.wait (H.cleanup reaps it if a test failed before).
+local forked = {}
 function H.while_asleep (fn)
   local me = prefork.getpid()
-  return prefork.fork(function ()
+  local pid = prefork.fork(function ()
     H.wait_until(function () return H.pstate(me) == "S" end, 10,
                  "the parent to sleep")
     fn()
   end)
+  forked[#forked + 1] = pid
+  return pid
 end
 
 
@@ -337,6 +340,13 @@ end
 --- Kill everything this file started that is still there; remove files.
 function H.cleanup ()
   for p in pairs(live) do p:stop() end
+  for _, pid in ipairs(forked) do  -- reaped already, or now
+    if prefork.wait(pid, "nohang") == nil and H.alive(pid) then
+      H.kill(pid, "KILL")
+      prefork.wait(pid)
+    end
+  end
+  forked = {}
   for _, f in ipairs(tmpfiles) do os.remove(f) end
   tmpfiles = {}
 end

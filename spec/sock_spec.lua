@@ -132,6 +132,8 @@ end
 
 TestConn = {}
 
+function TestConn:tearDown () H.cleanup() end
+
 function TestConn:test_read_formats ()
   local conn, client = pair()
   client:send("line one\nline two\r\nabcdefghij")
