@@ -7,11 +7,12 @@ local lu = require "luaunit"
 local H = require "helpers"
 local socket = require "socket"
 
--- a worker answers "<pid>" to each line; "spin" keeps its loop busy
+-- a worker answers "<pid>" to each line; "spin" keeps its loop busy; the
+-- arguments: the strategy and, maybe, the status endpoint
 local SERVER = [[
-local strategy = ...
+local strategy, status = ...
 prefork.start{workers = 2, listen = "127.0.0.1:0", accept = strategy,
-  on_start = announce,
+  status = status, on_start = announce,
   on_reload = function (m)
     for _, w in ipairs(m:workers()) do
       print("STATS", w.id, w.accepted, w.inflight)
@@ -33,17 +34,32 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", accept = strategy,
 
 local connect, count, spread = H.connect, H.count, H.ask
 
+--- the pids that answered ({[answer] = times}), sorted
+local function pidset (seen)
+  local t = {}
+  for pid in pairs(seen) do t[#t + 1] = tonumber(pid) end
+  table.sort(t)
+  return t
+end
+
+--- the sum of the values of a metric (a pattern) on the status socket
+local function metric (sock, what)
+  local n = 0
+  local text = H.sh("curl -s --max-time 5 --unix-socket " .. sock .. " http://x/metrics")
+  for v in text:gmatch("\n" .. what .. " (%d+)") do n = n + tonumber(v) end
+  return n
+end
+
 --- under strategy, 20 connections at once that keep a worker busy reach
 -- both workers (a busy worker is not waiting: the other gets the rest)
 local function reaches_both (strategy)
-  local p = H.master(SERVER, {args = strategy})
-  H.nworkers(p, 2)
+  local p = H.server{code = SERVER, args = strategy}
   local seen = H.wait_until(function ()
     local s, cs = spread(p.port, 20, "spin")
     for _, c in ipairs(cs) do c:close() end
     return count(s) == 2 and s
   end, 10, "both workers to serve")
-  lu.assertEquals(count(seen), 2)
+  lu.assertEquals(pidset(seen), p.pids)  -- the master's two workers
   return p
 end
 
@@ -58,9 +74,8 @@ end
 
 
 function TestAccept:test_master_hands_to_the_least_loaded ()
-  local p = H.master(SERVER, {args = "master"})
-  H.nworkers(p, 2)
-  H.sleep(0.3)  -- both ready: the master hands over only to ready workers
+  -- both ready: the master hands over only to ready workers
+  local p = H.server{code = SERVER, args = "master"}
   local seen, cs = spread(p.port, 10, "x")  -- all 10 held open at once
   lu.assertEquals(count(seen), 2)
   for _, n in pairs(seen) do lu.assertEquals(n, 5) end  -- 5 and 5
@@ -75,14 +90,17 @@ end
 
 
 function TestAccept:test_master_a_retired_worker_serves_what_it_was_handed ()
-  local p = H.master(SERVER, {args = "master"})
-  H.nworkers(p, 2)
-  H.sleep(0.3)
+  local sock = H.tmpname() .. ".sock"
+  local p = H.server{code = SERVER, args = "master unix:" .. sock}
   local cs = {}
   for i = 1, 10 do cs[i] = connect(p.port) end  -- handed over, not asked yet
-  H.sleep(0.2)
+  H.wait_until(function ()
+    return metric(sock, "prefork_worker_inflight{[^}]*}") == 10
+  end, 5, "10 connections handed over")
   p:kill("TTOU")  -- worker 2 goes; its connections are still answered
-  H.sleep(0.2)
+  H.wait_until(function ()
+    return metric(sock, 'prefork_workers{state="stopping"}') == 1
+  end, 5, "a worker stopping")
   local seen = {}
   for i = 1, 10 do
     cs[i]:send("x\n")
@@ -100,9 +118,8 @@ end
 
 
 function TestAccept:test_master_a_killed_worker_costs_only_its_own ()
-  local p = H.master(SERVER, {args = "master"})
-  local pids = H.nworkers(p, 2)
-  H.sleep(0.3)
+  local p = H.server{code = SERVER, args = "master"}
+  local pids = p.pids
   local cs = {}
   for i = 1, 10 do
     cs[i] = connect(p.port)
@@ -122,8 +139,8 @@ function TestAccept:test_master_a_killed_worker_costs_only_its_own ()
     cs[i]:close()
   end
   lu.assertEquals(served, 5)
-  -- and the replacement takes its share of new connections
-  H.sleep(0.3)
+  -- and the replacement, once ready, takes its share of new connections
+  H.ready(p, 2)
   lu.assertEquals(count(spread(p.port, 10, "x")), 2)
 end
 
@@ -142,9 +159,9 @@ end
 
 
 function TestAccept:test_reuseport_a_killed_workers_queue_goes_to_its_replacement ()
-  local p = H.master(SERVER, {args = "reuseport"})
-  local pids = H.nworkers(p, 2)
-  H.sleep(1.1)  -- ready: respawn at once
+  -- ready: a KILL is no crash, the respawn is at once
+  local p = H.server{code = SERVER, args = "reuseport"}
+  local pids = p.pids
   H.kill(pids[1], "KILL")
   local cs = {}
   for i = 1, 20 do  -- some land on the dead worker's socket, in its queue
@@ -164,8 +181,7 @@ end
 
 
 function TestAccept:test_reuseport_a_removed_id_takes_its_socket_along ()
-  local p = H.master(SERVER, {args = "reuseport"})
-  H.nworkers(p, 2)
+  local p = H.server{code = SERVER, args = "reuseport"}
   p:kill("TTOU")
   H.nworkers(p, 1)
   H.wait_until(function () return listening(p.port) == 1 end, 5, "one socket")
@@ -183,7 +199,13 @@ end
 local function assert_one_wakeup (p)
   local kids = H.nworkers(p, 4)
   lu.assertEquals(H.request_ok(p.port), "x")
-  H.sleep(0.3)
+  local function asleep ()  -- every worker back in its wait
+    for _, k in ipairs(kids) do
+      if H.pstate(k) ~= "S" then return false end
+    end
+    return true
+  end
+  H.wait_until(asleep, 5, "4 idle workers")
   local function switches ()
     local n = 0
     for _, k in ipairs(kids) do
@@ -194,29 +216,19 @@ local function assert_one_wakeup (p)
   end
   local before = switches()
   for _ = 1, 10 do lu.assertEquals(H.request(p.port), "x") end
-  H.sleep(0.2)
+  H.wait_until(asleep, 5, "4 idle workers")
   lu.assertTrue(switches() - before <= 20, "wake-ups: " .. switches() - before)
 end
 
 
 function TestAccept:test_shared_blocking_accept_wakes_one_worker ()
-  local p = H.master([[
-prefork.start{workers = 4, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    for c in w:connections() do c:write("x") c:close() end
-  end}
-]])
+  local p = H.server{workers = 4, handler = 'c:write("x") c:close()'}
   assert_one_wakeup(p)
 end
 
 
 function TestAccept:test_shared_serve_wakes_one_worker ()
-  local p = H.master([[
-prefork.start{workers = 4, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    w:serve(function (c) c:write("x") c:close() end)
-  end}
-]])
+  local p = H.server{workers = 4, serve = true, handler = 'c:write("x") c:close()'}
   assert_one_wakeup(p)
 end
 
@@ -229,24 +241,16 @@ end
 -- the seed's shape: blocking workers, one connection at a time, accept
 -- under a lock in a private directory
 function TestAccept:test_mutex_blocking_workers_take_turns ()
-  local p = H.master([[
-prefork.start{workers = 3, listen = "127.0.0.1:0", accept = "mutex",
-  on_start = announce,
-  fork = function (w)
-    for c in w:connections() do
+  local p = H.server{workers = 3, accept = "mutex", handler = [[
       c:read("l")
       c:write(prefork.getpid(), "\n")
-      c:close()
-    end
-  end}
-]])
-  H.nworkers(p, 3)
+      c:close()]]}
   local seen = H.wait_until(function ()
     local s, cs = spread(p.port, 3, "x")  -- 3 held at once: 3 workers
     for _, c in ipairs(cs) do c:close() end
     return count(s) == 3 and s
   end, 10, "3 workers to serve")
-  lu.assertEquals(count(seen), 3)
+  lu.assertEquals(pidset(seen), p.pids)  -- the master's three workers
   -- the lock is an open file that no path reaches: nobody else can make,
   -- swap or find it, and nothing is left behind
   local locks = {}

@@ -153,7 +153,12 @@ function TestDeploy:test_server_starter_hup_restart_under_load_loses_nothing ()
   H.wait_until(function () return H.request(port, "GET / HTTP/1.0\r\n\r\n", 5) end,
                10, "hello")
   local w = H.spawn(("wrk -t2 -c20 -d4s http://127.0.0.1:%d/"):format(port))
-  H.sleep(1)  -- wrk under way (the restart must happen while it runs)
+  -- the restart must happen while wrk runs: its 20 connections are up
+  H.wait_until(function ()
+    local _, n = H.sh(("ss -tnH state established '( dport = :%d )'"):format(port))
+      :gsub("\n", "")
+    return n >= 20
+  end, 10, "wrk's connections")
   p:kill("HUP")
   w:wait(20)
   local out = w:out()

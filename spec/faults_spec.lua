@@ -28,8 +28,8 @@ function TestFaults:tearDown () H.cleanup() end
 -- with 64 fds and 200 idle connections every accept fails (EMFILE): the
 -- workers pause instead of spinning, log once, and serve again after
 local function emfile (strategy)
-  local p = H.master(SERVER, {prefix = "prlimit --nofile=64 ", args = strategy})
-  local pids = H.ready(p, 2)
+  local p = H.server{code = SERVER, prefix = "prlimit --nofile=64 ", args = strategy}
+  local pids = p.pids
   local cs = {}
   for i = 1, 200 do cs[i] = H.connect(p.port) end
   p:expect("accept: Too many open files; it pauses", 5, "err")
@@ -57,8 +57,8 @@ end
 
 
 function TestFaults:test_what_a_worker_started_goes_with_it_at_the_stop ()
-  local p = H.master(SERVER, {args = "shared"})
-  local pids = H.ready(p, 2)
+  local p = H.server{code = SERVER, args = "shared"}
+  local pids = p.pids
   local c = H.connect(p.port)
   c:send("sleep\n")
   local sleeper = H.wait_until(function ()

@@ -278,9 +278,75 @@ end
 end
 
 
+--- A master serving on 127.0.0.1:0 in its own process, returned once o.workers
+-- of its workers said "ready" (p.port, p.addr; p.pids: the ready workers).
+-- o.code: the whole script (it calls prefork.start with on_start = announce);
+-- or else the script is made of o.head (code before prefork.start),
+-- o.options (more fields of prefork.start, as Lua source) and o.handler (Lua
+-- source run for each connection `c` of the worker `w`: in a loop over
+-- w:connections(), or with o.serve in w:serve(function (c) ... end));
+-- o.worker: Lua source run first in each worker (its locals are the
+-- handler's).
+-- o.workers (2), o.accept (the strategy), o.listen (Lua source: "127.0.0.1:0"
+-- by default; the first address gives p.port), o.ready = false: return without
+-- waiting for readiness; o.prefix, o.args, o.timeout: as for H.master.
+function H.server (o)
+  local workers = o.workers or 2
+  local code = o.code
+  if not code then
+    local body = o.serve
+      and ("    w:serve(function (c)\n%s\n    end)\n"):format(o.handler)
+      or ("    for c in w:connections() do\n%s\n    end\n"):format(o.handler)
+    body = (o.worker or "") .. "\n" .. body
+    code = ("%s\nprefork.start{workers = %d, listen = %s,%s\n"
+            .. "  on_start = announce,\n%s\n  fork = function (w)\n%s  end}\n")
+      :format(o.head or "", workers, o.listen or '"127.0.0.1:0"',
+              o.accept and (" accept = %q,"):format(o.accept) or "",
+              o.options or "", body)
+  end
+  local p = H.master(code, o)
+  if o.ready ~= false then p.pids = H.ready(p, workers, o.timeout) end
+  return p
+end
+
+
+--- Fork a child that runs fn once this process sleeps (blocked in a
+-- call, state S): what fn does happens while the call waits. Its pid,
+-- for prefork.wait (H.cleanup reaps it if a test failed before).
+local forked = {}
+function H.while_asleep (fn)
+  local me = prefork.getpid()
+  local pid = prefork.fork(function ()
+    H.wait_until(function () return H.pstate(me) == "S" end, 10,
+                 "the parent to sleep")
+    fn()
+  end)
+  forked[#forked + 1] = pid
+  return pid
+end
+
+
+--- A setpriv/prlimit prefix running a command as a uid that no other
+-- process uses (not nobody: other suites' processes would count against
+-- the limit) with at most nproc processes.
+function H.nproc_prefix (nproc)
+  local uid = 50000 + prefork.getpid() % 10000
+  while H.sh("ps -o pid= -U " .. uid) ~= "" do uid = uid + 1 end
+  return ("setpriv --reuid=%d --regid=nogroup --clear-groups prlimit --nproc=%d ")
+    :format(uid, nproc)
+end
+
+
 --- Kill everything this file started that is still there; remove files.
 function H.cleanup ()
   for p in pairs(live) do p:stop() end
+  for _, pid in ipairs(forked) do  -- reaped already, or now
+    if prefork.wait(pid, "nohang") == nil and H.alive(pid) then
+      H.kill(pid, "KILL")
+      prefork.wait(pid)
+    end
+  end
+  forked = {}
   for _, f in ipairs(tmpfiles) do os.remove(f) end
   tmpfiles = {}
 end

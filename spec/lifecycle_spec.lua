@@ -18,8 +18,7 @@ function TestLifecycle:test_fork_failure_is_retried_with_backoff_never_fatal ()
   -- a real EAGAIN from fork: an unprivileged user at its process limit
   local p = H.master(SERVE .. [[
 prefork.start{workers = 3, listen = "127.0.0.1:0", on_start = announce,
-              fork = serve}]], {wait = false, prefix =
-    "setpriv --reuid=nobody --regid=nogroup --clear-groups prlimit --nproc=2 "})
+              fork = serve}]], {wait = false, prefix = H.nproc_prefix(2)})
   p:expect("fork failed: Resource temporarily unavailable; retry in 0.1s", 10, "err")
   p:expect("fork failed: Resource temporarily unavailable; retry in 0.2s", 10, "err")
   lu.assertFalse(p:exited())  -- the master lives
@@ -28,35 +27,36 @@ end
 
 
 function TestLifecycle:test_an_idle_master_never_wakes ()
-  local p = H.master(SERVE .. [[
-prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce,
-              fork = serve}]])
-  H.nworkers(p, 2)
-  H.sleep(1.2)  -- past the workers' readiness timers
+  local p = H.server{handler = "c:close()"}
+  -- scenario: past the timers each fork arms for the worker's first
+  -- second (their firing shows nowhere)
+  H.sleep(1.2)
   local function switches ()
     local s = H.readfile("/proc/" .. p.pid .. "/status")
     return tonumber(s:match("voluntary_ctxt_switches:%s*(%d+)"))
   end
   local before = switches()
-  H.sleep(2)
+  H.sleep(2)  -- scenario: the time in which nothing may wake it
   lu.assertEquals(switches(), before)
 end
 
 
 function TestLifecycle:test_a_worker_inherits_no_master_only_fd ()
-  local p = H.master([[
-prefork.start{workers = 3, listen = {"127.0.0.1:0", "[::1]:0"},
-  on_start = announce,
-  fork = function (w)
-    for c in w:connections() do c:read("a") c:close() end
-  end}
-]])
-  local kids = H.nworkers(p, 3)
+  local p = H.server{workers = 3, listen = '{"127.0.0.1:0", "[::1]:0"}',
+                     handler = 'c:read("a") c:close()'}
+  local kids = p.pids
+  local fds = {}
+  for i, k in ipairs(kids) do fds[i] = H.fdcount(k) end
   local held = {}
   for i = 1, 3 do  -- every worker past its first accept, holding one
     held[i] = H.connect(p.port, 5)
   end
-  H.sleep(0.3)
+  H.wait_until(function ()
+    for i, k in ipairs(kids) do
+      if H.fdcount(k) ~= fds[i] + 1 then return false end
+    end
+    return true
+  end, 5, "each worker holding a connection")
   -- what the master opened itself: not inherited from here, not a listener.
   -- Pipes and sockets have inode numbers; epoll sets and eventfds all read
   -- "anon_inode:[...]", so those are told apart by what fdinfo lists
@@ -97,6 +97,7 @@ local socket = require "socket"
 prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
   fork = function (w)
     local c = w:accept()
+    io.stdout:write("ACCEPTED\n") io.stdout:flush()
     while not w:stopping() do socket.sleep(0.01) end
     c:write("saw the stop\n")
     c:close()
@@ -104,7 +105,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
   end}
 ]])
   local c = H.connect(p.port, 5)
-  H.sleep(0.2)
+  p:expect("ACCEPTED\n")
   p:kill("TERM")
   lu.assertEquals(c:receive("*l"), "saw the stop")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
@@ -113,17 +114,12 @@ end
 
 
 function TestLifecycle:test_int_twice_stops_at_once ()
-  local p = H.master([[
-local socket = require "socket"
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    for c in w:connections() do socket.sleep(30) end
-  end}
-]])
+  local p = H.server{workers = 1, head = 'local socket = require "socket"',
+    handler = 'io.stdout:write("BUSY\\n") io.stdout:flush() socket.sleep(30)'}
   local c = H.connect(p.port, 5)
-  H.sleep(0.2)
+  p:expect("BUSY\n")
   p:kill("INT")
-  H.sleep(0.2)
+  p:expect("stopping %(INT%): graceful stop", 5, "err")
   lu.assertFalse(p:exited())  -- graceful: the worker is busy
   p:kill("INT")
   lu.assertEquals({p:wait(5)}, {"exit", 0})
@@ -133,25 +129,22 @@ end
 
 
 function TestLifecycle:test_a_restart_binds_the_same_port_at_once ()
-  local code = SERVE .. [[
-prefork.start{workers = 2, listen = "127.0.0.1:" .. arg[1], on_start = announce,
-              fork = function (w)
-                for c in w:connections() do c:write("x") c:close() end
-              end}]]
-  local p = H.master(code, {args = "0"})
+  local function server (port)
+    return H.server{listen = '"127.0.0.1:" .. arg[1]', args = port,
+                    handler = 'c:write("x") c:close()'}
+  end
+  local p = server("0")
   for _ = 1, 20 do H.request_ok(p.port) end  -- server-side closes: TIME_WAIT
   p:kill("TERM")
   p:wait(5)
-  local again = H.master(code, {args = tostring(p.port)})
+  local again = server(tostring(p.port))
   lu.assertEquals(again.port, p.port)
   lu.assertEquals(H.request_ok(p.port), "x")
 end
 
 
 function TestLifecycle:test_backlog_reaches_listen ()
-  local p = H.master(SERVE .. [[
-prefork.start{workers = 1, listen = "127.0.0.1:0", backlog = 77,
-              on_start = announce, fork = serve}]])
+  local p = H.server{workers = 1, options = "  backlog = 77,", handler = "c:close()"}
   local ss = H.sh("ss -ltnH 'sport = :" .. p.port .. "'")
   lu.assertStrMatches(ss, "LISTEN%s+%d+%s+77%s.*")
 end

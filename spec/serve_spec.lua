@@ -17,19 +17,12 @@ function TestServe:tearDown () H.cleanup() end
 -- every connection waits until all N have come: one worker that served
 -- them one after another would never answer the first
 function TestServe:test_one_worker_serves_many_connections_at_once ()
-  local p = H.master([[
-local N = 200
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    local arrived = 0
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true, head = "local N = 200",
+    worker = "local arrived = 0", handler = [[
       c:read("l")
       arrived = arrived + 1
       while arrived < N do prefork.sleep(0.01) end
-      c:write("all ", arrived, " ", prefork.getpid(), "\n")
-    end)
-  end}
-]])
+      c:write("all ", arrived, " ", prefork.getpid(), "\n")]]}
   local cs = {}
   for i = 1, 200 do
     cs[i] = connect(p.port)
@@ -43,6 +36,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
     pids[pid] = true
     cs[i]:close()
   end
+  lu.assertEquals(pids, {[tostring(p.pids[1])] = true})  -- its one worker
   lu.assertEquals(#H.childpids(p.pid), 1)
 end
 
@@ -50,19 +44,20 @@ end
 -- close(data) in a coroutine: a large answer to a slow reader yields
 -- until it is all out (the worker serves others meanwhile), then closes
 function TestServe:test_close_with_data_yields_until_written ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true, handler = [[
       local what = c:read("l")
       if what == "big" then return c:close(("z"):rep(4 * 1024 * 1024), "END") end
-      c:close("small ", prefork.getpid(), "\n")
-    end)
-  end}
-]])
+      c:close("small ", prefork.getpid(), "\n")]]}
   local big = connect(p.port)
   big:send("big\n")
-  H.sleep(0.2)  -- the big answer fills the socket: its coroutine waits
+  -- the big answer fills the socket: its coroutine waits (the server's
+  -- side has bytes queued that this reader has not taken)
+  local _, bigport = big:getsockname()
+  H.wait_until(function ()
+    local q = H.sh(("ss -tnH 'sport = :%d and dport = :%s'"):format(p.port, bigport))
+      :match("^%S+%s+%d+%s+(%d+)")
+    return q and tonumber(q) > 0
+  end, 5, "the big answer queued")
   local small = connect(p.port)
   small:send("s\n")
   lu.assertStrMatches(assert(small:receive("*l")), "small %d+")
@@ -76,16 +71,10 @@ end
 
 
 function TestServe:test_keepalive_and_pipelining ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true, handler = [[
       for line in function () return c:read("l") end do
         c:write("got ", line, "\n")
-      end
-    end)
-  end}
-]])
+      end]]}
   local c = connect(p.port)
   c:send("a\nb\nc\n")  -- pipelined: answered in order
   lu.assertEquals(c:receive("*l"), "got a")
@@ -100,16 +89,10 @@ end
 
 
 function TestServe:test_a_handler_that_raises_costs_its_connection_only ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true, handler = [[
       local line = c:read("l")
       if line == "boom" then error("handler exploded") end
-      c:write(prefork.getpid(), "\n")
-    end)
-  end}
-]])
+      c:write(prefork.getpid(), "\n")]]}
   local pid = H.request_ok(p.port, "x\n")
   local bad = H.request(p.port, "boom\n")
   lu.assertEquals(bad, "")  -- closed, nothing said
@@ -120,16 +103,10 @@ end
 
 
 function TestServe:test_timeouts_in_a_coroutine ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true, handler = [[
       c:settimeout(0.2)
       local line, err = c:read("l")
-      c:write(tostring(line), " ", tostring(err), "\n")
-    end)
-  end}
-]])
+      c:write(tostring(line), " ", tostring(err), "\n")]]}
   local c = connect(p.port)
   lu.assertEquals(c:receive("*l"), "nil timeout")
   c:close()
@@ -137,13 +114,11 @@ end
 
 
 function TestServe:test_wait_fd_and_sleep_yield ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    local a, b = prefork.socketpair()
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true,
+    worker = "local a, b = prefork.socketpair()", handler = [[
       local cmd = c:read("l")
       if cmd == "wait" then
+        c:write("waiting\n")
         local ok, err = prefork.wait_fd(b, "r", 5)
         c:write("woke ", tostring(ok), " ", b:read("l"), "\n")
       elseif cmd == "poke" then
@@ -152,13 +127,10 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
         c:write("done\n")
       elseif cmd == "short" then
         c:write(tostring(select(2, prefork.wait_fd(b, "r", 0.05))), "\n")
-      end
-    end)
-  end}
-]])
+      end]]}
   local waiter = connect(p.port)
   waiter:send("wait\n")
-  H.sleep(0.1)
+  lu.assertEquals(waiter:receive("*l"), "waiting")  -- in its wait now
   lu.assertEquals(H.request_ok(p.port, "poke\n"), "done\n")
   lu.assertEquals(waiter:receive("*l"), "woke true poked")
   waiter:close()
@@ -177,7 +149,10 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
           io.stdout:write("READ ", err, "\n") io.stdout:flush()
           return
         end
-        if line == "slow" then prefork.sleep(0.5) end
+        if line == "slow" then
+          io.stdout:write("SLOW\n") io.stdout:flush()
+          prefork.sleep(0.5)
+        end
         c:write("answer ", line, "\n")
       end
     end)
@@ -188,7 +163,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
   idle:send("one\n")
   lu.assertEquals(idle:receive("*l"), "answer one")  -- now idle
   busy:send("slow\n")
-  H.sleep(0.1)
+  p:expect("SLOW\n")  -- under way
   p:kill("TERM")
   lu.assertEquals(busy:receive("*l"), "answer slow")  -- finished
   lu.assertEquals(idle:receive("*l"), nil)  -- closed
@@ -200,15 +175,9 @@ end
 
 
 function TestServe:test_thousands_of_keepalive_connections ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", backlog = 4096,
-  on_start = announce,
-  fork = function (w)
-    w:serve(function (c)
-      for line in function () return c:read("l") end do c:write(line, "\n") end
-    end)
-  end}
-]], {prefix = "prlimit --nofile=8192 "})
+  local p = H.server{workers = 1, serve = true, options = "  backlog = 4096,",
+    prefix = "prlimit --nofile=8192 ", handler = [[
+      for line in function () return c:read("l") end do c:write(line, "\n") end]]}
   local client = H.tmpname() .. ".lua"
   H.writefile(client, ([[
 local socket = require "socket"
@@ -240,13 +209,23 @@ end
 
 
 function TestServe:test_sleep_and_wait_fd_block_outside_serve ()
-  local t0 = H.now()
-  lu.assertTrue(prefork.sleep(0.05))
-  lu.assertTrue(H.now() - t0 >= 0.045)
+  -- the sleep blocks this process: a child that saw it asleep left its
+  -- mark before the sleep returned (the sleep is long enough for the
+  -- child to look; the mark is looked at before anything else waits)
+  local mark = H.tmpname()
+  local kid = H.while_asleep(function ()
+    H.writefile(mark .. ".new", "saw it asleep")
+    os.rename(mark .. ".new", mark)
+  end)
+  lu.assertTrue(prefork.sleep(1))
+  lu.assertEquals(H.readfile(mark), "saw it asleep")
+  lu.assertEquals({prefork.wait(kid)}, {kid, "exit", 0})
   local a, b = prefork.socketpair()
   lu.assertEquals({prefork.wait_fd(b, "r", 0.05)}, {nil, "timeout", H.ETIMEDOUT})
-  a:write("x")
-  lu.assertTrue(prefork.wait_fd(b, "r", 1))
+  -- a wait with a timeout waits: a byte written once it sleeps wakes it
+  kid = H.while_asleep(function () a:write("x") end)
+  lu.assertTrue(prefork.wait_fd(b, "r", 10))
+  lu.assertEquals({prefork.wait(kid)}, {kid, "exit", 0})
   lu.assertTrue(prefork.wait_fd(b:getfd(), "w"))
   lu.assertErrorMsgContains("invalid option", prefork.wait_fd, b, "x")
   lu.assertErrorMsgContains("seconds must be a number >= 0", prefork.sleep, -1)
@@ -259,11 +238,8 @@ end
 -- connection waits for the rest of a frame its peer began, the worker
 -- serves the others
 function TestServe:test_recvfds_yields_in_the_middle_of_a_frame ()
-  local p = H.master([[
-prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
-  fork = function (w)
-    local a, b = prefork.socketpair()
-    w:serve(function (c)
+  local p = H.server{workers = 1, serve = true,
+    worker = "local a, b = prefork.socketpair()", handler = [[
       local cmd = c:read("l")
       if cmd == "recv" then
         c:write("waiting\n")
@@ -277,10 +253,7 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
         c:write("sent rest\n")
       else
         c:write("pong\n")
-      end
-    end)
-  end}
-]])
+      end]]}
   local waiter = connect(p.port)
   waiter:send("recv\n")
   lu.assertEquals(waiter:receive("*l"), "waiting")

@@ -179,19 +179,23 @@ function D.upgrade (self, why)
   keep[#keep + 1] = upfd
   b:close()
   local exe, argv = core.cmdline()
+  -- renamed before the new master runs: once it runs it may write its own
+  -- pid file at any time (renamed after, it would be the new one's)
+  local path = self.opts.pid_file
+  if path then os.rename(path, path .. ".oldbin") end
   local pid, err = core.exec(exe, argv, environment(fds, upfd), keep)
   for _, fd in ipairs(keep) do core.close(fd) end
   if not pid then
     a:close()
+    if path and pidin(path .. ".oldbin") == core.getpid() then
+      os.rename(path .. ".oldbin", path)
+    end
     core.log("error", why .. ": cannot start the new master: " .. err)
     return
   end
   self.upgrading = {pid = pid}
   self.core:upgrading(pid, core.dup(a:getfd()), self.opts.upgrade_timeout or 60)
   a:close()
-  if self.opts.pid_file then
-    os.rename(self.opts.pid_file, self.opts.pid_file .. ".oldbin")
-  end
   core.log("info", ("%s: upgrading: the new master (pid %d) starts"):format(why, pid))
 end
 
