@@ -27,7 +27,8 @@ ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC -fvisibility=hidden $(WARN) \
 
 BUILD = build
 SRCS = src/core.c src/loop.c src/proc.c src/serial.c src/score.c \
-       src/task.c src/conn.c src/listen.c src/inherit.c src/fdpass.c \
+       src/task.c src/conn.c src/listen.c src/connect.c src/inherit.c \
+       src/fdpass.c \
        src/accept.c src/worker.c src/serve.c src/table.c src/supervise.c \
        src/status.c src/signals.c src/upgrade.c src/spawn.c src/machine.c \
        src/master.c src/notify.c src/pool.c src/wire.c src/interp.c \
@@ -36,7 +37,8 @@ SRCS = src/core.c src/loop.c src/proc.c src/serial.c src/score.c \
 OBJS = $(SRCS:src/%.c=$(BUILD)/obj/%.o)
 CORE = $(BUILD)/prefork/core.so
 LUASRC = src/prefork/init.lua src/prefork/pool.lua src/prefork/interp.lua \
-         src/prefork/status.lua src/prefork/listeners.lua src/prefork/deploy.lua
+         src/prefork/status.lua src/prefork/listeners.lua src/prefork/deploy.lua \
+         src/prefork/socket.lua
 # the client command: plain C, linked statically (start-up time: no
 # dynamic loader, no NSS); CLIENT_STATIC= links it dynamically, but for
 # nettle (the sanitizer builds do)

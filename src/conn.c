@@ -348,7 +348,10 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
                              (lua_KContext)off, write_k)) != PF_READY)
       return writefailed(L, c, how, off);
   }
-  c->wrote = 1;  /* an answer went out: reading next waits for a request */
+  /* an answer went out: reading next waits for a request; but on a
+  ** connection we opened a request went out, and reading waits for its
+  ** answer (a stop must not cut it as idle) */
+  c->wrote = !c->outgoing;
   if (c->closing) closeconn(c);
   lua_pushboolean(L, 1);
   return 1;
@@ -431,6 +434,32 @@ static int c_setmaxline (lua_State *L) {
   luaL_argcheck(L, n >= 0, 2, "negative size");
   c->maxline = (size_t)n;
   lua_settop(L, 1);
+  return 1;
+}
+
+
+/*
+** conn:detach() -> fd, data: the fd leaves the object (closed from now
+** on, it no longer owns it; still non-blocking), with the bytes read into
+** the buffer and not taken yet ("" when none), which a new owner of the
+** fd must see first.
+*/
+static int c_detach (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  lua_pushinteger(L, c->fd);
+  lua_pushlstring(L, c->buf != NULL ? c->buf + c->r : "", c->w - c->r);
+  c->fd = -1;
+  if (c->counter != NULL) pf_add(*c->counter, -1);
+  c->counter = NULL;
+  closeconn(c);  /* the buffer goes */
+  return 2;
+}
+
+
+/* conn:pending() -> the bytes read and not taken yet (LuaSocket's dirty) */
+static int c_pending (lua_State *L) {
+  pf_conn *c = checkconn(L);
+  lua_pushinteger(L, (lua_Integer)(c->w - c->r));
   return 1;
 }
 
@@ -614,7 +643,8 @@ void pf_open_conn (lua_State *L) {
   static const luaL_Reg meth[] = {
     {"read", c_read}, {"write", c_write}, {"close", c_close},
     {"settimeout", c_settimeout}, {"setmaxline", c_setmaxline},
-    {"getfd", c_getfd}, {"peer", c_peer},
+    {"getfd", c_getfd}, {"peer", c_peer}, {"detach", c_detach},
+    {"pending", c_pending},
     {NULL, NULL}
   };
   static const luaL_Reg metameth[] = {

@@ -29,6 +29,7 @@ PF_EXPORT int luaopen_prefork_core (lua_State *L) {
   pf_open_task(L);
   pf_open_conn(L);
   pf_open_listen(L);
+  pf_open_connect(L);
   pf_open_inherit(L);
   pf_open_fdpass(L);
   pf_open_worker(L);

@@ -195,6 +195,42 @@ static int clearstale (const char *path) {
 }
 
 
+/*
+** The parts of "host:port", "[v6]:port", "*:port" or a bare port (connect.c
+** shares the parser): the host into host (empty for the wildcard), the
+** port's string into *port. Raises on a malformed address.
+*/
+void pf_parseaddr (lua_State *L, const char *a, char *host, size_t hs,
+                   const char **port) {
+  splithost(L, a, host, hs, port);
+  checkport(L, a, *port);
+}
+
+
+/* the address of the Unix socket at path (after "unix:"); raises when
+** the path is empty or too long */
+void pf_unixaddr (lua_State *L, const char *path, struct sockaddr_un *sun) {
+  size_t n = strlen(path);
+  if (n == 0 || n >= sizeof(sun->sun_path))
+    luaL_error(L, "bad address 'unix:%s' (path empty or too long)", path);
+  memset(sun, 0, sizeof(*sun));
+  sun->sun_family = AF_UNIX;
+  memcpy(sun->sun_path, path, n);
+}
+
+
+/* a failed getaddrinfo: nil, "getaddrinfo: why", its code (EAI_...:
+** negative) where an errno would be (EAI_SYSTEM: the errno) */
+int pf_gaifail (lua_State *L, int r) {
+  int en = errno;
+  luaL_pushfail(L);
+  lua_pushfstring(L, "getaddrinfo: %s", r == EAI_SYSTEM ? strerror(en)
+                                                       : gai_strerror(r));
+  lua_pushinteger(L, r == EAI_SYSTEM ? en : r);
+  return 3;
+}
+
+
 static pf_listener *newlistener (lua_State *L) {
   pf_listener *l = (pf_listener *)lua_newuserdatauv(L, sizeof(*l), 0);
   memset(l, 0, sizeof(*l));
@@ -209,12 +245,7 @@ static int listenunix (lua_State *L, pf_listener *l, const char *path,
   struct sockaddr_un sun;
   struct stat st;
   const char *what = "bind";
-  size_t n = strlen(path);
-  if (n == 0 || n >= sizeof(sun.sun_path))
-    return luaL_error(L, "bad address 'unix:%s' (path empty or too long)", path);
-  memset(&sun, 0, sizeof(sun));
-  sun.sun_family = AF_UNIX;
-  memcpy(sun.sun_path, path, n);
+  pf_unixaddr(L, path, &sun);
   if (clearstale(path) != 0
       || (l->fd = bindlisten((struct sockaddr *)&sun, sizeof(sun), backlog,
                              PLAIN, &what)) < 0)
@@ -237,20 +268,13 @@ static int listeninet (lua_State *L, pf_listener *l, const char *a,
   struct sockaddr_storage ss;
   socklen_t sl = sizeof(ss);
   int r;
-  splithost(L, a, host, sizeof(host), &port);
-  checkport(L, a, port);
+  pf_parseaddr(L, a, host, sizeof(host), &port);
   memset(&hints, 0, sizeof(hints));
   hints.ai_family = host[0] ? AF_UNSPEC : AF_INET;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   r = getaddrinfo(host[0] ? host : NULL, port, &hints, &res);
-  if (r != 0) {  /* its code (EAI_...: negative) where an errno would be */
-    luaL_pushfail(L);
-    lua_pushfstring(L, "getaddrinfo: %s", r == EAI_SYSTEM ? strerror(errno)
-                                                         : gai_strerror(r));
-    lua_pushinteger(L, r == EAI_SYSTEM ? errno : r);
-    return 3;
-  }
+  if (r != 0) return pf_gaifail(L, r);
   l->fd = bindlisten(res->ai_addr, res->ai_addrlen, backlog, kind,
                      &what);
   freeaddrinfo(res);

@@ -19,6 +19,8 @@
 **   2  accept.c                the accept strategies, both sides
 **   1  fdpass.c                SCM_RIGHTS, peer credentials
 **      inherit.c               inherited listeners (uses listen.c)
+**      connect.c               outgoing connections, socket options (uses
+**                              listen.c's address parser and conn.c)
 **      listen.c                listening sockets (uses conn.c)
 **      conn.c                  connection objects, fds of Lua values
 **   0  task.c                  the coroutine scheduler (uses the rest of 0)
@@ -195,6 +197,8 @@ typedef struct pf_conn {
   size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
   double dl;  /* deadline of the call under way (monotonic); < 0: none */
   int wrote;  /* an answer went out and no byte came since: idle */
+  int outgoing;  /* we opened it (prefork.connect): never idle, since a
+                 ** read after a write waits for an answer, not a request */
   int closing;  /* close(data): writing, then closing */
   int drained;  /* the last read emptied the socket: wait before the next */
   char *buf;  /* read buffer; unread bytes are buf[r..w) */
@@ -221,8 +225,18 @@ PF_API int pf_listener_template (const pf_listener *l);
 PF_API int pf_listener_sibling (const pf_listener *l);
 PF_API pf_listener *pf_listener_clone (lua_State *L, const pf_listener *tpl);
 PF_API pf_listener *pf_listener_wrap (lua_State *L, int fd);
+PF_API void pf_parseaddr (lua_State *L, const char *a, char *host, size_t hs,
+                          const char **port);
+struct sockaddr_un;
+PF_API void pf_unixaddr (lua_State *L, const char *path,
+                         struct sockaddr_un *sun);
+PF_API int pf_gaifail (lua_State *L, int r);
 PF_API void pf_open_listen (lua_State *L);
 /* }====================================================== */
+
+
+/* connect.c: prefork.connect; the socket calls of prefork.socket */
+PF_API void pf_open_connect (lua_State *L);
 
 
 /* inherit.c: inherited listening sockets, their variables */

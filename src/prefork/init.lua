@@ -22,6 +22,7 @@ local prefork = {
   settitle = core.settitle,
   ncpu = core.ncpu,
   listen = core.listen,
+  connect = core.connect,
   socketpair = core.socketpair,
   conn = core.conn,
   sleep = core.sleep,
@@ -34,6 +35,15 @@ local prefork = {
   peercred = core.peercred,
   pool = require "prefork.pool",
 }
+
+-- prefork.socket (LuaSocket's surface, socket.lua) loads when first used
+setmetatable(prefork, {__index = function (t, k)
+  if k == "socket" then
+    local m = require "prefork.socket"
+    rawset(t, k, m)
+    return m
+  end
+end})
 
 
 -- {======================================================
