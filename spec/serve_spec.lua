@@ -286,11 +286,18 @@ function TestServe:test_timeout_zero_reads_what_is_there ()
 end
 
 -- a task's waits on one connection keep libev's registration; a closed
--- fd whose number comes back (conn:close, prefork.close, a pool channel
+-- fd whose number comes back (conn:close, prefork.close, conn:detach (its
+-- next owner closes it), a pool channel
 -- taking a connection over) is registered anew: its wait is woken
 function TestServe:test_a_reused_fd_number_wakes_its_wait ()
   local closers = {
     function (a) a:close() end,
+    function (a)  -- handed over, then closed by another library
+      local s = require("socket").tcp()
+      s:close()
+      s:setfd((a:detach()))
+      s:close()
+    end,
     function (a) core.chan(a):close() end,
   }
   for i, closeit in ipairs(closers) do

@@ -448,6 +448,7 @@ static int c_detach (lua_State *L) {
   pf_conn *c = checkconn(L);
   lua_pushinteger(L, c->fd);
   lua_pushlstring(L, c->buf != NULL ? c->buf + c->r : "", c->w - c->r);
+  pf_fdclosed();  /* the fd's next owner may close it: no kept registration */
   c->fd = -1;
   if (c->counter != NULL) pf_add(*c->counter, -1);
   c->counter = NULL;
