@@ -212,7 +212,7 @@ end
 -- a listener whose backlog is full drops the next SYNs: the connect waits
 -- until its timeout
 function TestConnect:test_timeout_bounds_the_connect ()
-  local l = assert(prefork.listen("127.0.0.1:0", 0))
+  local l = assert(prefork.listen("127.0.0.1:0", 1))
   local held, res = {}, nil
   for _ = 1, 10 do
     res = {prefork.connect(l:address(), 0.3)}
