@@ -62,7 +62,8 @@ SPEC_TIMEOUT = 180
 DEPS_RUN = lua5.4 liblua5.4-dev libev-dev gcc make nettle-dev
 DEPS_TEST = $(DEPS_RUN) lua-unit lua-socket lua-busted luarocks curl wrk \
             iproute2 procps chiark-utils-bin chiark-scripts libio-fdpass-perl \
-            systemd libserver-starter-perl
+            systemd libserver-starter-perl \
+            lua-sec lua-cqueues lua-redis lua-http redis-server openssl lua5.1
 DEPS_FUZZ = $(DEPS_RUN) clang libclang-rt-14-dev
 DEPS_BENCH = python3 wrk hyperfine nginx-light unicorn gunicorn nodejs libpoe-perl \
              libhttp-message-perl chiark-utils-bin chiark-scripts \

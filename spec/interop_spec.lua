@@ -363,4 +363,161 @@ end
 -- }======================================================
 
 
+-- {======================================================
+-- The recipes: examples/*.lua, each run as the README shows
+-- =======================================================
+
+TestRecipes = {}
+
+function TestRecipes:tearDown () H.cleanup() end
+
+--- examples/NAME with env (a string of NAME=value words) on port 0 and
+-- args; returned once its address line and workers ready workers came
+local function recipe (name, env, args, workers)
+  local p = H.spawn(("env %s %s examples/%s.lua 0 %s"):format(env or "",
+                    H.lua, name, args or ""))
+  p.port = tonumber(p:expect("127%.0%.0%.1:(%d+)", 20))
+  p.pids = H.ready(p, workers or 1, 20)
+  return p
+end
+
+--- TERM, and every worker and the master exit 0
+local function stops (p)
+  p:kill("TERM")
+  lu.assertEquals({p:wait(10 * (H.valgrind and 3 or 1))}, {"exit", 0})
+  for _, pid in ipairs(p.pids) do
+    lu.assertStrContains(p:err(), "(pid " .. pid .. ") stopped: exit 0\n")
+  end
+end
+
+local function needs (module, package)
+  local ok = pcall(require, module)
+  lu.skipIf(not ok, ("needs %s (Debian: %s)"):format(module, package))
+end
+
+
+-- a LuaSocket accept loop blocked in poll(2) with no time limit leaves at
+-- a graceful stop (the listener's fd becomes a dead socket in the worker)
+function TestRecipes:test_a_luasocket_accept_loop_sees_the_stop ()
+  local p = recipe("luasocket", "WORKERS=2", nil, 2)
+  lu.assertEquals(H.request(p.port, "hi\n", 10), "HI\n")
+  H.wait_until(function ()
+    for _, pid in ipairs(p.pids) do
+      local wchan = H.readfile("/proc/" .. pid .. "/wchan") or ""
+      if not wchan:match("poll") then return false end
+    end
+    return true
+  end, 10, "both workers blocked in LuaSocket's accept (poll)")
+  stops(p)
+end
+
+
+-- one worker's cqueues loop answers a second connection while the first
+-- one's "wait 5" is under way
+function TestRecipes:test_cqueues_loop_serves_connections_at_once ()
+  needs("cqueues", "lua-cqueues")
+  local p = recipe("cqueues", "WORKERS=1")
+  local slow = H.connect(p.port, 20)
+  slow:send("wait 5\n")
+  lu.assertEquals(H.request(p.port, "hi\n", 10), "HI\n")
+  slow:settimeout(0)
+  lu.assertEquals({slow:receive("*l")}, {nil, "timeout", ""})
+  slow:settimeout(20)
+  lu.assertEquals(slow:receive("*l"), "WAIT 5")
+  slow:close()
+  stops(p)
+end
+
+
+-- lua-http (Debian's 5.3 build, pure Lua) on a worker's listener
+function TestRecipes:test_lua_http_server_on_a_workers_listener ()
+  needs("cqueues", "lua-cqueues")
+  lu.skipIf(not havefile("/usr/share/lua/5.3/http/server.lua"),
+            "needs lua-http (Debian: lua-http)")
+  local p = recipe("lua-http", "WORKERS=2", nil, 2)
+  local url = "http://127.0.0.1:" .. p.port .. "/hello"
+  for _ = 1, 2 do
+    local pid = tonumber(H.sh("curl -s --max-time 10 " .. url)
+                        :match("^GET /hello from pid (%d+)\n$"))
+    lu.assertTrue(pid == p.pids[1] or pid == p.pids[2], tostring(pid))
+  end
+  stops(p)
+end
+
+
+-- LuaSec in worker:serve: a client that never finishes its handshake does
+-- not hold up the worker's other TLS connections
+function TestRecipes:test_luasec_tls_connections_do_not_block_each_other ()
+  needs("ssl", "lua-sec")
+  lu.skipIf(not have("openssl"), "needs openssl (Debian: openssl)")
+  local ssl = require "ssl"
+  local dir = H.sh("mktemp -d /tmp/lptls.XXXXXX"):match("[^\n]+")
+  H.sh(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/key.pem "
+        .. "-out %s/cert.pem -days 2 -subj /CN=localhost 2>/dev/null")
+       :format(dir, dir))
+  local p = recipe("tls", "WORKERS=1", dir .. "/cert.pem " .. dir .. "/key.pem")
+  local silent = H.connect(p.port, 20)  -- in the handshake, saying nothing
+  local c = assert(ssl.wrap(H.connect(p.port, 20),
+                            {mode = "client", protocol = "any", verify = "none"}))
+  lu.assertTrue(c:dohandshake())
+  c:send("hello tls\n")
+  lu.assertEquals(c:receive("*l"), "HELLO TLS")
+  c:close()
+  silent:close()
+  stops(p)
+  H.sh("rm -rf " .. dir)
+end
+
+
+-- a blocking call through a pool with load = 1: one worker has all three
+-- calls under way at once, each in a pool process of its own
+function TestRecipes:test_a_blocking_driver_through_a_pool ()
+  local p = recipe("blocking", "WORKERS=1")
+  local cs = {}
+  for i = 1, 3 do
+    cs[i] = H.connect(p.port, 30)
+    cs[i]:send("2\n")
+  end
+  local pids = {}
+  for i = 1, 3 do
+    local line = cs[i]:receive("*l")
+    local pid = line and line:match("^done by pool process (%d+); 3 at once$")
+    lu.assertNotNil(pid, line)
+    pids[pid] = true
+    cs[i]:close()
+  end
+  lu.assertEquals(H.count(pids), 3)
+  stops(p)
+end
+
+-- }======================================================
+
+
+-- {======================================================
+-- The Lua version check
+-- =======================================================
+
+TestVersion = {}
+
+-- under Lua 5.1-5.3 (and LuaJIT, which says 5.1), require "prefork"
+-- raises a message naming both versions, not a missing symbol
+function TestVersion:test_older_luas_are_told_what_is_needed ()
+  local tried = 0
+  for _, v in ipairs{"5.1", "5.2", "5.3"} do
+    if have("lua" .. v) then
+      tried = tried + 1
+      local out = H.sh(("lua%s -e 'package.path = \"src/?.lua;src/?/init.lua;\" "
+        .. ".. package.path; package.cpath = \"build/?.so;\" .. package.cpath; "
+        .. "require \"prefork\"' 2>&1; echo \"rc=$?\""):format(v))
+      lu.assertStrContains(out, ("lua-prefork needs Lua 5.4 (this is Lua %s)")
+                                :format(v))
+      lu.assertStrContains(out, "rc=1\n")
+    end
+  end
+  lu.skipIf(tried == 0, "needs lua5.1, lua5.2 or lua5.3 (Debian: lua5.1)")
+end
+
+-- }======================================================
+
+
 os.exit(lu.LuaUnit.run())

@@ -3,6 +3,8 @@
 -- holds the public surface: options and their checking, defaults, the
 -- worker set as contexts, and the objects handed to user code.
 
+-- (The check comes first, so this file must parse in Lua 5.1 too: no goto,
+-- //, bitwise operators, <close> or <const> anywhere in it.)
 if _VERSION ~= "Lua 5.4" then
   error(("lua-prefork needs Lua 5.4 (this is %s)"):format(_VERSION), 2)
 end
