@@ -4,7 +4,8 @@
 -- a client sends its id on a line and a message on the next, and gets
 --   Hello <id>, this is PID <pid>
 --   <message>
--- before the server closes the connection. Try: printf 'me\nhi\n' | nc 127.0.0.1 1978
+-- before the server closes the connection. Try:
+--   lua5.4 -e 'local s = require"socket".connect("127.0.0.1", 1978) s:send("me\nhi\n") print((s:receive("*a")))'
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"  -- run from a checkout
 package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path

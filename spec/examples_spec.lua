@@ -149,7 +149,7 @@ end
 function TestExamples:test_readme_server_in_ten_lines ()
   local readme = H.readfile("README.md")
   local code = readme:match("## A server in ten lines\n\n```lua\n(.-)```")
-  local client = readme:match("`nc`%-free test: `(lua5%.4 %-e .-)`%.?\n")
+  local client = readme:match("try it from another terminal: `(lua5%.4 %-e .-)`%.?\n")
   lu.assertNotNil(code)
   lu.assertNotNil(client)
   local _, lines = code:gsub("\n", "")
