@@ -326,14 +326,27 @@ function H.while_asleep (fn)
 end
 
 
+local nprocdir  -- the module's copy that another uid can read
+
 --- A setpriv/prlimit prefix running a command as a uid that no other
 -- process uses (not nobody: other suites' processes would count against
--- the limit) with at most nproc processes.
+-- the limit) with at most nproc processes. That uid may not read the
+-- checkout (it can sit under a 0700 directory): the command loads a copy
+-- of the module under test from a world-readable temporary directory.
 function H.nproc_prefix (nproc)
   local uid = 50000 + prefork.getpid() % 10000
   while H.sh("ps -o pid= -U " .. uid) ~= "" do uid = uid + 1 end
-  return ("setpriv --reuid=%d --regid=nogroup --clear-groups prlimit --nproc=%d ")
-    :format(uid, nproc)
+  if not nprocdir then
+    local core = assert(package.searchpath("prefork.core", package.cpath))
+    local init = assert(package.searchpath("prefork", package.path))
+    nprocdir = H.sh("mktemp -d /tmp/lpnproc.XXXXXX"):match("%S+")
+    H.sh(("mkdir %s/prefork && cp %s %s/prefork/ && cp %s/*.lua %s/prefork/ "
+          .. "&& chmod -R a+rX %s"):format(nprocdir, core, nprocdir,
+          init:match("^(.*)/"), nprocdir, nprocdir))
+  end
+  return ("env LUA_PATH='%s/?.lua;%s/?/init.lua;;' LUA_CPATH='%s/?.so;;' "
+          .. "setpriv --reuid=%d --regid=nogroup --clear-groups prlimit --nproc=%d ")
+    :format(nprocdir, nprocdir, nprocdir, uid, nproc)
 end
 
 
@@ -349,6 +362,10 @@ function H.cleanup ()
   forked = {}
   for _, f in ipairs(tmpfiles) do os.remove(f) end
   tmpfiles = {}
+  if nprocdir then
+    H.sh("rm -rf " .. nprocdir)
+    nprocdir = nil
+  end
 end
 
 -- }======================================================
