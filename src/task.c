@@ -176,7 +176,9 @@ static void resume (task *t, int nargs) {
     pf_log(T.L, "error", "worker %ld: a handler yielded outside a wait "
            "of prefork; its connection is closed", (long)getpid());
   }
-  else if (st != LUA_OK) {
+  else if (st == LUA_OK)
+    lua_pop(co, nres);  /* the handler's results: the coroutine is reusable */
+  else {
     luaL_traceback(T.L, co, lua_tostring(co, -1), 0);
     pf_log(T.L, "error", "worker %ld: handler failed: %s", (long)getpid(),
            lua_tostring(T.L, -1));
