@@ -50,6 +50,16 @@ static pf_conn *checkconn (lua_State *L) {
 #define AGAIN	(-2)  /* would block: wait for the fd, then try again */
 
 
+/* c->dl of a call that has not waited yet: its timeout counts from its
+** first wait (most reads and writes never wait: no clock read for them) */
+#define LATER	(-2.0)
+
+static double deadline (pf_conn *c) {
+  if (c->dl == LATER) c->dl = pf_deadline(c->timeout);
+  return c->dl;
+}
+
+
 /* read buffers of PF_BUFSIZE kept for the next connections: a worker
 ** takes one per connection, and 16 KiB is beyond glibc's caches (its
 ** malloc and free were 3 % of a worker's time in the Connection: close
@@ -259,7 +269,7 @@ static int readloop (lua_State *L, pf_conn *c, int i, int nargs, int how) {
     if (st != AGAIN) return readfailed(L, i, st);
     if (how != NOWAIT && how != PF_READY)  /* it looked once more */
       return (i - 2) + waitfailed(L, "read", how);
-    how = pf_waitk(L, c->fd, POLLIN, c->dl, PF_WAITSAMEFD
+    how = pf_waitk(L, c->fd, POLLIN, deadline(c), PF_WAITSAMEFD
                    | (c->wrote && c->r == c->w ? PF_WAITIDLE : 0),
                    ((lua_KContext)i << 16) | nargs, read_k);
   }
@@ -282,7 +292,7 @@ static int c_read (lua_State *L) {
   }
   luaL_argcheck(L, nargs < 0xffff, 0xffff, "too many formats");
   luaL_checkstack(L, nargs + 3, "too many arguments");
-  c->dl = pf_deadline(c->timeout);
+  c->dl = LATER;
   return readloop(L, c, 2, nargs, NOWAIT);
 }
 
@@ -344,7 +354,7 @@ static int writeloop (lua_State *L, pf_conn *c, size_t off) {
       continue;
     else if (errno != EAGAIN && errno != EWOULDBLOCK)
       return writefailed(L, c, PF_READY, off);
-    else if ((how = pf_waitk(L, c->fd, POLLOUT, c->dl, PF_WAITSAMEFD,
+    else if ((how = pf_waitk(L, c->fd, POLLOUT, deadline(c), PF_WAITSAMEFD,
                              (lua_KContext)off, write_k)) != PF_READY)
       return writefailed(L, c, how, off);
   }
@@ -383,7 +393,7 @@ static void pushdata (lua_State *L) {
 static int c_write (lua_State *L) {
   pf_conn *c = checkconn(L);
   pushdata(L);
-  c->dl = pf_deadline(c->timeout);
+  c->dl = LATER;
   return writeloop(L, c, 0);
 }
 
@@ -403,7 +413,7 @@ static int c_close (lua_State *L) {
   }
   c = checkconn(L);
   pushdata(L);
-  c->dl = pf_deadline(c->timeout);
+  c->dl = LATER;
   c->closing = 1;
   return writeloop(L, c, 0);
 }

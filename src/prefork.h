@@ -195,7 +195,8 @@ typedef struct pf_conn {
                   ** open connections), or NULL */
   double timeout;  /* seconds for each read or write call; < 0: none */
   size_t maxline;  /* longest line "l" and "L" buffer; 0: no limit */
-  double dl;  /* deadline of the call under way (monotonic); < 0: none */
+  double dl;  /* deadline of the call under way (monotonic); -1: none;
+              ** conn.c's LATER: from its first wait */
   int wrote;  /* an answer went out and no byte came since: idle */
   int outgoing;  /* we opened it (prefork.connect): never idle, since a
                  ** read after a write waits for an answer, not a request */
