@@ -44,6 +44,8 @@ static struct {
   struct ev_loop *loop;
   lua_State *L;  /* the thread that called serve */
   int handler;  /* registry ref */
+  int spare;  /* registry ref: a connection object no accept filled; or
+              ** LUA_NOREF (the next wake-up uses it: most end so) */
   ev_io *acc;  /* a watcher for each listener */
   int nacc;
   int exclusive;  /* the entries are made exclusive (see makeexclusive) */
@@ -98,14 +100,24 @@ static void onpause (struct ev_loop *loop, ev_timer *t, int revents) {
 }
 
 
+/* a connection object to accept into, on top of the stack */
+static pf_conn *newconn (void) {
+  if (sv.spare == LUA_NOREF) return pf_newconn(sv.L);
+  lua_rawgeti(sv.L, LUA_REGISTRYINDEX, sv.spare);
+  luaL_unref(sv.L, LUA_REGISTRYINDEX, sv.spare);
+  sv.spare = LUA_NOREF;
+  return (pf_conn *)lua_touserdata(sv.L, -1);
+}
+
+
 static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
   int n;
   (void)io; (void)revents;
   for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
-    pf_conn *c = pf_newconn(sv.L);
+    pf_conn *c = newconn();
     int st = pf_worker_accept(c);
     if (st <= 0) {
-      lua_pop(sv.L, 1);
+      sv.spare = luaL_ref(sv.L, LUA_REGISTRYINDEX);  /* for the next one */
       if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
         makeexclusive();  /* woken for nothing: are the entries still exclusive? */
@@ -272,7 +284,8 @@ static void endserve (void) {
   pf_task_close();
   sv.loop = NULL;
   if (sv.handler != LUA_NOREF) luaL_unref(sv.L, LUA_REGISTRYINDEX, sv.handler);
-  sv.handler = LUA_NOREF;
+  luaL_unref(sv.L, LUA_REGISTRYINDEX, sv.spare);
+  sv.handler = sv.spare = LUA_NOREF;
 }
 
 
@@ -292,6 +305,7 @@ static int l_serve (lua_State *L) {
   sv.nacc = 0;
   lua_pushvalue(L, 2);
   sv.handler = luaL_ref(L, LUA_REGISTRYINDEX);
+  sv.spare = LUA_NOREF;
   sv.L = L;
   sv.stopping = 0;
   ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
