@@ -92,6 +92,25 @@ local function fdlist (out)
 end
 
 
+--- the executor's fds from 3 up, from its "FDL fd target flags" lines:
+-- fd -> target, and the call's connection (a socket, close-on-exec: it
+-- sends its status there itself), which must be there
+local function extrafds (out)
+  local t, call = {}, nil
+  for fd, target, flags in out:gmatch("FDL (%d+) (%S+) (%d+)") do
+    if tonumber(fd) < 1000 then
+      t[tonumber(fd)] = target
+      if target:match("^socket:") and tonumber(flags, 8) & tonumber("2000000", 8) ~= 0 then
+        lu.assertNil(call, "one connection only")
+        call = tonumber(fd)
+      end
+    end
+  end
+  lu.assertNotNil(call, "the call's connection: " .. out)
+  return t, call
+end
+
+
 local function alive (pid)
   local st = H.pstate(pid)
   return st ~= nil and st ~= "Z"
@@ -319,12 +338,29 @@ function TestInterp:test_exit_statuses_reach_the_caller ()
 end
 
 
+function TestInterp:test_a_script_that_closes_its_connection_still_gets_its_status ()
+  -- the executor sends its status on its copy of the call's connection;
+  -- this one closed it and opened a file that took its number: the
+  -- server answers, and the file gets nothing
+  local d = newdir()
+  call(d, "end")
+  local r = call(d, "closecall 5")
+  lu.assertEquals(r.rc, 5)
+  local closed = r.out:match("CLOSED (%d+)")
+  lu.assertNotNil(closed, r.out)
+  lu.assertStrContains(r.out, "FDL " .. closed .. " " .. d .. "/taken.txt")
+  lu.assertEquals(H.readfile(d .. "/taken.txt"), "")
+  lu.assertEquals(call(d, "exit 3").rc, 3)  -- the server serves on
+end
+
+
 function TestInterp:test_the_executor_has_fds_0_1_2_default_signals_its_own_group ()
   local d = newdir()
   call(d, "end")
   local r = call(d, "fds")
   lu.assertEquals(r.rc, 0)
-  lu.assertEquals(fdlist(r.out), "0 1 2")
+  local _, conn = extrafds(r.out)
+  lu.assertEquals(fdlist(r.out), "0 1 2 " .. conn)  -- and no other
   -- (signals 32 and 33 are glibc's own: only 1..31 are ours to reset)
   -- (valgrind catches every signal itself: SigCgt is its own there)
   for _, what in ipairs(H.valgrind and {"SIGIGN", "SIGBLK"} or {"SIGIGN", "SIGCGT", "SIGBLK"}) do
@@ -349,7 +385,13 @@ function TestInterp:test_keep_fds_keeps_a_file_of_the_initialisation ()
   call(d, "end", {env = "T_KEEP=1"})
   local r = call(d, "keep")
   lu.assertEquals(r.rc, 0)
-  lu.assertStrMatches(fdlist(r.out), "0 1 2 %d+")  -- the kept one, and nothing else
+  local extra, conn = extrafds(r.out)
+  local kept
+  for fd, target in pairs(extra) do if target:match("/kept%.txt$") then kept = fd end end
+  lu.assertNotNil(kept, r.out)
+  local want = {0, 1, 2, kept, conn}  -- the kept one, the call's, nothing else
+  table.sort(want)
+  lu.assertEquals(fdlist(r.out), table.concat(want, " "))
   lu.assertStrMatches(H.readfile(d .. "/kept.txt"), "written by %d+\n")
 end
 
@@ -402,7 +444,8 @@ function TestInterp:test_a_spare_executor_takes_the_next_call ()
   lu.assertTrue(waiting[pid], "the call ran in a spare")
   lu.assertEquals(tonumber(r.out:match("PGID (%d+)")), pid)
   lu.assertEquals(tonumber(r.out:match("SERVER (%d+)")), s)  -- a child of the server
-  lu.assertEquals(fdlist(r.out), "0 1 2")
+  local _, conn = extrafds(r.out)
+  lu.assertEquals(fdlist(r.out), "0 1 2 " .. conn)
   H.wait_until(function ()
     for _, p in ipairs(spares(s)) do if not waiting[p] then return true end end
   end, 5, "a new spare")

@@ -22,6 +22,8 @@ int pf_icall_greet (pf_icall *c) {
   size_t n = pf_greet_encode(g);
   c->state = PF_CSIGBYTE;
   c->early = -1;
+  c->byexec = 0;
+  c->job.callfd = -1;
   if (send(c->fd, g, n, MSG_DONTWAIT | MSG_NOSIGNAL) == (ssize_t)n) return 1;
   return errno == EPIPE || errno == ECONNRESET ? 0 : -1;
 }
@@ -76,6 +78,7 @@ static int complete (pf_icall *c, const char **why, int *en) {
   if ((err = pf_req_parse(c->job.req, c->job.len, &c->job.r)) != NULL)
     return bad(why, en, err, 0);
   c->state = PF_CREADY;
+  c->job.callfd = c->fd;
   return PF_CALL_DONE;
 }
 
@@ -155,6 +158,15 @@ void pf_icall_answer (pf_icall *c, int status) {
     pf_status_encode(b, status);
     (void)!send(c->fd, b, sizeof(b), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
+  c->state = PF_CGONE;
+}
+
+
+/* the executor sends status to the client itself: no more bytes from
+** the client */
+void pf_icall_answered (pf_icall *c, int status) {
+  c->early = status;
+  c->byexec = 1;
   c->state = PF_CGONE;
 }
 

@@ -22,6 +22,7 @@
 #include <unistd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 
 #include "interp_state.h"
@@ -95,6 +96,7 @@ static void defaults (void) {
 
 
 static void quickend (void);
+static void answerto (int fd);
 
 
 /* ps shows the call's argv; argv[0] stays this program's (lua.c's
@@ -114,7 +116,8 @@ static void enter (pf_ijob *j) {
   prctl(PR_SET_PDEATHSIG, SIGINT, 0, 0, 0);
   for (i = 0; i < 3; i++)
     if (dup2(j->fds[i], i) < 0) _exit(127);
-  pf_iexec_closeabove(-1);
+  pf_iexec_closeabove(j->callfd >= 3 ? j->callfd : -1);
+  answerto(j->callfd);
   __fpurge(stdin);
   clearerr(stdin);
   clearerr(stdout);
@@ -157,13 +160,58 @@ void pf_iexec_become (pf_ijob *j) {
 ** for 20 MB) comes before the SIGCHLD. So an executor that exits (the
 ** end of the script, os.exit, an uncaught error) flushes its output,
 ** closes every fd, as its exit would, and sigqueues PF_SIGREPORT with
-** its code to the server, which answers the client at once; the reaped
-** status is then only checked. A death by a signal has no early status.
+** its code to the server; the reaped status is then only checked. A
+** death by a signal has no early status.
+**
+** The status goes to the client from the executor itself, on its copy of
+** the call's connection (one wake-up less: a wake-up of a sleeping CPU is
+** 0.2 ms on a VM): the report says so (PF_REPORTSENDS) before the status
+** goes, so that the server stops watching the client (whose end of
+** stream would mean "interrupt the call") before the client can end.
+** The copy is checked to be the same socket still (a script may close
+** fds and open others); without it the server answers, as it does when
+** the executor dies between its report and its answer.
 ** ======================================================= */
 
 static int inexec = 0;  /* this process is an executor */
 static int errored = 0;  /* lua.c reported an error */
 static int exitcode = -1;  /* os.exit(code, true) */
+static struct {
+  int fd;  /* the call's connection, or -1 */
+  dev_t dev;  /* its identity */
+  ino_t ino;
+} ans = {-1, 0, 0};
+
+
+/* the executor answers its client on fd (if >= 3 and the server takes
+** reports) */
+static void answerto (int fd) {
+  struct stat st;
+  ans.fd = -1;
+  if (fd >= 3 && X.report && fstat(fd, &st) == 0) {
+    ans.fd = fd;
+    ans.dev = st.st_dev;
+    ans.ino = st.st_ino;
+  }
+}
+
+
+/* the call's connection, if it is still ours: its fd, or -1 */
+static int answerfd (void) {
+  struct stat st;
+  if (ans.fd < 0 || fstat(ans.fd, &st) != 0 || st.st_dev != ans.dev
+      || st.st_ino != ans.ino)
+    return -1;
+  return ans.fd;
+}
+
+
+/* every fd closed but keep (or all, if keep < 0): 0 or -1 */
+static int closeall (int keep) {
+  if (keep < 0) return close_range(0, ~0U, 0);
+  if (close_range(0, (unsigned)keep - 1, 0) != 0) return -1;
+  return close_range((unsigned)keep + 1, ~0U, 0);
+}
 
 
 static ssize_t errwrite (void *cookie, const char *buf, size_t n) {
@@ -190,12 +238,18 @@ static ssize_t errwrite (void *cookie, const char *buf, size_t n) {
 ** server (only from the executor itself, not from a child it forked) */
 static void report (int code) {
   union sigval v;
+  int fd;
+  unsigned char b[4];
   fflush(NULL);
   if (!inexec || !X.report || X.server <= 0 || getppid() != X.server
-      || close_range(0, ~0U, 0) != 0)
+      || closeall(fd = answerfd()) != 0)
     return;
-  v.sival_int = code & 0xff;
-  sigqueue(X.server, PF_SIGREPORT, v);
+  v.sival_int = (code & 0xff) | (fd >= 0 ? PF_REPORTSENDS : 0);
+  if (sigqueue(X.server, PF_SIGREPORT, v) != 0 || fd < 0)
+    return;
+  pf_status_encode(b, (code & 0xff) << 8);  /* W_EXITCODE(code, 0) */
+  (void)!send(fd, b, sizeof(b), MSG_DONTWAIT | MSG_NOSIGNAL);
+  close(fd);
 }
 
 
@@ -269,7 +323,8 @@ static void quickend (void) {
 ** answers "A" once it has it all. Spares and maker die with the server.
 ** ======================================================= */
 
-/* a message with the call's three fds, the u32 and the request in it */
+/* a message with the call's three fds and its connection, the u32 and
+** the request in it */
 static void handoffmsg (struct msghdr *m, struct iovec *iov, void *ctl,
                         size_t ctllen) {
   memset(m, 0, sizeof(*m));
@@ -284,7 +339,8 @@ static void handoffmsg (struct msghdr *m, struct iovec *iov, void *ctl,
 /* the server's half: the call j to the spare at chan, never blocking;
 ** 1 when it went whole */
 int pf_iexec_handoff (int chan, const pf_ijob *j) {
-  union { char buf[CMSG_SPACE(3 * sizeof(int))]; struct cmsghdr a; } ctl;
+  union { char buf[CMSG_SPACE(4 * sizeof(int))]; struct cmsghdr a; } ctl;
+  int fds[4];
   uint32_t len = (uint32_t)j->len;
   struct iovec iov[2];
   struct msghdr m;
@@ -297,17 +353,20 @@ int pf_iexec_handoff (int chan, const pf_ijob *j) {
   cm = CMSG_FIRSTHDR(&m);
   cm->cmsg_level = SOL_SOCKET;
   cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(3 * sizeof(int));
-  memcpy(CMSG_DATA(cm), j->fds, 3 * sizeof(int));
+  cm->cmsg_len = CMSG_LEN(4 * sizeof(int));
+  memcpy(fds, j->fds, 3 * sizeof(int));
+  fds[3] = j->callfd;
+  memcpy(CMSG_DATA(cm), fds, sizeof(fds));
   return sendmsg(chan, &m, MSG_DONTWAIT | MSG_NOSIGNAL)
          == (ssize_t)(sizeof(len) + j->len);
 }
 
 
-/* the spare's half: the length and the three fds; 0 when the server
+/* the spare's half: the length and the four fds; 0 when the server
 ** closed the channel */
 static int takehead (int chan, pf_ijob *j, uint32_t *len) {
-  union { char buf[CMSG_SPACE(3 * sizeof(int))]; struct cmsghdr a; } ctl;
+  union { char buf[CMSG_SPACE(4 * sizeof(int))]; struct cmsghdr a; } ctl;
+  int fds[4];
   struct iovec iov[2];
   struct msghdr m;
   struct cmsghdr *cm;
@@ -321,10 +380,12 @@ static int takehead (int chan, pf_ijob *j, uint32_t *len) {
   if (n == 0) _exit(0);  /* the server is gone, or dropped us */
   cm = CMSG_FIRSTHDR(&m);
   if (n != (ssize_t)sizeof(*len) || cm == NULL
-      || cm->cmsg_len != CMSG_LEN(3 * sizeof(int)))
+      || cm->cmsg_len != CMSG_LEN(4 * sizeof(int)))
     return 0;
-  memcpy(j->fds, CMSG_DATA(cm), 3 * sizeof(int));
+  memcpy(fds, CMSG_DATA(cm), sizeof(fds));
+  memcpy(j->fds, fds, 3 * sizeof(int));
   j->nfds = 3;
+  j->callfd = fds[3];
   return 1;
 }
 

@@ -277,9 +277,14 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   c->c.pid = 0;  /* reaped: its group is no longer ours to signal */
   if (c->c.early < 0)
     answer(c, st);
-  else if (c->c.early != st)
+  else if (c->c.early != st) {
     pf_ilog(0, LOG_WARNING, "executor %ld: reported status %d, ended with %d",
          (long)pid, c->c.early, st);
+    if (c->c.byexec) {  /* it may have died before its answer: this one */
+      c->c.state = PF_CRUN;  /* (the client reads the first, if two) */
+      answer(c, st);
+    }
+  }
   if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0)
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))
     pf_ilog(0, LOG_INFO, "executor %ld: status %d", (long)pid, st);
@@ -299,8 +304,15 @@ static void reportcb (struct ev_loop *loop, ev_io *w, int revents) {
       continue;
     for (c = S.calls; c != NULL; c = c->next) {
       if (c->c.pid > 0 && c->c.pid == (pid_t)si.ssi_pid && c->c.early < 0) {
-        c->c.early = (si.ssi_int & 0xff) << 8;  /* W_EXITCODE(code, 0) */
-        answer(c, c->c.early);
+        int st = (si.ssi_int & 0xff) << 8;  /* W_EXITCODE(code, 0) */
+        if (si.ssi_int & PF_REPORTSENDS) {  /* the executor answers */
+          pf_icall_answered(&c->c, st);
+          ev_io_stop(EV_DEFAULT, &c->io);
+        }
+        else {
+          c->c.early = st;
+          answer(c, st);
+        }
         break;
       }
     }
@@ -547,6 +559,8 @@ static void reports (void) {
   sigprocmask(SIG_BLOCK, &rs, NULL);
   S.sigfd = signalfd(-1, &rs, SFD_NONBLOCK | SFD_CLOEXEC);
   ev_io_init(&S.sw, reportcb, S.sigfd, EV_READ);
+  ev_set_priority(&S.sw, EV_MAXPRI);  /* before a client's end of stream
+                                       ** that came after the report */
   if (S.sigfd >= 0) ev_io_start(EV_DEFAULT, &S.sw);
 }
 

@@ -26,6 +26,10 @@
 /* an executor's "I exit with this code" to its server (sigqueue'd) */
 #define PF_SIGREPORT	(SIGRTMIN + 3)
 
+/* in a report's value: the executor sends that status to its client
+** itself (the code is in the low byte) */
+#define PF_REPORTSENDS	0x100
+
 /* seconds a connection has, from its greeting on, to send its whole
 ** request; until then it holds no server slot */
 #if !defined(PF_INTERP_REQTIMEOUT)
@@ -46,6 +50,8 @@
 typedef struct pf_ijob {
   int fds[3];  /* the caller's 0, 1, 2 */
   int nfds;
+  int callfd;  /* the call's connection (the executor's early status goes
+               ** there itself), or -1 */
   char *req;  /* the request; r points into it */
   size_t len;
   pf_req r;
@@ -96,6 +102,7 @@ typedef struct pf_icall {
   pf_ijob job;
   pid_t pid;  /* its executor, once there is one; 0 once reaped */
   int early;  /* the status sent to the client early, or -1 */
+  int byexec;  /* the executor sends the early status itself */
 } pf_icall;
 
 /* what a step of the request did */
@@ -108,6 +115,7 @@ PF_API int pf_icall_greet (pf_icall *c);
 PF_API int pf_icall_read (pf_icall *c, const char **why, int *en);
 PF_API int pf_icall_signals (pf_icall *c, int *ignored);
 PF_API void pf_icall_answer (pf_icall *c, int status);
+PF_API void pf_icall_answered (pf_icall *c, int status);
 PF_API void pf_icall_close (pf_icall *c);
 /* }====================================================== */
 
