@@ -338,6 +338,20 @@ function TestInterp:test_exit_statuses_reach_the_caller ()
 end
 
 
+function TestInterp:test_a_client_that_got_its_status_interrupts_nothing ()
+  -- the executor answers its client itself and ends; the client then ends
+  -- too, and that end of stream is no interruption: a child the call left
+  -- in its group gets no SIGINT
+  local d = newdir()
+  call(d, "end")
+  for i = 1, 3 do
+    lu.assertEquals(call(d, "bg " .. i).rc, 0)
+    H.wait_until(function () return H.readfile(d .. "/bgdone." .. i) end, 10, "the child's second")
+    lu.assertNil(H.readfile(d .. "/bgint." .. i), "a SIGINT after the answer")
+  end
+end
+
+
 function TestInterp:test_a_script_that_closes_its_connection_still_gets_its_status ()
   -- the executor sends its status on its copy of the call's connection;
   -- this one closed it and opened a file that took its number: the

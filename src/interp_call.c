@@ -127,8 +127,8 @@ static int forwardable (int sig) {
 
 
 /* the bytes after the request: signals for the executor's group (*ignored:
-** the last byte that is none, or -1). An EOF means the client is gone:
-** SIGINT to the group, and 0; else 1 */
+** the last byte that is none, or -1). An EOF means the client is gone: 0
+** (the caller interrupts the call: pf_icall_interrupt); else 1 */
 int pf_icall_signals (pf_icall *c, int *ignored) {
   unsigned char buf[64];
   *ignored = -1;
@@ -138,7 +138,6 @@ int pf_icall_signals (pf_icall *c, int *ignored) {
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 1;
     if (n <= 0) {  /* EOF or a reset: the client went away */
       c->state = PF_CGONE;
-      if (c->pid > 0) kill(-c->pid, SIGINT);
       return 0;
     }
     for (i = 0; i < n; i++) {
@@ -149,21 +148,31 @@ int pf_icall_signals (pf_icall *c, int *ignored) {
 }
 
 
+/* the client went away: SIGINT to the executor's group, unless the
+** executor is answering it (its client's end is no interruption then) */
+void pf_icall_interrupt (pf_icall *c) {
+  if (c->pid > 0 && !c->byexec) kill(-c->pid, SIGINT);
+}
+
+
 /* the status to the client, unless it is gone (what it sent before is
 ** read first: an EOF); no more bytes from it after this */
 void pf_icall_answer (pf_icall *c, int status) {
   int ignored;
-  if (c->state == PF_CRUN && pf_icall_signals(c, &ignored)) {
+  if (c->state != PF_CRUN) return;
+  if (pf_icall_signals(c, &ignored)) {
     unsigned char b[4];
     pf_status_encode(b, status);
     (void)!send(c->fd, b, sizeof(b), MSG_DONTWAIT | MSG_NOSIGNAL);
   }
+  else
+    pf_icall_interrupt(c);
   c->state = PF_CGONE;
 }
 
 
-/* the executor sends status to the client itself: no more bytes from
-** the client */
+/* the executor sends status to the client itself (its report said so):
+** no more bytes from the client, whose end is no interruption now */
 void pf_icall_answered (pf_icall *c, int status) {
   c->early = status;
   c->byexec = 1;

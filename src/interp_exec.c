@@ -169,30 +169,37 @@ void pf_iexec_become (pf_ijob *j) {
 ** goes, so that the server stops watching the client (whose end of
 ** stream would mean "interrupt the call") before the client can end.
 ** The copy is checked to be the same socket still (a script may close
-** fds and open others); without it the server answers, as it does when
-** the executor dies between its report and its answer.
+** fds and open others); without it the server answers. The server also
+** sends the reaped status to a client still there (an answer that
+** failed, or an executor killed between its report and its answer: the
+** client reads the first status it gets). With the server gone, the
+** executor still answers (its client would wait for its copy to close).
 ** ======================================================= */
 
 static int inexec = 0;  /* this process is an executor */
 static int errored = 0;  /* lua.c reported an error */
 static int exitcode = -1;  /* os.exit(code, true) */
 static struct {
+  pid_t self;  /* the executor (not a child it forked) */
   int fd;  /* the call's connection, or -1 */
   dev_t dev;  /* its identity */
   ino_t ino;
-} ans = {-1, 0, 0};
+} ans = {0, -1, 0, 0};
 
 
 /* the executor answers its client on fd (if >= 3 and the server takes
-** reports) */
+** reports; else fd goes) */
 static void answerto (int fd) {
   struct stat st;
+  ans.self = getpid();
   ans.fd = -1;
   if (fd >= 3 && X.report && fstat(fd, &st) == 0) {
     ans.fd = fd;
     ans.dev = st.st_dev;
     ans.ino = st.st_ino;
   }
+  else if (fd >= 3)
+    close(fd);
 }
 
 
@@ -234,19 +241,23 @@ static ssize_t errwrite (void *cookie, const char *buf, size_t n) {
 }
 
 
-/* the early status: flushed and closed as by an exit, the code to the
-** server (only from the executor itself, not from a child it forked) */
+/* the early status (only from the executor itself, not from a child it
+** forked): stdio flushed and every fd closed as by an exit, the code
+** reported to the server, then the status to the client on the call's
+** connection, when the executor still has it */
 static void report (int code) {
   union sigval v;
-  int fd;
+  int fd, server;
   unsigned char b[4];
   fflush(NULL);
-  if (!inexec || !X.report || X.server <= 0 || getppid() != X.server
-      || closeall(fd = answerfd()) != 0)
+  if (!inexec || getpid() != ans.self) return;
+  server = X.report && X.server > 0 && getppid() == X.server;
+  if ((!server && ans.fd < 0) || closeall(fd = answerfd()) != 0)
     return;
   v.sival_int = (code & 0xff) | (fd >= 0 ? PF_REPORTSENDS : 0);
-  if (sigqueue(X.server, PF_SIGREPORT, v) != 0 || fd < 0)
-    return;
+  if (server && sigqueue(X.server, PF_SIGREPORT, v) != 0)
+    return;  /* the server answers once it reaps us */
+  if (fd < 0) return;
   pf_status_encode(b, (code & 0xff) << 8);  /* W_EXITCODE(code, 0) */
   (void)!send(fd, b, sizeof(b), MSG_DONTWAIT | MSG_NOSIGNAL);
   close(fd);
@@ -319,7 +330,8 @@ static void quickend (void) {
 ** sends each spare's pid back, with the server's end of a channel to
 ** the spare. A spare does the half of becoming an executor that needs
 ** no call, then waits; a call comes whole in one message: a u32 length
-** (host order) and the request, with the caller's three fds. The spare
+** (host order) and the request, with the caller's three fds and the
+** call's connection (the executor answers on it). The spare
 ** answers "A" once it has it all. Spares and maker die with the server.
 ** ======================================================= */
 

@@ -11,9 +11,10 @@
 ** and argv, and returns into the script (interp_exec.c). The server then
 ** plays upstream's "monitor" for that call: bytes the client sends are
 ** signals for the executor's group, EOF means the client is gone (SIGINT
-** to the group), and the executor's status, early or reaped by libev,
-** goes back as a big-endian u32. The first call comes on the CALL
-** socketpair.
+** to the group), and the executor's status goes back as a big-endian
+** u32: sent by the executor itself as it ends (its early status, which it
+** reports first), else by the server, early or reaped by libev. The first
+** call comes on the CALL socketpair.
 **
 ** A call holds one of max_servers slots only once its request is
 ** complete. Before, it has PF_INTERP_REQTIMEOUT seconds from the
@@ -158,13 +159,21 @@ static void callerror (call *c, const char *what, int en) {
 }
 
 
-/* bytes after the request: signals; EOF: the client is gone */
+static void takereports (void);
+
+/* bytes after the request: signals; EOF: the client is gone, and the
+** call is interrupted, unless its executor answered it: the reports that
+** came are taken first (an executor reports before it answers, so its
+** client's end never comes before its report) */
 static void signalscb (struct ev_loop *loop, ev_io *w, int revents) {
   call *c = (call *)w->data;
   int ignored;
   (void)loop; (void)revents;
-  if (!pf_icall_signals(&c->c, &ignored))
+  if (!pf_icall_signals(&c->c, &ignored)) {
     ev_io_stop(EV_DEFAULT, &c->io);
+    takereports();
+    pf_icall_interrupt(&c->c);
+  }
   if (ignored >= 0)
     pf_ilog(FIRST(c), LOG_WARNING, "call: ignored signal byte %d", ignored);
 }
@@ -275,16 +284,13 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   (void)loop; (void)revents;
   ev_child_stop(EV_DEFAULT, w);
   c->c.pid = 0;  /* reaped: its group is no longer ours to signal */
-  if (c->c.early < 0)
-    answer(c, st);
-  else if (c->c.early != st) {
+  if (c->c.early >= 0 && c->c.early != st)
     pf_ilog(0, LOG_WARNING, "executor %ld: reported status %d, ended with %d",
          (long)pid, c->c.early, st);
-    if (c->c.byexec) {  /* it may have died before its answer: this one */
-      c->c.state = PF_CRUN;  /* (the client reads the first, if two) */
-      answer(c, st);
-    }
-  }
+  if (c->c.byexec)  /* its answer may have failed, or not gone: this one */
+    c->c.state = PF_CRUN;  /* too, if its client is there (it reads the first) */
+  if (c->c.early < 0 || c->c.byexec)
+    answer(c, st);
   if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0)
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))
     pf_ilog(0, LOG_INFO, "executor %ld: status %d", (long)pid, st);
@@ -293,12 +299,13 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
 }
 
 
-/* early statuses (interp_exec.c): the client is answered at once, the
-** reaped status only checked */
-static void reportcb (struct ev_loop *loop, ev_io *w, int revents) {
+/* early statuses (interp_exec.c): the client is answered at once (by the
+** executor itself, when its report says so), the reaped status is only
+** checked */
+static void takereports (void) {
   struct signalfd_siginfo si;
-  (void)loop; (void)revents;
-  while (read(w->fd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+  if (S.sigfd < 0) return;
+  while (read(S.sigfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
     call *c;
     if (si.ssi_code != SI_QUEUE || si.ssi_uid != (uint32_t)S.uid)
       continue;
@@ -317,6 +324,12 @@ static void reportcb (struct ev_loop *loop, ev_io *w, int revents) {
       }
     }
   }
+}
+
+
+static void reportcb (struct ev_loop *loop, ev_io *w, int revents) {
+  (void)loop; (void)w; (void)revents;
+  takereports();
 }
 
 
@@ -559,8 +572,8 @@ static void reports (void) {
   sigprocmask(SIG_BLOCK, &rs, NULL);
   S.sigfd = signalfd(-1, &rs, SFD_NONBLOCK | SFD_CLOEXEC);
   ev_io_init(&S.sw, reportcb, S.sigfd, EV_READ);
-  ev_set_priority(&S.sw, EV_MAXPRI);  /* before a client's end of stream
-                                       ** that came after the report */
+  ev_set_priority(&S.sw, EV_MAXPRI);  /* reports first (signalscb takes
+                                       ** them too, before an EOF counts) */
   if (S.sigfd >= 0) ev_io_start(EV_DEFAULT, &S.sw);
 }
 

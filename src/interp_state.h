@@ -101,7 +101,7 @@ typedef struct pf_icall {
   size_t got;  /* bytes of lenb or of the request so far */
   pf_ijob job;
   pid_t pid;  /* its executor, once there is one; 0 once reaped */
-  int early;  /* the status sent to the client early, or -1 */
+  int early;  /* the early status (sent, or the executor sends it), or -1 */
   int byexec;  /* the executor sends the early status itself */
 } pf_icall;
 
@@ -116,6 +116,7 @@ PF_API int pf_icall_read (pf_icall *c, const char **why, int *en);
 PF_API int pf_icall_signals (pf_icall *c, int *ignored);
 PF_API void pf_icall_answer (pf_icall *c, int status);
 PF_API void pf_icall_answered (pf_icall *c, int status);
+PF_API void pf_icall_interrupt (pf_icall *c);
 PF_API void pf_icall_close (pf_icall *c);
 /* }====================================================== */
 
