@@ -542,7 +542,9 @@ function TestInterp:test_concurrent_callers_and_the_max_servers_queue ()
   -- comes while the limit holds
   parallel(d, 4, "peak 3 0.5")
   local p = peaks(d)
-  lu.assertEquals(#p, 4)
+  local outs = {}
+  for i = 1, 4 do outs[i] = ("out.%d: %s"):format(i, H.readfile(d .. "/out." .. i) or "none") end
+  lu.assertEquals(#p, 4, table.concat(outs, "\n"))
   lu.assertEquals(p[4], 2)  -- never more than two, and two at once
   for i = 1, 4 do lu.assertStrMatches(H.readfile(d .. "/out." .. i), ".*PEAK [12]\n.*") end
   -- 8 at a time: the four all run at once (each waits for the others)
