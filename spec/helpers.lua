@@ -20,7 +20,8 @@ function H.now () return socket.gettime() end
 function H.sleep (s) socket.sleep(s) end
 
 
---- Call fn until it returns a true value; raise after timeout seconds.
+--- Call fn until it returns a true value; raise after timeout seconds,
+-- saying what (a string, or a function that makes it then).
 function H.wait_until (fn, timeout, what)
   local deadline = H.now() + (timeout or 5)
   repeat
@@ -28,6 +29,7 @@ function H.wait_until (fn, timeout, what)
     if v then return v end
     H.sleep(0.01)
   until H.now() > deadline
+  if type(what) == "function" then what = what() end  -- (said when it fails)
   -- (a '%' doubled: luaunit uses the message in a gsub)
   error(("timed out waiting for " .. (what or "a condition")):gsub("%%", "%%%%"), 2)
 end
@@ -208,7 +210,11 @@ function Proc:expect (pattern, timeout, where)
             pattern, self:err()):gsub("%%", "%%%%")), 0)
     end
     return caps[1] ~= nil
-  end, timeout or 10, ("%q in the %s"):format(pattern, where or "output"))
+  end, timeout or 10, function ()  -- (what came, for the failure's message)
+    local text = where == "err" and self:err() or self:out()
+    return ("%q in the %s; it has:\n%s"):format(pattern, where or "output",
+                                                 text:sub(-1500))
+  end)
   return table.unpack(caps, 1, caps.n)
 end
 
