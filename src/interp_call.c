@@ -23,7 +23,7 @@ int pf_icall_greet (pf_icall *c) {
   c->state = PF_CSIGBYTE;
   c->early = -1;
   c->byexec = 0;
-  c->job.callfd = -1;
+  c->job.fds[PF_CALLFD] = -1;
   if (send(c->fd, g, n, MSG_DONTWAIT | MSG_NOSIGNAL) == (ssize_t)n) return 1;
   return errno == EPIPE || errno == ECONNRESET ? 0 : -1;
 }
@@ -78,7 +78,7 @@ static int complete (pf_icall *c, const char **why, int *en) {
   if ((err = pf_req_parse(c->job.req, c->job.len, &c->job.r)) != NULL)
     return bad(why, en, err, 0);
   c->state = PF_CREADY;
-  c->job.callfd = c->fd;
+  c->job.fds[PF_CALLFD] = c->fd;
   return PF_CALL_DONE;
 }
 
@@ -172,11 +172,12 @@ void pf_icall_answer (pf_icall *c, int status) {
 
 
 /* the executor sends status to the client itself (its report said so):
-** no more bytes from the client, whose end is no interruption now */
+** the client's end is no interruption now (the server stops watching
+** it, and answers too once it reaps the executor, if the client is still
+** there) */
 void pf_icall_answered (pf_icall *c, int status) {
   c->early = status;
   c->byexec = 1;
-  c->state = PF_CGONE;
 }
 
 

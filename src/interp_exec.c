@@ -116,8 +116,8 @@ static void enter (pf_ijob *j) {
   prctl(PR_SET_PDEATHSIG, SIGINT, 0, 0, 0);
   for (i = 0; i < 3; i++)
     if (dup2(j->fds[i], i) < 0) _exit(127);
-  pf_iexec_closeabove(j->callfd >= 3 ? j->callfd : -1);
-  answerto(j->callfd);
+  pf_iexec_closeabove(j->fds[PF_CALLFD] >= 3 ? j->fds[PF_CALLFD] : -1);
+  answerto(j->fds[PF_CALLFD]);
   __fpurge(stdin);
   clearerr(stdin);
   clearerr(stdout);
@@ -351,8 +351,7 @@ static void handoffmsg (struct msghdr *m, struct iovec *iov, void *ctl,
 /* the server's half: the call j to the spare at chan, never blocking;
 ** 1 when it went whole */
 int pf_iexec_handoff (int chan, const pf_ijob *j) {
-  union { char buf[CMSG_SPACE(4 * sizeof(int))]; struct cmsghdr a; } ctl;
-  int fds[4];
+  union { char buf[CMSG_SPACE(sizeof(j->fds))]; struct cmsghdr a; } ctl;
   uint32_t len = (uint32_t)j->len;
   struct iovec iov[2];
   struct msghdr m;
@@ -365,10 +364,8 @@ int pf_iexec_handoff (int chan, const pf_ijob *j) {
   cm = CMSG_FIRSTHDR(&m);
   cm->cmsg_level = SOL_SOCKET;
   cm->cmsg_type = SCM_RIGHTS;
-  cm->cmsg_len = CMSG_LEN(4 * sizeof(int));
-  memcpy(fds, j->fds, 3 * sizeof(int));
-  fds[3] = j->callfd;
-  memcpy(CMSG_DATA(cm), fds, sizeof(fds));
+  cm->cmsg_len = CMSG_LEN(sizeof(j->fds));
+  memcpy(CMSG_DATA(cm), j->fds, sizeof(j->fds));
   return sendmsg(chan, &m, MSG_DONTWAIT | MSG_NOSIGNAL)
          == (ssize_t)(sizeof(len) + j->len);
 }
@@ -377,8 +374,7 @@ int pf_iexec_handoff (int chan, const pf_ijob *j) {
 /* the spare's half: the length and the four fds; 0 when the server
 ** closed the channel */
 static int takehead (int chan, pf_ijob *j, uint32_t *len) {
-  union { char buf[CMSG_SPACE(4 * sizeof(int))]; struct cmsghdr a; } ctl;
-  int fds[4];
+  union { char buf[CMSG_SPACE(sizeof(j->fds))]; struct cmsghdr a; } ctl;
   struct iovec iov[2];
   struct msghdr m;
   struct cmsghdr *cm;
@@ -392,12 +388,10 @@ static int takehead (int chan, pf_ijob *j, uint32_t *len) {
   if (n == 0) _exit(0);  /* the server is gone, or dropped us */
   cm = CMSG_FIRSTHDR(&m);
   if (n != (ssize_t)sizeof(*len) || cm == NULL
-      || cm->cmsg_len != CMSG_LEN(4 * sizeof(int)))
+      || cm->cmsg_len != CMSG_LEN(sizeof(j->fds)))
     return 0;
-  memcpy(fds, CMSG_DATA(cm), sizeof(fds));
-  memcpy(j->fds, fds, 3 * sizeof(int));
+  memcpy(j->fds, CMSG_DATA(cm), sizeof(j->fds));
   j->nfds = 3;
-  j->callfd = fds[3];
   return 1;
 }
 

@@ -287,9 +287,8 @@ static void childcb (struct ev_loop *loop, ev_child *w, int revents) {
   if (c->c.early >= 0 && c->c.early != st)
     pf_ilog(0, LOG_WARNING, "executor %ld: reported status %d, ended with %d",
          (long)pid, c->c.early, st);
-  if (c->c.byexec)  /* its answer may have failed, or not gone: this one */
-    c->c.state = PF_CRUN;  /* too, if its client is there (it reads the first) */
-  if (c->c.early < 0 || c->c.byexec)
+  if (c->c.early < 0 || c->c.byexec)  /* (its answer may have failed: this
+                                      ** one too; a client reads the first) */
     answer(c, st);
   if (!(WIFEXITED(st) && WEXITSTATUS(st) == 0)
       && !(WIFSIGNALED(st) && WTERMSIG(st) == SIGPIPE))

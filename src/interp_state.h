@@ -48,15 +48,17 @@
 
 /* a call's request, as its executor needs it */
 typedef struct pf_ijob {
-  int fds[3];  /* the caller's 0, 1, 2 */
+  int fds[4];  /* the caller's 0, 1, 2 (nfds of them so far), then the
+               ** call's connection (PF_CALLFD: the executor answers there
+               ** itself), or -1 */
   int nfds;
-  int callfd;  /* the call's connection (the executor's early status goes
-               ** there itself), or -1 */
   char *req;  /* the request; r points into it */
   size_t len;
   pf_req r;
 } pf_ijob;
 
+
+#define PF_CALLFD	3  /* in pf_ijob.fds */
 
 /* what every executor of a server needs of it (set once) */
 typedef struct pf_iexeccfg {
