@@ -73,6 +73,48 @@ function TestAccept:test_shared_load_reaches_every_worker ()
 end
 
 
+--- under strategy, n connections to idle workers, one after another, each
+-- answered and kept open: {[pid] = connections it holds}, and them
+local function held_one_by_one (p, n)
+  local seen, cs = {}, {}
+  for i = 1, n do
+    cs[i] = connect(p.port)
+    cs[i]:send("x\n")
+    local pid = assert(cs[i]:receive("*l"))
+    seen[pid] = (seen[pid] or 0) + 1
+    -- the next arrives when every worker is back in its wait (with none
+    -- busy, the kernel wakes the first sleeper in the listener's queue)
+    H.wait_until(function ()
+      for _, k in ipairs(p.pids) do
+        if H.pstate(k) ~= "S" then return false end
+      end
+      return true
+    end, 5, "idle workers")
+  end
+  return seen, cs
+end
+
+
+-- Keep-alive connections stay where they land, and idle workers sleep in
+-- the listener's queue in a fixed order, so without the balance the first
+-- takes them all (nginx's "one worker gets everything")
+function TestAccept:test_shared_serve_spreads_held_connections ()
+  local p = H.server{code = SERVER, args = "shared"}
+  local seen, cs = held_one_by_one(p, 20)
+  lu.assertEquals(count(seen), 2, "one worker holds them all")
+  for pid, n in pairs(seen) do  -- 10 each, give or take one and an eighth
+    lu.assertTrue(n >= 8 and n <= 12, ("%s holds %d of 20"):format(pid, n))
+  end
+  p:kill("HUP")  -- the counters say the same
+  p:expect("STATS\t2\t%d+\t%d+\n")
+  for id = 1, 2 do
+    local inflight = tonumber(p:out():match("STATS\t" .. id .. "\t%d+\t(%d+)"))
+    lu.assertTrue(inflight >= 8 and inflight <= 12, "inflight " .. inflight)
+  end
+  for _, c in ipairs(cs) do c:close() end
+end
+
+
 function TestAccept:test_master_hands_to_the_least_loaded ()
   -- both ready: the master hands over only to ready workers
   local p = H.server{code = SERVER, args = "master"}

@@ -295,7 +295,7 @@ static void gone (master *m, worker *w) {
   ev_timer_stop(EV_DEFAULT, &w->timer);
   if (w->slot >= 0) {
     m->requests += m->score[w->slot].requests;
-    m->used[w->slot] = 0;
+    pf_freeslot(m, w->slot);
   }
   w->slot = -1;
   w->exits++;

@@ -310,8 +310,9 @@ static int m_gc (lua_State *L) {
     free(w);
   }
   endstrategy(m);
-  if (m->score != NULL) {
-    munmap(m->score, sizeof(pf_score) * PF_MAXPROCS);
+  if (m->board != NULL) {
+    munmap(m->board, sizeof(pf_board));
+    m->board = NULL;
     m->score = NULL;
   }
   luaL_unref(L, LUA_REGISTRYINDEX, m->opts);
@@ -376,13 +377,13 @@ static int l_master (lua_State *L) {
   m->L = L;
   readopts(L, m);
   srandom((unsigned)time(NULL) ^ (unsigned)m->pid);  /* the jitter */
-  m->score = (pf_score *)mmap(NULL, sizeof(pf_score) * PF_MAXPROCS,
-                              PROT_READ | PROT_WRITE,
+  m->board = (pf_board *)mmap(NULL, sizeof(pf_board), PROT_READ | PROT_WRITE,
                               MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (m->score == MAP_FAILED) {
-    m->score = NULL;
+  if (m->board == MAP_FAILED) {
+    m->board = NULL;
     return pf_fail(L, "mmap");
   }
+  m->score = m->board->slot;
   luaL_setmetatable(L, PF_MASTER);
   lua_pushvalue(L, 1);
   m->opts = luaL_ref(L, LUA_REGISTRYINDEX);

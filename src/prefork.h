@@ -132,16 +132,40 @@ typedef struct pf_score {
   long hung;  /* ms without one, when the master found it hung */
   int busy;  /* out of an idle wait */
   int armed;  /* the watchdog is armed */
+  int accepting;  /* in serve: PF_ACCEPTING, PF_RESTING (balance) or 0 */
 } pf_score;
+
+/* the scoreboard: a slot per worker, and the bound of the slots in use
+** (the master's: the lowest free slot is taken) */
+typedef struct pf_board {
+  pf_score slot[PF_MAXPROCS];
+  int top;  /* no slot at or above it is in use */
+} pf_board;
+
+/* seconds a serve worker that holds clearly more connections than a
+** sibling stops waiting on the shared listeners at a time, and at most in
+** a row (serve.c) */
+#define PF_REST	0.001
+#define PF_RESTMAX	0.05
+
+/* a serve worker's balance state, in its slot: it waits on the shared
+** listeners, or it serves but left their queues for a moment */
+#define PF_ACCEPTING	2
+#define PF_RESTING	1
 
 PF_API double pf_coarse (void);
 PF_API double pf_score_beat (const pf_score *s);
 PF_API void pf_score_arm (int fd, double secs);
-PF_API void pf_score_bind (pf_score *s, int watchdog, double timeout);
+PF_API void pf_score_bind (pf_board *b, pf_score *s, int watchdog,
+                           double timeout);
 PF_API void pf_score_unbind (void);
 PF_API pf_score *pf_score_mine (void);
 PF_API void pf_score_running (lua_State *L);
 PF_API lua_State *pf_score_current (void);
+PF_API void pf_score_accepting (int on);
+PF_API int pf_score_ahead (void);
+PF_API int pf_score_leave (void);
+PF_API int pf_score_stayout (void);
 PF_API void pf_beat (void);
 PF_API void pf_busy (int busy);
 PF_API void pf_score_init (pf_score *s);
@@ -307,7 +331,8 @@ typedef struct pf_workerspec {
   int nls;
   int ctl;  /* its socket to the master */
   int mode;  /* the accept strategy */
-  pf_score *score;  /* its scoreboard slot */
+  pf_board *board;  /* the master's scoreboard */
+  pf_score *score;  /* its slot there */
   int watchdog;  /* its watchdog timerfd, -1 none */
   double timeout;  /* seconds without a heartbeat; <= 0: none */
   pid_t master;

@@ -15,6 +15,17 @@
 ** A disarm races with a worker leaving its idle wait; each side writes
 ** its own flag, then reads the other's (sequentially consistent), so at
 ** least one of them sees the other and arms again (pf_score_disarm).
+**
+** The balance of the shared listeners: a serve worker marks its slot
+** accepting while it waits on them, and asks after each connection it
+** takes whether it is ahead: holding clearly more connections than a
+** sibling that serves and turns its loop (it sleeps in its idle wait, or
+** its heartbeat is fresh: a hung one is no sibling to wait for). If so
+** it leaves their queues for a moment (serve.c), marked resting, when
+** another takes the next connections: one that accepts, or one that rests
+** with clearly fewer (it comes back as its loop turns). It marks itself
+** first, then looks (sequentially consistent, as above), so when two
+** leave at once at least one of them sees the other.
 */
 
 #include <string.h>
@@ -26,11 +37,12 @@
 
 /* this process's slot, when it is a supervised worker */
 static struct {
+  pf_board *board;  /* the master's scoreboard */
   pf_score *slot;
   int watchdog;  /* the timerfd; -1 none */
   double timeout;  /* seconds; <= 0: no watchdog while running */
   lua_State *volatile running;  /* the thread running Lua code now */
-} me = {NULL, -1, 0, NULL};
+} me = {NULL, NULL, -1, 0, NULL};
 
 
 /* monotonic seconds of a coarse clock (no system call: the vDSO) */
@@ -68,8 +80,10 @@ void pf_score_arm (int fd, double secs) {
 ** The worker's side
 ** ======================================================= */
 
-/* this process is the worker of slot s: its watchdog fd, its timeout */
-void pf_score_bind (pf_score *s, int watchdog, double timeout) {
+/* this process is the worker of slot s of board b: its watchdog fd, its
+** timeout */
+void pf_score_bind (pf_board *b, pf_score *s, int watchdog, double timeout) {
+  me.board = b;
   me.slot = s;
   me.watchdog = watchdog;
   me.timeout = timeout;
@@ -78,6 +92,7 @@ void pf_score_bind (pf_score *s, int watchdog, double timeout) {
 
 /* a process the worker forks is none: it has no slot */
 void pf_score_unbind (void) {
+  me.board = NULL;
   me.slot = NULL;
   me.watchdog = -1;
 }
@@ -121,6 +136,100 @@ void pf_busy (int busy) {
     __atomic_store_n(&s->armed, 1, __ATOMIC_SEQ_CST);
     pf_score_arm(me.watchdog, me.timeout);
   }
+}
+
+
+/* serve waits on the shared listeners (PF_ACCEPTING), left their queues
+** for a moment (PF_RESTING), or serves no more (0) */
+void pf_score_accepting (int state) {
+  if (me.slot != NULL)
+    __atomic_store_n(&me.slot->accepting, state, __ATOMIC_SEQ_CST);
+}
+
+
+/* ms of the coarse clock within which a busy sibling's heartbeat shows
+** it turning its loop (a hung one stops beating) */
+#define FRESH	20
+
+/* a sibling that turns its loop: it waits, or it beat lately */
+static int live (pf_score *o, long now) {
+  return !__atomic_load_n(&o->busy, __ATOMIC_RELAXED)
+         || now - __atomic_load_n(&o->beat, __ATOMIC_RELAXED) <= FRESH;
+}
+
+
+/* mine is clearly more than n connections: more than n, plus one, plus an
+** eighth */
+static int morethan (long mine, long n) {
+  return mine > n + 1 + n / 8;
+}
+
+
+/* the fewest connections of a live sibling that serves; -1 when none is */
+static long leastlive (void) {
+  long least = -1, now = coarsems();
+  int i, top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
+  for (i = 0; i < top && i < PF_MAXPROCS; i++) {
+    pf_score *o = &me.board->slot[i];
+    if (o != me.slot && __atomic_load_n(&o->accepting, __ATOMIC_RELAXED) != 0
+        && live(o, now)) {
+      long n = __atomic_load_n(&o->inflight, __ATOMIC_RELAXED);
+      if (least < 0 || n < least) least = n;
+    }
+  }
+  return least;
+}
+
+
+/* another worker takes the next connections: one accepts, or one that
+** rests holds clearly fewer than mine (it comes back as its loop turns) */
+static int another (long mine) {
+  long now = coarsems();
+  int i, top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
+  for (i = 0; i < top && i < PF_MAXPROCS; i++) {
+    pf_score *o = &me.board->slot[i];
+    int st;
+    if (o == me.slot) continue;
+    st = __atomic_load_n(&o->accepting, __ATOMIC_SEQ_CST);
+    if (st == PF_ACCEPTING
+        || (st == PF_RESTING && live(o, now)
+            && morethan(mine, __atomic_load_n(&o->inflight, __ATOMIC_RELAXED))))
+      return 1;
+  }
+  return 0;
+}
+
+
+static long mine (void) {
+  return __atomic_load_n(&me.slot->inflight, __ATOMIC_RELAXED);
+}
+
+
+/* this worker holds clearly more connections than a live sibling that
+** serves */
+int pf_score_ahead (void) {
+  long least;
+  if (me.slot == NULL || me.board == NULL) return 0;
+  least = leastlive();
+  return least >= 0 && morethan(mine(), least);
+}
+
+
+/* this worker stops accepting, unless no other takes the next
+** connections: 1 when it did */
+int pf_score_leave (void) {
+  if (me.slot == NULL || me.board == NULL) return 0;
+  pf_score_accepting(PF_RESTING);
+  if (another(mine())) return 1;
+  pf_score_accepting(PF_ACCEPTING);  /* the others left at the same time */
+  return 0;
+}
+
+
+/* a worker that left may stay out: it is still ahead, and another takes
+** the next connections */
+int pf_score_stayout (void) {
+  return pf_score_ahead() && another(mine());
 }
 
 /* }====================================================== */

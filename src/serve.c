@@ -6,7 +6,10 @@
 **
 ** Accepting: each listener has a watcher in the loop, and for the shared
 ** listeners its entry in libev's epoll set is made EPOLLEXCLUSIVE, so
-** that a connection wakes one worker, not all (no thundering herd).
+** that a connection wakes one worker, not all (no thundering herd). The
+** kernel wakes the first worker in the listener's queue that sleeps, so
+** one could take them all; a worker that holds clearly more connections
+** than a sibling leaves the queue for a moment (see "Balance").
 **
 ** Stopping: when TERM comes, the worker stops accepting and closes its
 ** listeners (having taken what waits for it alone); connections that are
@@ -50,10 +53,16 @@ static struct {
   int nacc;
   int exclusive;  /* the entries are made exclusive (see makeexclusive) */
   int ep;  /* libev's epoll set, once found; -1 */
+  uint64_t *data;  /* the listeners' entries' data there, once found */
+  int balanced;  /* the entries are exclusive, their data known */
+  int resting;  /* out of the queues (see "Balance") */
+  double restsince;  /* since when, ev_now */
   double lastflip;
   int stopping;
   ev_io wake;  /* the worker's stop pipe */
   ev_timer pause;  /* accepting again after a failure */
+  ev_timer rest;  /* back in the queues, */
+  ev_check back;  /* or sooner, as the loop turns */
 } sv;  /* all zero: not serving */
 
 
@@ -62,6 +71,7 @@ static struct {
 ** ======================================================= */
 
 static void makeexclusive (void);
+static void rest (void);
 
 
 /* a task for the connection accepted into c (on top of the stack) */
@@ -82,9 +92,12 @@ static void watching (int on) {
 }
 
 
-/* an accept failed (EMFILE, say): the listeners rest a moment */
+/* an accept failed (EMFILE, say): the listeners rest a moment (libev
+** adds them plain again after: the balance waits for makeexclusive) */
 static void acceptfailed (int en) {
   watching(0);
+  sv.balanced = 0;
+  pf_score_accepting(0);
   ev_timer_set(&sv.pause, PF_ACCEPTPAUSE, 0);
   ev_timer_start(sv.loop, &sv.pause);
   pf_worker_acceptfailed(sv.L, en);
@@ -97,6 +110,7 @@ static void onpause (struct ev_loop *loop, ev_timer *t, int revents) {
   watching(1);
   sv.lastflip = 0;  /* libev adds them plain again: the next idle wake-up
                     ** makes them exclusive */
+  pf_score_accepting(PF_ACCEPTING);
 }
 
 
@@ -114,13 +128,21 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
   int n;
   (void)io; (void)revents;
   for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
-    pf_conn *c = newconn();
-    int st = pf_worker_accept(c);
+    pf_conn *c;
+    int st;
+    if (n > 0 && sv.balanced && pf_score_ahead() && pf_score_leave()) {
+      rest();  /* one at least per wake-up: the one it was woken for */
+      return;
+    }
+    c = newconn();
+    st = pf_worker_accept(c);
     if (st <= 0) {
       sv.spare = luaL_ref(sv.L, LUA_REGISTRYINDEX);  /* for the next one */
       if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
         makeexclusive();  /* woken for nothing: are the entries still exclusive? */
+      else if (n > 0 && sv.balanced && pf_score_ahead() && pf_score_leave())
+        rest();  /* to the queues' ends: a sibling takes the next */
       return;
     }
     if (n == 0) pf_worker_acceptworked(sv.L);
@@ -217,9 +239,12 @@ static void makeexclusive (void) {
       all = findentry(f, sv.acc[i].fd, &data, &events);
     for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: makeexclusive */
       struct epoll_event ev;
-      if (!findentry(f, sv.acc[i].fd, &data, &events)
-          || (events & EXCLUSIVEBIT))
-        continue;
+      if (!findentry(f, sv.acc[i].fd, &data, &events)) {
+        all = 0;
+        break;
+      }
+      sv.data[i] = data;
+      if (events & EXCLUSIVEBIT) continue;
       memset(&ev, 0, sizeof(ev));
       ev.events = EPOLLIN | EPOLLEXCLUSIVE;
       ev.data.u64 = data;
@@ -227,11 +252,14 @@ static void makeexclusive (void) {
           && epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) != 0) {
         ev.events = EPOLLIN;  /* as libev had it */
         (void)epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev);
+        all = 0;  /* a herd: no balance either */
       }
     }
     fclose(f);
     if (all) {
       sv.ep = ep;
+      sv.balanced = 1;
+      pf_score_accepting(PF_ACCEPTING);
       break;
     }
   }
@@ -244,7 +272,8 @@ static void makeexclusive (void) {
 static int watchlisteners (const struct pollfd *fds, int n) {
   int i;
   sv.acc = (ev_io *)calloc((size_t)n, sizeof(ev_io));
-  if (sv.acc == NULL) return 0;
+  sv.data = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
+  if (sv.acc == NULL || sv.data == NULL) return 0;
   for (i = 0; i < n; i++) {
     ev_io_init(&sv.acc[i], onaccept, fds[i].fd, EV_READ);
     ev_io_start(sv.loop, &sv.acc[i]);
@@ -264,6 +293,10 @@ static int watchlisteners (const struct pollfd *fds, int n) {
 ** removal would leave the entries of sockets that stay open elsewhere) */
 static void stopaccepting (void) {
   int i;
+  pf_score_accepting(0);
+  sv.balanced = sv.resting = 0;
+  ev_timer_stop(sv.loop, &sv.rest);
+  ev_check_stop(sv.loop, &sv.back);
   for (i = 0; i < sv.nacc; i++) {
     if (sv.ep >= 0)
       (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
@@ -275,10 +308,82 @@ static void stopaccepting (void) {
 /* }------------------------------------------------------ */
 
 
+/* {------------------------------------------------------
+** Balance. The kernel wakes the first worker that sleeps in a listener's
+** queue of exclusive waiters, so under a light load one worker may take
+** every connection, and keep-alive connections stay where they landed
+** (nginx's workers do the same). A worker that finds itself ahead after
+** taking one connection at least (pf_score_ahead: clearly more
+** connections than a live sibling) leaves the queues when another takes
+** the next ones (pf_score_leave): it removes its exclusive entries from
+** libev's set, behind libev's back (the watchers stay started), so the
+** next connections wake a sibling. When it is no longer ahead (it looks
+** as its loop turns, and every PF_REST; PF_RESTMAX at most), it adds them
+** again, with libev's data, at the queues' ends. Connections that came
+** meanwhile reached a sibling too (the kernel goes on down the queue past
+** a worker that does not sleep: an awake one finds them as its loop
+** turns); a sibling that hangs or is gone is no reason to rest, and one
+** that rests comes back within PF_REST when no other accepts.
+** ------------------------------------------------------- */
+
+static void rest (void) {
+  int i;
+  for (i = 0; i < sv.nacc; i++)
+    (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
+  sv.resting = 1;
+  sv.restsince = ev_now(sv.loop);
+  ev_timer_set(&sv.rest, PF_REST, 0);
+  ev_timer_start(sv.loop, &sv.rest);
+  ev_check_start(sv.loop, &sv.back);
+}
+
+
+/* back in the queues, at their ends */
+static void rejoin (void) {
+  int i;
+  sv.resting = 0;
+  ev_timer_stop(sv.loop, &sv.rest);
+  ev_check_stop(sv.loop, &sv.back);
+  for (i = 0; i < sv.nacc; i++) {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+    ev.data.u64 = sv.data[i];
+    if (epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) != 0
+        && errno != EEXIST) {
+      ev.events = EPOLLIN;  /* a herd, but correct */
+      (void)epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev);
+      sv.balanced = 0;
+    }
+  }
+  pf_score_accepting(PF_ACCEPTING);
+}
+
+
+static void onrest (struct ev_loop *loop, ev_timer *t, int revents) {
+  (void)revents;
+  if (!sv.resting || sv.stopping) return;
+  if (ev_now(loop) - sv.restsince < PF_RESTMAX && pf_score_stayout())
+    ev_timer_start(loop, t);  /* the siblings have not caught up */
+  else rejoin();
+}
+
+
+/* the loop turned: the siblings may have caught up */
+static void onback (struct ev_loop *loop, ev_check *c, int revents) {
+  (void)loop; (void)c; (void)revents;
+  if (sv.resting && !sv.stopping && !pf_score_stayout()) rejoin();
+}
+
+/* }------------------------------------------------------ */
+
+
 /* after serve: the watchers, the loop, the handler go */
 static void endserve (void) {
   free(sv.acc);
   sv.acc = NULL;
+  free(sv.data);
+  sv.data = NULL;
   sv.nacc = 0;
   sv.ep = -1;
   pf_task_close();
@@ -311,6 +416,9 @@ static int l_serve (lua_State *L) {
   ev_io_init(&sv.wake, onwake, fds[n].fd, EV_READ);
   ev_io_start(sv.loop, &sv.wake);
   ev_init(&sv.pause, onpause);
+  ev_init(&sv.rest, onrest);
+  ev_check_init(&sv.back, onback);
+  sv.balanced = sv.resting = 0;
   pf_worker_ready();
   if (pf_worker_stopping()) stopserving();
   else if (!watchlisteners(fds, n)) {
@@ -330,6 +438,7 @@ void pf_serve_forget (void) {
   if (sv.loop == NULL) return;
   pf_task_forget();
   free(sv.acc);
+  free(sv.data);
   memset(&sv, 0, sizeof(sv));
   sv.ep = -1;
 }

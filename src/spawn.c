@@ -55,6 +55,7 @@ static void setup (lua_State *L, childargs *a) {
   spec.ls = childlisteners(L, a, &spec.nls);
   spec.ctl = a->ctl;
   spec.mode = m->strategy;
+  spec.board = m->board;
   spec.score = &m->score[a->slot];
   spec.watchdog = a->tfd;
   spec.timeout = m->timeout;
@@ -168,12 +169,12 @@ static int prepare (master *m, childargs *a, int fds[2], const char **what) {
              + (m->jitter > 0 ? (unsigned long)random() % (m->jitter + 1) : 0);
   *what = "watchdog";
   if (!pf_watch_prepare(&a->tfd)) {
-    m->used[a->slot] = 0;
+    pf_freeslot(m, a->slot);
     return 0;
   }
   *what = "socketpair";
   if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
-    m->used[a->slot] = 0;
+    pf_freeslot(m, a->slot);
     close(a->tfd);
     return 0;
   }
@@ -206,7 +207,7 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
   if (pid < 0) {
     close(fds[0]);
     close(a.tfd);
-    m->used[a.slot] = 0;
+    pf_freeslot(m, a.slot);
     forkfailed(L, m, w, "fork");
     return;
   }

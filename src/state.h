@@ -89,7 +89,8 @@ struct master {
   int strategy;  /* PF_ACCEPT_SHARED, PF_ACCEPT_MUTEX, PF_ACCEPT_REUSEPORT or PF_ACCEPT_MASTER */
   int lockfd;  /* accept = "mutex": the lock file, already unlinked */
   pf_handoff *handoff;  /* accept = "master" */
-  pf_score *score;  /* PF_MAXPROCS slots shared with the workers */
+  pf_board *board;  /* the scoreboard, shared with the workers */
+  pf_score *score;  /* its slots */
   unsigned char used[PF_MAXPROCS];
   void (*onsignal) (master *m, int sig, int n);  /* n of sig came */
   ev_signal sig[MAXSIGS];
@@ -121,6 +122,7 @@ PF_API void pf_schedule (master *m, worker *w, double delay);
 PF_API double pf_backoff (int n);
 PF_API void pf_retire (lua_State *L, master *m, worker *w, int sig);
 PF_API int pf_newslot (master *m);
+PF_API void pf_freeslot (master *m, int i);
 
 /* supervise.c: watchdogs (timeout, boot_timeout), memory */
 PF_API int pf_watch_prepare (int *fd);

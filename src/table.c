@@ -140,16 +140,29 @@ void pf_retire (lua_State *L, master *m, worker *w, int sig) {
 }
 
 
+/* the lowest free scoreboard slot, now in use; -1 when none is left */
 int pf_newslot (master *m) {
   int i;
   for (i = 0; i < PF_MAXPROCS; i++) {
     if (!m->used[i]) {
       m->used[i] = 1;
       memset(&m->score[i], 0, sizeof(m->score[i]));
+      if (i >= m->board->top)
+        __atomic_store_n(&m->board->top, i + 1, __ATOMIC_RELAXED);
       return i;
     }
   }
   return -1;
+}
+
+
+/* slot i is free again: its worker is gone, so it accepts no more */
+void pf_freeslot (master *m, int i) {
+  int top = m->board->top;
+  __atomic_store_n(&m->score[i].accepting, 0, __ATOMIC_RELAXED);
+  m->used[i] = 0;
+  while (top > 0 && !m->used[top - 1]) top--;
+  __atomic_store_n(&m->board->top, top, __ATOMIC_RELAXED);
 }
 
 /* }====================================================== */

@@ -236,7 +236,7 @@ void pf_worker_setup (const pf_workerspec *spec) {
   snprintf(self.name, sizeof(self.name), "%s", spec->name);
   pf_accept_setup(spec->ls, spec->nls, spec->ctl, spec->mode);
   waitfds(spec);
-  pf_score_bind(spec->score, spec->watchdog, spec->timeout);
+  pf_score_bind(spec->board, spec->score, spec->watchdog, spec->timeout);
   pf_score_running(spec->L);
   handlers(spec->master);
   pf_onfork(forget, NULL);
