@@ -156,24 +156,61 @@ function B.workers (p) return H.childpids(p.pid) end
 -- Cases
 -- =======================================================
 
+--- the CPU ticks (utime + stime) of each pid: {[pid] = ticks}
+local function ticks (pids)
+  local t = {}
+  for _, pid in ipairs(pids) do
+    local stat = H.readfile("/proc/" .. pid .. "/stat") or ""
+    local rest = stat:match("%) (.*)") or ""
+    local f = {}
+    for w in rest:gmatch("%S+") do f[#f + 1] = w end
+    t[pid] = (tonumber(f[12]) or 0) + (tonumber(f[13]) or 0)  -- fields 14, 15
+  end
+  return t
+end
+
+--- the busiest worker's share (%) of the workers' CPU between two ticks()
+local function busiest (t0, t1)
+  local sum, top = 0, 0
+  for pid, v in pairs(t1) do
+    local d = v - (t0[pid] or v)
+    sum = sum + d
+    if d > top then top = d end
+  end
+  return sum > 0 and 100 * top / sum or 0
+end
+
 local function http_case (name, title, close, note)
-  B.case{name = name, title = title, unit = "req/s", better = "higher", note = note,
-    target = {peer = "nginx", ratio = 1.1},  -- design.md 4, both modes
-    run = function ()
-      local servers = B.start_http(2)
-      local samples, errors = {}, {}
-      for r = 1, B.http_rounds do
-        for _, p in ipairs(servers) do
-          local rps, errs = B.wrk(p.port, B.seconds, close)
-          samples[p.name] = samples[p.name] or {}
-          table.insert(samples[p.name], rps)
-          errors[p.name] = (errors[p.name] or 0) + errs
-          B.say(("  round %d %-13s %9.0f req/s  %d errors"):format(r, p.name, rps, errs))
-        end
+  local case = {name = name, title = title, unit = "req/s", better = "higher", note = note,
+    target = {peer = "nginx", ratio = 1.1}}  -- design.md 4, both modes
+  case.run = function ()
+    local servers = B.start_http(2)
+    local samples, errors, shares = {}, {}, {}
+    for r = 1, B.http_rounds do
+      for _, p in ipairs(servers) do
+        local pids = B.workers(p)
+        local t0 = ticks(pids)
+        local rps, errs = B.wrk(p.port, B.seconds, close)
+        local share = busiest(t0, ticks(pids))
+        samples[p.name] = samples[p.name] or {}
+        table.insert(samples[p.name], rps)
+        shares[p.name] = (shares[p.name] or "") .. (" %.0f"):format(share)
+        errors[p.name] = (errors[p.name] or 0) + errs
+        B.say(("  round %d %-13s %9.0f req/s  %d errors  busiest worker %.0f %%")
+              :format(r, p.name, rps, errs, share))
       end
-      B.stop_all(servers)
-      return samples, errors
-    end}
+    end
+    B.stop_all(servers)
+    local lines = {}  -- how evenly each spread the load, round by round
+    for _, peer in ipairs({"lua-prefork", "nginx"}) do
+      if shares[peer] then lines[#lines + 1] = peer .. ":" .. shares[peer] end
+    end
+    case.note = (note and note .. " " or "") .. "The busiest worker's share of "
+      .. "the two workers' CPU time, round by round (50 is an even split, 100 "
+      .. "one worker doing everything): " .. table.concat(lines, "; ") .. "."
+    return samples, errors
+  end
+  B.case(case)
 end
 
 http_case("http_keepalive", "HTTP hello, 2 workers, wrk -t2 -c50, keep-alive", false,
