@@ -57,6 +57,9 @@ static struct {
   int balanced;  /* the entries are exclusive, their data known */
   int resting;  /* out of the queues (see "Balance") */
   double restsince;  /* since when, ev_now */
+  double progress;  /* when the siblings last took a connection, */
+  unsigned long taken;  /* and how many they had taken then */
+  double norest;  /* no rest before (ev_now): the siblings seemed stuck */
   double lastflip;
   int stopping;
   ev_io wake;  /* the worker's stop pipe */
@@ -71,7 +74,8 @@ static struct {
 ** ======================================================= */
 
 static void makeexclusive (void);
-static void rest (void);
+static int balance (void);
+static void unrest (void);
 
 
 /* a task for the connection accepted into c (on top of the stack) */
@@ -95,6 +99,7 @@ static void watching (int on) {
 /* an accept failed (EMFILE, say): the listeners rest a moment (libev
 ** adds them plain again after: the balance waits for makeexclusive) */
 static void acceptfailed (int en) {
+  unrest();  /* (libev adds its watchers again: they are out of its set) */
   watching(0);
   sv.balanced = 0;
   pf_score_accepting(0);
@@ -130,10 +135,8 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
   for (n = 0; n < ACCEPTBATCH && !sv.stopping; n++) {
     pf_conn *c;
     int st;
-    if (n > 0 && sv.balanced && pf_score_ahead() && pf_score_leave()) {
-      rest();  /* one at least per wake-up: the one it was woken for */
-      return;
-    }
+    if (n > 0 && balance())
+      return;  /* one at least per wake-up: the one it was woken for */
     c = newconn();
     st = pf_worker_accept(c);
     if (st <= 0) {
@@ -141,8 +144,8 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
       if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
         makeexclusive();  /* woken for nothing: are the entries still exclusive? */
-      else if (n > 0 && sv.balanced && pf_score_ahead() && pf_score_leave())
-        rest();  /* to the queues' ends: a sibling takes the next */
+      else if (n > 0)
+        balance();  /* to the queues' ends, maybe: a sibling takes the next */
       return;
     }
     if (n == 0) pf_worker_acceptworked(sv.L);
@@ -293,10 +296,9 @@ static int watchlisteners (const struct pollfd *fds, int n) {
 ** removal would leave the entries of sockets that stay open elsewhere) */
 static void stopaccepting (void) {
   int i;
+  unrest();
   pf_score_accepting(0);
-  sv.balanced = sv.resting = 0;
-  ev_timer_stop(sv.loop, &sv.rest);
-  ev_check_stop(sv.loop, &sv.back);
+  sv.balanced = 0;
   for (i = 0; i < sv.nacc; i++) {
     if (sv.ep >= 0)
       (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
@@ -322,49 +324,105 @@ static void stopaccepting (void) {
 ** again, with libev's data, at the queues' ends. Connections that came
 ** meanwhile reached a sibling too (the kernel goes on down the queue past
 ** a worker that does not sleep: an awake one finds them as its loop
-** turns); a sibling that hangs or is gone is no reason to rest, and one
-** that rests comes back within PF_REST when no other accepts.
+** turns). A sibling can still fail it (stopped while idle, dead and not
+** reaped yet, an older kernel's wake-ups): when connections wait STUCK
+** and no sibling takes any, the worker comes back at once and rests no
+** more for NOREST.
 ** ------------------------------------------------------- */
 
-static void rest (void) {
-  int i;
-  for (i = 0; i < sv.nacc; i++)
-    (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
-  sv.resting = 1;
-  sv.restsince = ev_now(sv.loop);
-  ev_timer_set(&sv.rest, PF_REST, 0);
-  ev_timer_start(sv.loop, &sv.rest);
-  ev_check_start(sv.loop, &sv.back);
+#define STUCK	0.01
+#define NOREST	1.0
+
+
+/* listener i back in libev's set, exclusive, with libev's data; 0 when
+** the kernel refused (then libev adds it, or stops its watcher) */
+static int readd (int i) {
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+  ev.data.u64 = sv.data[i];
+  if (epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) == 0 || errno == EEXIST)
+    return 1;
+  ev_io_stop(sv.loop, &sv.acc[i]);
+  ev_io_start(sv.loop, &sv.acc[i]);
+  return 0;
 }
 
 
 /* back in the queues, at their ends */
 static void rejoin (void) {
   int i;
-  sv.resting = 0;
-  ev_timer_stop(sv.loop, &sv.rest);
-  ev_check_stop(sv.loop, &sv.back);
-  for (i = 0; i < sv.nacc; i++) {
-    struct epoll_event ev;
-    memset(&ev, 0, sizeof(ev));
-    ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-    ev.data.u64 = sv.data[i];
-    if (epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) != 0
-        && errno != EEXIST) {
-      ev.events = EPOLLIN;  /* a herd, but correct */
-      (void)epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev);
-      sv.balanced = 0;
-    }
-  }
+  unrest();
+  for (i = 0; i < sv.nacc; i++)
+    if (!readd(i)) sv.balanced = 0;  /* plain: a herd, but correct */
   pf_score_accepting(PF_ACCEPTING);
 }
 
 
+/* no longer resting (its entries stay as they are) */
+static void unrest (void) {
+  sv.resting = 0;
+  ev_timer_stop(sv.loop, &sv.rest);
+  ev_check_stop(sv.loop, &sv.back);
+}
+
+
+/* after a connection taken: leave the queues if ahead; 1 when it did */
+static int balance (void) {
+  int i;
+  if (!sv.balanced || sv.resting || ev_now(sv.loop) < sv.norest
+      || !pf_score_ahead() || !pf_score_leave())
+    return 0;
+  for (i = 0; i < sv.nacc; i++) {
+    if (epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) != 0) {
+      while (i-- > 0) readd(i);  /* not libev's set any more (it made a */
+      sv.balanced = 0;           /* new one): the next idle wake-up finds it */
+      pf_score_accepting(PF_ACCEPTING);
+      return 0;
+    }
+  }
+  sv.resting = 1;
+  sv.restsince = sv.progress = ev_now(sv.loop);
+  sv.taken = pf_score_taken();
+  ev_timer_set(&sv.rest, PF_REST, 0);
+  ev_timer_start(sv.loop, &sv.rest);
+  ev_check_start(sv.loop, &sv.back);
+  return 1;
+}
+
+
+/* a connection waits on a listener */
+static int waiting (void) {
+  int i;
+  for (i = 0; i < sv.nacc; i++) {
+    struct pollfd p;
+    p.fd = sv.acc[i].fd;
+    p.events = POLLIN;
+    p.revents = 0;
+    if (poll(&p, 1, 0) > 0 && (p.revents & POLLIN)) return 1;
+  }
+  return 0;
+}
+
+
 static void onrest (struct ev_loop *loop, ev_timer *t, int revents) {
+  double now = ev_now(loop);
+  unsigned long taken = pf_score_taken();
   (void)revents;
   if (!sv.resting || sv.stopping) return;
-  if (ev_now(loop) - sv.restsince < PF_RESTMAX && pf_score_stayout())
-    ev_timer_start(loop, t);  /* the siblings have not caught up */
+  if (taken != sv.taken) {
+    sv.taken = taken;
+    sv.progress = now;
+  }
+  else if (now - sv.progress >= STUCK && waiting()) {
+    sv.norest = now + NOREST;  /* they wait, and no sibling takes them */
+    rejoin();
+    return;
+  }
+  if (now - sv.restsince < PF_RESTMAX && pf_score_stayout()) {
+    ev_timer_set(t, PF_REST, 0);  /* the siblings have not caught up */
+    ev_timer_start(loop, t);
+  }
   else rejoin();
 }
 
@@ -419,6 +477,7 @@ static int l_serve (lua_State *L) {
   ev_init(&sv.rest, onrest);
   ev_check_init(&sv.back, onback);
   sv.balanced = sv.resting = 0;
+  sv.norest = 0;
   pf_worker_ready();
   if (pf_worker_stopping()) stopserving();
   else if (!watchlisteners(fds, n)) {
