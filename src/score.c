@@ -205,19 +205,6 @@ static long mine (void) {
 }
 
 
-/* the connections the other workers have taken so far */
-unsigned long pf_score_taken (void) {
-  unsigned long n = 0;
-  int i, top;
-  if (me.slot == NULL || me.board == NULL) return 0;
-  top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
-  for (i = 0; i < top && i < PF_MAXPROCS; i++)
-    if (&me.board->slot[i] != me.slot)
-      n += __atomic_load_n(&me.board->slot[i].accepted, __ATOMIC_RELAXED);
-  return n;
-}
-
-
 /* this worker holds clearly more connections than a live sibling that
 ** serves */
 int pf_score_ahead (void) {

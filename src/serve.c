@@ -57,8 +57,7 @@ static struct {
   int balanced;  /* the entries are exclusive, their data known */
   int resting;  /* out of the queues (see "Balance") */
   double restsince;  /* since when, ev_now */
-  double progress;  /* when the siblings last took a connection, */
-  unsigned long taken;  /* and how many they had taken then */
+  double waitsince;  /* connections have waited since (ev_now), or 0 */
   double norest;  /* no rest before (ev_now): the siblings seemed stuck */
   double lastflip;
   int stopping;
@@ -325,9 +324,11 @@ static void stopaccepting (void) {
 ** meanwhile reached a sibling too (the kernel goes on down the queue past
 ** a worker that does not sleep: an awake one finds them as its loop
 ** turns). A sibling can still fail it (stopped while idle, dead and not
-** reaped yet, an older kernel's wake-ups): when connections wait STUCK
-** and no sibling takes any, the worker comes back at once and rests no
-** more for NOREST.
+** reaped yet, an older kernel's wake-ups): when connections are seen
+** waiting at every look for STUCK, the worker comes back at once and
+** rests no more for NOREST. (Should libev make a new set, with new data,
+** the entries it re-adds are plain until the next idle wake-up's
+** makeexclusive, at most once a second.)
 ** ------------------------------------------------------- */
 
 #define STUCK	0.01
@@ -343,7 +344,8 @@ static int readd (int i) {
   ev.data.u64 = sv.data[i];
   if (epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) == 0 || errno == EEXIST)
     return 1;
-  ev_io_stop(sv.loop, &sv.acc[i]);
+  ev_io_stop(sv.loop, &sv.acc[i]);  /* libev tells the kernel again */
+  ev_io_set(&sv.acc[i], sv.acc[i].fd, EV_READ);
   ev_io_start(sv.loop, &sv.acc[i]);
   return 0;
 }
@@ -382,8 +384,8 @@ static int balance (void) {
     }
   }
   sv.resting = 1;
-  sv.restsince = sv.progress = ev_now(sv.loop);
-  sv.taken = pf_score_taken();
+  sv.restsince = ev_now(sv.loop);
+  sv.waitsince = 0;
   ev_timer_set(&sv.rest, PF_REST, 0);
   ev_timer_start(sv.loop, &sv.rest);
   ev_check_start(sv.loop, &sv.back);
@@ -407,15 +409,12 @@ static int waiting (void) {
 
 static void onrest (struct ev_loop *loop, ev_timer *t, int revents) {
   double now = ev_now(loop);
-  unsigned long taken = pf_score_taken();
   (void)revents;
   if (!sv.resting || sv.stopping) return;
-  if (taken != sv.taken) {
-    sv.taken = taken;
-    sv.progress = now;
-  }
-  else if (now - sv.progress >= STUCK && waiting()) {
-    sv.norest = now + NOREST;  /* they wait, and no sibling takes them */
+  if (!waiting()) sv.waitsince = 0;
+  else if (sv.waitsince == 0) sv.waitsince = now;
+  else if (now - sv.waitsince >= STUCK) {
+    sv.norest = now + NOREST;  /* no sibling takes them */
     rejoin();
     return;
   }
