@@ -331,8 +331,8 @@ static void stopaccepting (void) {
 ** makeexclusive, at most once a second.)
 ** ------------------------------------------------------- */
 
-#define STUCK	0.01
-#define NOREST	1.0
+#define STUCK	0.01  /* seconds connections may wait on a resting worker */
+#define NOREST	1.0  /* seconds it then takes every connection it sees */
 
 
 /* listener i back in libev's set, exclusive, with libev's data; 0 when
