@@ -166,6 +166,7 @@ PF_API void pf_score_accepting (int on);
 PF_API int pf_score_ahead (void);
 PF_API int pf_score_leave (void);
 PF_API int pf_score_stayout (void);
+PF_API int pf_score_idle (void);
 PF_API void pf_beat (void);
 PF_API void pf_busy (int busy);
 PF_API void pf_score_init (pf_score *s);

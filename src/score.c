@@ -205,6 +205,23 @@ static long mine (void) {
 }
 
 
+/* a sibling that accepts sleeps in its idle wait: the kernel wakes it for
+** the next connection */
+int pf_score_idle (void) {
+  int i, top;
+  if (me.slot == NULL || me.board == NULL) return 0;
+  top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
+  for (i = 0; i < top && i < PF_MAXPROCS; i++) {
+    pf_score *o = &me.board->slot[i];
+    if (o != me.slot
+        && __atomic_load_n(&o->accepting, __ATOMIC_RELAXED) == PF_ACCEPTING
+        && !__atomic_load_n(&o->busy, __ATOMIC_RELAXED))
+      return 1;
+  }
+  return 0;
+}
+
+
 /* this worker holds clearly more connections than a live sibling that
 ** serves */
 int pf_score_ahead (void) {

@@ -323,10 +323,12 @@ static void stopaccepting (void) {
 ** again, with libev's data, at the queues' ends. Connections that came
 ** meanwhile reached a sibling too (the kernel goes on down the queue past
 ** a worker that does not sleep: an awake one finds them as its loop
-** turns). A sibling can still fail it (stopped while idle, dead and not
-** reaped yet, an older kernel's wake-ups): when connections are seen
-** waiting at every look for STUCK, the worker comes back at once and
-** rests no more for NOREST. (Should libev make a new set, with new data,
+** turns). Every PF_REST it also looks at the listeners: a connection
+** that waits while no sibling that accepts sleeps (they are all in their
+** handlers) brings it back at once. A sibling that sleeps can still fail
+** it (stopped while idle, dead and not reaped yet, an older kernel's
+** wake-ups): when connections are seen waiting at every look for STUCK,
+** the worker comes back and rests no more for NOREST. (Should libev make a new set, with new data,
 ** the entries it re-adds are plain until the next idle wake-up's
 ** makeexclusive, at most once a second.)
 ** ------------------------------------------------------- */
@@ -412,6 +414,10 @@ static void onrest (struct ev_loop *loop, ev_timer *t, int revents) {
   (void)revents;
   if (!sv.resting || sv.stopping) return;
   if (!waiting()) sv.waitsince = 0;
+  else if (!pf_score_idle()) {  /* the siblings are busy: take it now */
+    rejoin();
+    return;
+  }
   else if (sv.waitsince == 0) sv.waitsince = now;
   else if (now - sv.waitsince >= STUCK) {
     sv.norest = now + NOREST;  /* no sibling takes them */
