@@ -142,12 +142,6 @@ typedef struct pf_board {
   int top;  /* no slot at or above it is in use */
 } pf_board;
 
-/* seconds a serve worker that holds clearly more connections than a
-** sibling stops waiting on the shared listeners at a time, and at most in
-** a row (serve.c) */
-#define PF_REST	0.001
-#define PF_RESTMAX	0.05
-
 /* a serve worker's balance state, in its slot: it waits on the shared
 ** listeners, or it serves but left their queues for a moment */
 #define PF_ACCEPTING	2
@@ -162,7 +156,7 @@ PF_API void pf_score_unbind (void);
 PF_API pf_score *pf_score_mine (void);
 PF_API void pf_score_running (lua_State *L);
 PF_API lua_State *pf_score_current (void);
-PF_API void pf_score_accepting (int on);
+PF_API void pf_score_accepting (int state);
 PF_API int pf_score_ahead (void);
 PF_API int pf_score_leave (void);
 PF_API int pf_score_stayout (void);

@@ -151,52 +151,52 @@ void pf_score_accepting (int state) {
 ** it turning its loop (a hung one stops beating) */
 #define FRESH	20
 
-/* a sibling that turns its loop: it waits, or it beat lately */
-static int live (pf_score *o, long now) {
-  return !__atomic_load_n(&o->busy, __ATOMIC_RELAXED)
-         || now - __atomic_load_n(&o->beat, __ATOMIC_RELAXED) <= FRESH;
+/* what a worker sees of its siblings in serve */
+typedef struct siblings {
+  long least;  /* the fewest connections of a live one; -1 when none is */
+  long leastresting;  /* the same of those that rest */
+  int accepting;  /* one accepts */
+  int idle;  /* one accepts and sleeps in its idle wait */
+} siblings;
+
+
+static void fewer (long *least, long n) {
+  if (*least < 0 || n < *least) *least = n;
 }
 
 
-/* mine is clearly more than n connections: more than n, plus one, plus an
-** eighth */
-static int morethan (long mine, long n) {
-  return mine > n + 1 + n / 8;
-}
-
-
-/* the fewest connections of a live sibling that serves; -1 when none is */
-static long leastlive (void) {
-  long least = -1, now = coarsems();
-  int i, top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
-  for (i = 0; i < top && i < PF_MAXPROCS; i++) {
-    pf_score *o = &me.board->slot[i];
-    if (o != me.slot && __atomic_load_n(&o->accepting, __ATOMIC_RELAXED) != 0
-        && live(o, now)) {
-      long n = __atomic_load_n(&o->inflight, __ATOMIC_RELAXED);
-      if (least < 0 || n < least) least = n;
-    }
-  }
-  return least;
-}
-
-
-/* another worker takes the next connections: one accepts, or one that
-** rests holds clearly fewer than mine (it comes back as its loop turns) */
-static int another (long mine) {
+/* the siblings, through the slots in use; a live one turns its loop: it
+** sleeps in its idle wait, or it beat lately */
+static void look (siblings *v) {
   long now = coarsems();
   int i, top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
+  v->least = v->leastresting = -1;
+  v->accepting = v->idle = 0;
   for (i = 0; i < top && i < PF_MAXPROCS; i++) {
     pf_score *o = &me.board->slot[i];
-    int st;
-    if (o == me.slot) continue;
-    st = __atomic_load_n(&o->accepting, __ATOMIC_SEQ_CST);
-    if (st == PF_ACCEPTING
-        || (st == PF_RESTING && live(o, now)
-            && morethan(mine, __atomic_load_n(&o->inflight, __ATOMIC_RELAXED))))
-      return 1;
+    int st, busy;
+    long n;
+    if (o == me.slot
+        || (st = __atomic_load_n(&o->accepting, __ATOMIC_SEQ_CST)) == 0)
+      continue;
+    busy = __atomic_load_n(&o->busy, __ATOMIC_RELAXED);
+    n = __atomic_load_n(&o->inflight, __ATOMIC_RELAXED);
+    if (st == PF_ACCEPTING) {
+      v->accepting = 1;
+      v->idle |= !busy;
+    }
+    if (!busy || now - __atomic_load_n(&o->beat, __ATOMIC_RELAXED) <= FRESH) {
+      fewer(&v->least, n);
+      if (st == PF_RESTING) fewer(&v->leastresting, n);
+    }
   }
-  return 0;
+}
+
+
+/* m is clearly more than n connections: more than n, plus one, plus an
+** eighth */
+static int morethan (long m, long n) {
+  return n >= 0 && m > n + 1 + n / 8;
 }
 
 
@@ -205,39 +205,46 @@ static long mine (void) {
 }
 
 
-/* a sibling that accepts sleeps in its idle wait: the kernel wakes it for
-** the next connection */
-int pf_score_idle (void) {
-  int i, top;
-  if (me.slot == NULL || me.board == NULL) return 0;
-  top = __atomic_load_n(&me.board->top, __ATOMIC_RELAXED);
-  for (i = 0; i < top && i < PF_MAXPROCS; i++) {
-    pf_score *o = &me.board->slot[i];
-    if (o != me.slot
-        && __atomic_load_n(&o->accepting, __ATOMIC_RELAXED) == PF_ACCEPTING
-        && !__atomic_load_n(&o->busy, __ATOMIC_RELAXED))
-      return 1;
-  }
-  return 0;
+/* another worker takes the next connections: one accepts, or one that
+** rests holds clearly fewer than this one (it comes back as its loop
+** turns) */
+static int another (const siblings *v) {
+  return v->accepting || morethan(mine(), v->leastresting);
 }
 
 
-/* this worker holds clearly more connections than a live sibling that
-** serves */
+static int bound (void) {
+  return me.slot != NULL && me.board != NULL;
+}
+
+
+/* a sibling that accepts sleeps in its idle wait: the kernel wakes it for
+** the next connection */
+int pf_score_idle (void) {
+  siblings v;
+  if (!bound()) return 0;
+  look(&v);
+  return v.idle;
+}
+
+
+/* this worker holds clearly more connections than a live sibling */
 int pf_score_ahead (void) {
-  long least;
-  if (me.slot == NULL || me.board == NULL) return 0;
-  least = leastlive();
-  return least >= 0 && morethan(mine(), least);
+  siblings v;
+  if (!bound()) return 0;
+  look(&v);
+  return morethan(mine(), v.least);
 }
 
 
 /* this worker stops accepting, unless no other takes the next
 ** connections: 1 when it did */
 int pf_score_leave (void) {
-  if (me.slot == NULL || me.board == NULL) return 0;
+  siblings v;
+  if (!bound()) return 0;
   pf_score_accepting(PF_RESTING);
-  if (another(mine())) return 1;
+  look(&v);
+  if (another(&v)) return 1;
   pf_score_accepting(PF_ACCEPTING);  /* the others left at the same time */
   return 0;
 }
@@ -246,7 +253,10 @@ int pf_score_leave (void) {
 /* a worker that left may stay out: it is still ahead, and another takes
 ** the next connections */
 int pf_score_stayout (void) {
-  return pf_score_ahead() && another(mine());
+  siblings v;
+  if (!bound()) return 0;
+  look(&v);
+  return morethan(mine(), v.least) && another(&v);
 }
 
 /* }====================================================== */

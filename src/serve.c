@@ -203,6 +203,19 @@ static void onwake (struct ev_loop *loop, ev_io *io, int revents) {
 
 #define EXCLUSIVEBIT	0x10000000u  /* EPOLLEXCLUSIVE, as fdinfo shows it */
 
+/* fd into epoll set ep with libev's data: exclusive, or plain (as libev
+** adds it: a herd, but correct) when the kernel refuses that. 1 when
+** exclusive (or there already), 0 plain, -1 neither */
+static int addentry (int ep, int fd, uint64_t data) {
+  struct epoll_event ev;
+  memset(&ev, 0, sizeof(ev));
+  ev.events = EPOLLIN | EPOLLEXCLUSIVE;
+  ev.data.u64 = data;
+  if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0 || errno == EEXIST) return 1;
+  ev.events = EPOLLIN;
+  return epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0 ? 0 : -1;
+}
+
 /* fd's entry in the set of fdinfo file f: 1 with *data, *events */
 static int findentry (FILE *f, int fd, uint64_t *data, unsigned *events) {
   char line[256];
@@ -230,7 +243,7 @@ static void makeexclusive (void) {
   while ((e = readdir(d)) != NULL) {
     char path[64];
     FILE *f;
-    int ep = atoi(e->d_name), i, all;
+    int ep = atoi(e->d_name), i, all, exclusive;
     uint64_t data;
     unsigned events;
     if (e->d_name[0] == '.' || ep == dirfd(d)) continue;
@@ -239,28 +252,19 @@ static void makeexclusive (void) {
     all = findentry(f, sv.wake.fd, &data, &events);
     for (i = 0; all && i < sv.nacc; i++)
       all = findentry(f, sv.acc[i].fd, &data, &events);
+    exclusive = 1;
     for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: makeexclusive */
-      struct epoll_event ev;
-      if (!findentry(f, sv.acc[i].fd, &data, &events)) {
-        all = 0;
-        break;
-      }
+      findentry(f, sv.acc[i].fd, &data, &events);
       sv.data[i] = data;
-      if (events & EXCLUSIVEBIT) continue;
-      memset(&ev, 0, sizeof(ev));
-      ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-      ev.data.u64 = data;
-      if (epoll_ctl(ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) == 0
-          && epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) != 0) {
-        ev.events = EPOLLIN;  /* as libev had it */
-        (void)epoll_ctl(ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev);
-        all = 0;  /* a herd: no balance either */
-      }
+      if (!(events & EXCLUSIVEBIT)
+          && epoll_ctl(ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) == 0
+          && addentry(ep, sv.acc[i].fd, data) != 1)
+        exclusive = 0;  /* a herd: no balance either */
     }
     fclose(f);
     if (all) {
       sv.ep = ep;
-      sv.balanced = 1;
+      sv.balanced = exclusive;
       pf_score_accepting(PF_ACCEPTING);
       break;
     }
@@ -319,37 +323,37 @@ static void stopaccepting (void) {
 ** the next ones (pf_score_leave): it removes its exclusive entries from
 ** libev's set, behind libev's back (the watchers stay started), so the
 ** next connections wake a sibling. When it is no longer ahead (it looks
-** as its loop turns, and every PF_REST; PF_RESTMAX at most), it adds them
+** as its loop turns, and every REST; RESTMAX at most), it adds them
 ** again, with libev's data, at the queues' ends. Connections that came
 ** meanwhile reached a sibling too (the kernel goes on down the queue past
 ** a worker that does not sleep: an awake one finds them as its loop
-** turns). Every PF_REST it also looks at the listeners: a connection
+** turns). Every REST it also looks at the listeners: a connection
 ** that waits while no sibling that accepts sleeps (they are all in their
 ** handlers) brings it back at once. A sibling that sleeps can still fail
 ** it (stopped while idle, dead and not reaped yet, an older kernel's
 ** wake-ups): when connections are seen waiting at every look for STUCK,
-** the worker comes back and rests no more for NOREST. (Should libev make a new set, with new data,
-** the entries it re-adds are plain until the next idle wake-up's
-** makeexclusive, at most once a second.)
+** the worker comes back and rests no more for NOREST. (Should libev make
+** a new set, with new data, the entries it re-adds are plain until the
+** next idle wake-up's makeexclusive, at most once a second.)
 ** ------------------------------------------------------- */
 
+#define REST	0.001  /* seconds between a resting worker's looks */
+#define RESTMAX	0.05  /* seconds it rests at most in a row */
 #define STUCK	0.01  /* seconds connections may wait on a resting worker */
 #define NOREST	1.0  /* seconds it then takes every connection it sees */
 
 
 /* listener i back in libev's set, exclusive, with libev's data; 0 when
-** the kernel refused (then libev adds it, or stops its watcher) */
+** the kernel refused (plain then, or libev adds it, or stops its
+** watcher) */
 static int readd (int i) {
-  struct epoll_event ev;
-  memset(&ev, 0, sizeof(ev));
-  ev.events = EPOLLIN | EPOLLEXCLUSIVE;
-  ev.data.u64 = sv.data[i];
-  if (epoll_ctl(sv.ep, EPOLL_CTL_ADD, sv.acc[i].fd, &ev) == 0 || errno == EEXIST)
-    return 1;
-  ev_io_stop(sv.loop, &sv.acc[i]);  /* libev tells the kernel again */
-  ev_io_set(&sv.acc[i], sv.acc[i].fd, EV_READ);
-  ev_io_start(sv.loop, &sv.acc[i]);
-  return 0;
+  int st = addentry(sv.ep, sv.acc[i].fd, sv.data[i]);
+  if (st < 0) {
+    ev_io_stop(sv.loop, &sv.acc[i]);  /* libev tells the kernel again */
+    ev_io_set(&sv.acc[i], sv.acc[i].fd, EV_READ);
+    ev_io_start(sv.loop, &sv.acc[i]);
+  }
+  return st == 1;
 }
 
 
@@ -388,7 +392,7 @@ static int balance (void) {
   sv.resting = 1;
   sv.restsince = ev_now(sv.loop);
   sv.waitsince = 0;
-  ev_timer_set(&sv.rest, PF_REST, 0);
+  ev_timer_set(&sv.rest, REST, 0);
   ev_timer_start(sv.loop, &sv.rest);
   ev_check_start(sv.loop, &sv.back);
   return 1;
@@ -424,8 +428,8 @@ static void onrest (struct ev_loop *loop, ev_timer *t, int revents) {
     rejoin();
     return;
   }
-  if (now - sv.restsince < PF_RESTMAX && pf_score_stayout()) {
-    ev_timer_set(t, PF_REST, 0);  /* the siblings have not caught up */
+  if (now - sv.restsince < RESTMAX && pf_score_stayout()) {
+    ev_timer_set(t, REST, 0);  /* the siblings have not caught up */
     ev_timer_start(loop, t);
   }
   else rejoin();
