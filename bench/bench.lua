@@ -156,16 +156,10 @@ function B.workers (p) return H.childpids(p.pid) end
 -- Cases
 -- =======================================================
 
---- the CPU ticks (utime + stime) of each pid: {[pid] = ticks}
+--- the CPU ticks of each pid: {[pid] = ticks}
 local function ticks (pids)
   local t = {}
-  for _, pid in ipairs(pids) do
-    local stat = H.readfile("/proc/" .. pid .. "/stat") or ""
-    local rest = stat:match("%) (.*)") or ""
-    local f = {}
-    for w in rest:gmatch("%S+") do f[#f + 1] = w end
-    t[pid] = (tonumber(f[12]) or 0) + (tonumber(f[13]) or 0)  -- fields 14, 15
-  end
+  for _, pid in ipairs(pids) do t[pid] = H.cputicks(pid) end
   return t
 end
 

@@ -398,11 +398,7 @@ local function fdexhaustion ()
   local pids = H.ready(p, 2, 10)
   local function cpu ()
     local t = 0
-    for _, pid in ipairs(pids) do
-      local st = H.readfile("/proc/" .. pid .. "/stat") or ""
-      local u, s = st:match("%) %a" .. (" %S+"):rep(11) .. " (%d+) (%d+)")
-      t = t + (tonumber(u) or 0) + (tonumber(s) or 0)
-    end
+    for _, pid in ipairs(pids) do t = t + H.cputicks(pid) end
     return t / 100
   end
   local cpu0, bytes0 = cpu(), #p:err()

@@ -73,8 +73,17 @@ function TestAccept:test_shared_load_reaches_every_worker ()
 end
 
 
---- under strategy, n connections to idle workers, one after another, each
--- answered and kept open: {[pid] = connections it holds}, and them
+--- every pid is asleep (state "S")
+local function asleep (pids)
+  for _, k in ipairs(pids) do
+    if H.pstate(k) ~= "S" then return false end
+  end
+  return true
+end
+
+
+--- n connections to p's idle workers, one after another, each answered
+-- and kept open: {[pid] = connections it holds}, and them
 local function held_one_by_one (p, n)
   local seen, cs = {}, {}
   for i = 1, n do
@@ -84,12 +93,7 @@ local function held_one_by_one (p, n)
     seen[pid] = (seen[pid] or 0) + 1
     -- the next arrives when every worker is back in its wait (with none
     -- busy, the kernel wakes the first sleeper in the listener's queue)
-    H.wait_until(function ()
-      for _, k in ipairs(p.pids) do
-        if H.pstate(k) ~= "S" then return false end
-      end
-      return true
-    end, 5, "idle workers")
+    H.wait_until(function () return asleep(p.pids) end, 5, "idle workers")
   end
   return seen, cs
 end
@@ -241,13 +245,8 @@ end
 local function assert_one_wakeup (p)
   local kids = H.nworkers(p, 4)
   lu.assertEquals(H.request_ok(p.port), "x")
-  local function asleep ()  -- every worker back in its wait
-    for _, k in ipairs(kids) do
-      if H.pstate(k) ~= "S" then return false end
-    end
-    return true
-  end
-  H.wait_until(asleep, 5, "4 idle workers")
+  local function idle () return asleep(kids) end  -- every worker in its wait
+  H.wait_until(idle, 5, "4 idle workers")
   local function switches ()
     local n = 0
     for _, k in ipairs(kids) do
@@ -258,7 +257,7 @@ local function assert_one_wakeup (p)
   end
   local before = switches()
   for _ = 1, 10 do lu.assertEquals(H.request(p.port), "x") end
-  H.wait_until(asleep, 5, "4 idle workers")
+  H.wait_until(idle, 5, "4 idle workers")
   lu.assertTrue(switches() - before <= 20, "wake-ups: " .. switches() - before)
 end
 

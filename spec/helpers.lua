@@ -83,6 +83,15 @@ function H.pstate (pid)
 end
 
 
+--- CPU time of a process so far, user and system, in clock ticks (0 when
+-- gone).
+function H.cputicks (pid)
+  local s = H.readfile("/proc/" .. pid .. "/stat") or ""
+  local u, k = s:match("%) %a" .. (" %S+"):rep(11) .. " (%d+) (%d+)")
+  return (tonumber(u) or 0) + (tonumber(k) or 0)
+end
+
+
 --- The children of pid: a list of {pid, state}.
 function H.children (pid)
   local out = {}
