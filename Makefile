@@ -125,10 +125,12 @@ asan: deps
 	SPEC_LUA="env LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) $(LUA)" \
 	$(MAKE) --no-print-directory BUILD=build-asan SPEC_TIMEOUT=300 test-only
 
-# memcheck over the suite; valgrind follows the Lua processes only
+# memcheck over the suite; valgrind follows the Lua processes only (no
+# vgdb: its /tmp files, left by killed processes, collide with a later
+# process of another user that gets the same pid)
 valgrind: deps all
 	$(call install,valgrind)
-	SPEC_LUA="valgrind -q --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite $(LUA)" \
+	SPEC_LUA="valgrind -q --vgdb=no --error-exitcode=99 --child-silent-after-fork=yes --leak-check=full --show-possibly-lost=no --errors-for-leak-kinds=definite $(LUA)" \
 	$(MAKE) --no-print-directory SPEC_TIMEOUT=900 test-only
 
 test-only:
