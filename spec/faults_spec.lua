@@ -41,14 +41,29 @@ local function emfile (strategy)
   end, 5, "one line per worker")
   for _, c in ipairs(cs) do c:close() end
   lu.assertEquals(H.request_ok(p.port, "x\n", 10), "ok\n")
-  -- the worker that paused takes a connection again: held connections
-  -- (idle ones, one after another, may all go to the other worker, the
-  -- first asleep in the listener's queue)
+  -- each worker that paused takes connections again once its pause is
+  -- over: connections held open, one every 40 ms (the first may come
+  -- while a pause lasts, and idle ones, one after another, may all go to
+  -- the worker first in the listener's queue until the balance sends the
+  -- next ones to the other), at most 20 at once (so that the other worker
+  -- does not run out of fds in its turn)
+  local paused = {}
+  for pid in p:err():gmatch("%(pid (%d+)%): accept: Too many open files") do
+    paused[#paused + 1] = pid
+  end
   local held = {}
   H.wait_until(function ()
-    if p:err():match("accept works again, after %d+ failure") then return true end
-    if #held < 40 then held[#held + 1] = H.connect(p.port) end
-  end, 10, function () return "accept works again, in the err:\n" .. p:err() end)
+    local err, back = p:err(), true
+    for _, pid in ipairs(paused) do
+      back = back and err:match("%(pid " .. pid .. "%): accept works again") ~= nil
+    end
+    if back then return true end
+    if #held == 20 then table.remove(held, 1):close() end
+    held[#held + 1] = H.connect(p.port)
+    H.sleep(0.04)
+  end, 15, function ()
+    return "each worker that paused accepting again, in the err:\n" .. p:err()
+  end)
   for _, c in ipairs(held) do c:close() end
   local _, lines = p:err():gsub("accept: Too many open files", "")
   lu.assertTrue(lines <= 4, "the log:\n" .. p:err():gsub("%%", "%%%%"))

@@ -288,8 +288,10 @@ static int watchlisteners (const struct pollfd *fds, int n) {
   sv.exclusive = !pf_accept_drains()  /* (not a socket of its own) */
                  && ev_backend(sv.loop) == EVBACKEND_EPOLL;
   if (sv.exclusive) {
-    ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries */
-    if (!sv.stopping) makeexclusive();
+    ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries (and a first
+                                    ** accept may fail: the pause's end
+                                    ** lets the next idle wake-up flip) */
+    if (!sv.stopping && !ev_is_active(&sv.pause)) makeexclusive();
   }
   return 1;
 }
