@@ -350,6 +350,7 @@ PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);
 PF_API void pf_worker_acceptfailed (lua_State *L, int en);
 PF_API void pf_worker_acceptworked (lua_State *L);
+PF_API void pf_worker_dropwaitset (void);
 PF_API void pf_worker_stoplistening (void);
 PF_API int pf_worker_stopping (void);
 struct pollfd;

@@ -490,6 +490,7 @@ static int l_serve (lua_State *L) {
   sv.balanced = sv.resting = 0;
   sv.norest = 0;
   pf_worker_ready();
+  pf_worker_dropwaitset();
   if (pf_worker_stopping()) stopserving();
   else if (!watchlisteners(fds, n)) {
     endserve();

@@ -273,10 +273,18 @@ void pf_worker_ready (void) {
 }
 
 
-/* the worker stops accepting: the listeners close, and what watched them */
-void pf_worker_stoplistening (void) {
+/* the blocking accept's epoll set goes: serve watches the listeners on a
+** loop of its own (the set's entries would sit in the listeners' wait
+** queues for nobody; an accept from now on waits in poll) */
+void pf_worker_dropwaitset (void) {
   if (self.ep >= 0) close(self.ep);
   self.ep = -1;
+}
+
+
+/* the worker stops accepting: the listeners close, and what watched them */
+void pf_worker_stoplistening (void) {
+  pf_worker_dropwaitset();
   pf_accept_close();
 }
 
