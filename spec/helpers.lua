@@ -87,7 +87,9 @@ end
 -- gone).
 function H.cputicks (pid)
   local s = H.readfile("/proc/" .. pid .. "/stat") or ""
-  local u, k = s:match("%) %a" .. (" %S+"):rep(11) .. " (%d+) (%d+)")
+  -- after the state (field 3), ppid to cmajflt (4 to 13), then utime and
+  -- stime (14, 15)
+  local u, k = s:match("%) %a" .. (" %S+"):rep(10) .. " (%d+) (%d+)")
   return (tonumber(u) or 0) + (tonumber(k) or 0)
 end
 
