@@ -208,8 +208,20 @@ end
 function TestOperate:test_status_answers_while_every_worker_hangs ()
   local sock = H.tmpname() .. ".sock"
   local p = server(("{workers = 2, timeout = false, status = %q}"):format("unix:" .. sock))
-  H.ready(p, 2)
-  local cs = {hang(p.port, "spin"), hang(p.port, "spin")}
+  local pids = H.ready(p, 2)
+  -- the second only once the first spins: sent together, both may wait
+  -- for the same worker's wake-up, which takes them both before either
+  -- handler runs, and the second then waits behind the first's loop
+  local cs = {hang(p.port, "spin")}
+  H.wait_until(function ()
+    local t0 = {}
+    for i, pid in ipairs(pids) do t0[i] = H.cputicks(pid) end
+    H.sleep(0.2)
+    for i, pid in ipairs(pids) do
+      if H.cputicks(pid) - t0[i] >= 10 then return true end
+    end
+  end, 10, "a worker spinning")
+  cs[2] = hang(p.port, "spin")
   H.wait_until(function ()
     local j = H.sh("curl -s --max-time 5 --unix-socket " .. sock .. " http://x/")
     return j:match('"inflight":1,.*"inflight":1,')
