@@ -426,10 +426,41 @@ local function version (cmd)
   return (H.sh(cmd .. " 2>&1"):match("[^\n]*") or "?")
 end
 
+--- what fork and a page fault cost on this machine, measured now: the
+-- floor of the respawn and interp figures, which vary between virtual
+-- machines of one kind by 2 x (page-table work is dear on some)
+local function floor ()
+  local t = {}
+  for i = 1, 262144 do t[i] = i end  -- 4 MB of array: 256 slots a page
+  local forks, faults = {}, {}
+  for k = 1, 30 do
+    local t0 = H.now()
+    prefork.wait(prefork.fork(function () end))
+    forks[k] = (H.now() - t0) * 1000
+  end
+  for k = 1, 10 do
+    local mine, child = prefork.socketpair()
+    local pid = prefork.fork(function ()
+      local t0 = H.now()
+      for i = 1, 500 do t[i * 512] = 0 end  -- 500 pages, each copied on write
+      child:write(("%.9f\n"):format((H.now() - t0) / 500))
+    end)
+    faults[k] = (tonumber(mine:read("l")) or 0) * 1e6
+    mine:close() child:close()
+    prefork.wait(pid)
+  end
+  return ("Machine floor, measured in this run: fork, exit and wait of the "
+    .. "bench's Lua process (%.0f MB resident) %.2f ms; a copy-on-write page fault "
+    .. "%.1f µs (medians)"):format(
+      tonumber((H.readfile("/proc/self/status") or ""):match("VmRSS:%s*(%d+)") or 0) / 1024,
+      B.median(forks), B.median(faults))
+end
+
 local function machine ()
   local cpu = (H.readfile("/proc/cpuinfo") or ""):match("model name%s*:%s*([^\n]+)") or "?"
   return {
     ("%s, %s cores, %s"):format(cpu, prefork.ncpu(), version("uname -sr")),
+    floor(),
     "lua-prefork " .. prefork._VERSION .. ", " .. version(H.lua .. " -v"),
     table.concat({version("nginx -v"), "node " .. version("node -v"),
                   version("unicorn -v"), version("gunicorn --version"),
