@@ -175,4 +175,20 @@ function TestRegress:test_huge_timeouts ()
 end
 
 
+-- a script that read from a connection and ends normally: closing its
+-- state unloads the library, and the read buffer kept for the next
+-- connection was lost with it (memcheck and LeakSanitizer, which make
+-- valgrind and make asan run as SPEC_LUA, saw 16 KiB definitely lost)
+function TestRegress:test_a_state_that_closes_leaks_no_read_buffer ()
+  local p = H.master([[
+local a, b = prefork.socketpair()
+a:write("hello\n")
+print(b:read("l"))
+a:close() b:close()
+]], {wait = false})
+  lu.assertEquals({p:wait(60)}, {"exit", 0}, p:err())
+  lu.assertEquals(p:out(), "hello\n")
+end
+
+
 os.exit(lu.LuaUnit.run())

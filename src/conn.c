@@ -77,6 +77,16 @@ static void putbuf (char *b, size_t cap) {
 }
 
 
+/* the spare buffers go with the state that loaded this library: closing
+** it unloads the library, and a buffer kept past that would be lost */
+static int freebufs (lua_State *L) {
+  (void)L;
+  while (nsparebuf > 0)
+    free(sparebuf[--nsparebuf]);
+  return 0;
+}
+
+
 /*
 ** Read more into the buffer: 1 when bytes came, 0 at end of stream,
 ** AGAIN when none are there yet, -1 with errno on failure.
@@ -671,4 +681,10 @@ void pf_open_conn (lua_State *L) {
   };
   pf_newclass(L, PF_CONN, meth, metameth);
   luaL_setfuncs(L, funcs, 0);
+  lua_newuserdatauv(L, 0, 0);
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, freebufs);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_setfield(L, LUA_REGISTRYINDEX, "prefork.conn.sparebufs");
 }
