@@ -50,6 +50,12 @@ function B.median (t)
   return (s[n // 2] + s[n // 2 + 1]) / 2
 end
 
+--- the resident size (MB) of a process ("self" for this one), or nil
+function B.rssmb (pid)
+  local kb = (H.readfile("/proc/" .. pid .. "/status") or ""):match("VmRSS:%s*(%d+)")
+  return kb and tonumber(kb) / 1024
+end
+
 B.freeport = lib.freeport
 local GET = lib.GET
 
@@ -451,9 +457,7 @@ local function floor ()
   end
   return ("Machine floor, measured in this run: fork, exit and wait of the "
     .. "bench's Lua process (%.0f MB resident) %.2f ms; a copy-on-write page fault "
-    .. "%.1f µs (medians)"):format(
-      tonumber((H.readfile("/proc/self/status") or ""):match("VmRSS:%s*(%d+)") or 0) / 1024,
-      B.median(forks), B.median(faults))
+    .. "%.1f µs (medians)"):format(B.rssmb("self") or 0, B.median(forks), B.median(faults))
 end
 
 local function machine ()

@@ -51,10 +51,7 @@ end
 --- the resident size (MB) of the server whose cwd is dir
 local function serverrss (dir)
   for pid, cwd in H.sh("ls -l /proc/[0-9]*/cwd 2>/dev/null"):gmatch("/proc/(%d+)/cwd %-> ([^\n]+)") do
-    if cwd == dir and H.cmdline(pid):match("%[server%]") then
-      local kb = (H.readfile("/proc/" .. pid .. "/status") or ""):match("VmRSS:%s*(%d+)")
-      return kb and tonumber(kb) / 1024
-    end
+    if cwd == dir and H.cmdline(pid):match("%[server%]") then return B.rssmb(pid) end
   end
 end
 
