@@ -79,6 +79,33 @@ function TestFaults:test_fd_exhaustion_pauses_accepting_reuseport ()
 end
 
 
+-- a worker that pauses after EMFILE leaves the listener's queue of
+-- exclusive waiters for the pause: a connection that comes meanwhile goes
+-- to its idle sibling, not to the paused worker (libev keeps a stopped
+-- watcher's entry until an event comes for it: that event would wake the
+-- paused worker alone, and the connection would wait as long as it pauses)
+function TestFaults:test_a_paused_worker_leaves_the_queue_to_its_sibling ()
+  local p = H.server{prefix = "prlimit --nofile=64 ", accept = "shared",
+    serve = true, handler = [[
+      if c:read("l") == "hog" then  -- every fd taken: its accepts fail
+        c:close("hogged ", prefork.getpid(), "\n")
+        hogs = {}
+        repeat local f = io.open("/dev/null"); hogs[#hogs + 1] = f until not f
+      else c:close("ok ", prefork.getpid(), "\n") end]]}
+  -- with one connection at a time, the first worker in the queue takes
+  -- every one: the hog, then the first connection it cannot accept
+  local paused = H.request(p.port, "hog\n"):match("^hogged (%d+)\n$")
+  local other = paused == tostring(p.pids[1]) and p.pids[2] or p.pids[1]
+  local first = H.connect(p.port)
+  first:send("x\n")
+  p:expect("%(pid " .. paused .. "%): accept: Too many open files", 5, "err")
+  -- the sibling takes the next, and the one left waiting in the backlog
+  lu.assertEquals(H.request(p.port, "x\n", 5), "ok " .. other .. "\n")
+  lu.assertEquals(first:receive("*a"), "ok " .. other .. "\n")
+  first:close()
+end
+
+
 function TestFaults:test_what_a_worker_started_goes_with_it_at_the_stop ()
   local p = H.server{code = SERVER, args = "shared"}
   local pids = p.pids

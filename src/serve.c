@@ -72,7 +72,8 @@ static struct {
 ** The loop
 ** ======================================================= */
 
-static void makeexclusive (void);
+static void makeexclusive (int flip);
+static void leaveset (void);
 static int balance (void);
 static void unrest (void);
 
@@ -95,10 +96,16 @@ static void watching (int on) {
 }
 
 
-/* an accept failed (EMFILE, say): the listeners rest a moment (libev
-** adds them plain again after: the balance waits for makeexclusive) */
+/* an accept failed (EMFILE, say): the listeners rest a moment, out of
+** libev's set (a stopped watcher's entry stays there until an event
+** comes for it: that event would wake this worker alone, and the
+** connection would wait the pause out). libev adds them plain again
+** after: the balance waits for makeexclusive. */
 static void acceptfailed (int en) {
-  unrest();  /* (libev adds its watchers again: they are out of its set) */
+  unrest();
+  if (sv.exclusive && sv.ep < 0)
+    makeexclusive(0);  /* the first accept failed: find the set */
+  leaveset();
   watching(0);
   sv.balanced = 0;
   pf_score_accepting(0);
@@ -142,7 +149,7 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
       sv.spare = luaL_ref(sv.L, LUA_REGISTRYINDEX);  /* for the next one */
       if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
-        makeexclusive();  /* woken for nothing: are the entries still exclusive? */
+        makeexclusive(1);  /* woken for nothing: are the entries still exclusive? */
       else if (n > 0)
         balance();  /* to the queues' ends, maybe: a sibling takes the next */
       return;
@@ -235,7 +242,9 @@ static int findentry (FILE *f, int fd, uint64_t *data, unsigned *events) {
 }
 
 
-static void makeexclusive (void) {
+/* find libev's set (sv.ep, sv.data) and, with flip, make the entries
+** there exclusive */
+static void makeexclusive (int flip) {
   DIR *d = opendir("/proc/self/fdinfo");
   struct dirent *e;
   sv.lastflip = ev_now(sv.loop);
@@ -256,7 +265,7 @@ static void makeexclusive (void) {
     for (i = 0; all && i < sv.nacc; i++) {  /* libev's set: makeexclusive */
       findentry(f, sv.acc[i].fd, &data, &events);
       sv.data[i] = data;
-      if (!(events & EXCLUSIVEBIT)
+      if (flip && !(events & EXCLUSIVEBIT)
           && epoll_ctl(ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) == 0
           && addentry(ep, sv.acc[i].fd, data) != 1)
         exclusive = 0;  /* a herd: no balance either */
@@ -264,8 +273,10 @@ static void makeexclusive (void) {
     fclose(f);
     if (all) {
       sv.ep = ep;
-      sv.balanced = exclusive;
-      pf_score_accepting(PF_ACCEPTING);
+      if (flip) {
+        sv.balanced = exclusive;
+        pf_score_accepting(PF_ACCEPTING);
+      }
       break;
     }
   }
@@ -291,24 +302,29 @@ static int watchlisteners (const struct pollfd *fds, int n) {
     ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries (and a first
                                     ** accept may fail: the pause's end
                                     ** lets the next idle wake-up flip) */
-    if (!sv.stopping && !ev_is_active(&sv.pause)) makeexclusive();
+    if (!sv.stopping && !ev_is_active(&sv.pause)) makeexclusive(1);
   }
   return 1;
+}
+
+
+/* the listeners' entries out of libev's set, behind its back (ENOENT
+** when they were out already) */
+static void leaveset (void) {
+  int i;
+  for (i = 0; sv.ep >= 0 && i < sv.nacc; i++)
+    (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
 }
 
 
 /* stop watching the listeners (before they are closed: libev's lazy
 ** removal would leave the entries of sockets that stay open elsewhere) */
 static void stopaccepting (void) {
-  int i;
   unrest();
   pf_score_accepting(0);
   sv.balanced = 0;
-  for (i = 0; i < sv.nacc; i++) {
-    if (sv.ep >= 0)
-      (void)epoll_ctl(sv.ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL);
-    ev_io_stop(sv.loop, &sv.acc[i]);
-  }
+  leaveset();
+  watching(0);
   sv.nacc = 0;
 }
 
