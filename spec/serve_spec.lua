@@ -174,6 +174,36 @@ prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
 end
 
 
+-- a wait_fd said idle (a connection the handler detached, between two
+-- requests: TLS, say) ends at a graceful stop as an idle conn:read does,
+-- after the same last second; a plain one is the handler's and goes on
+function TestServe:test_an_idle_wait_fd_ends_at_a_graceful_stop ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", on_start = announce,
+  graceful_timeout = 60,
+  fork = function (w)
+    w:serve(function (c)
+      local idle = c:read("l") == "idle"
+      c:write("waiting\n")
+      local ok, err = prefork.wait_fd(c, "r", 60, idle)
+      c:write(tostring(ok or err), "\n")
+    end)
+  end}
+]])
+  local idle, plain = connect(p.port), connect(p.port)
+  idle:send("idle\n")
+  lu.assertEquals(idle:receive("*l"), "waiting")
+  plain:send("plain\n")
+  lu.assertEquals(plain:receive("*l"), "waiting")
+  p:kill("TERM")
+  lu.assertEquals(idle:receive("*l"), "stopping")  -- (not after a minute)
+  plain:send("go\n")
+  lu.assertEquals(plain:receive("*l"), "true")
+  lu.assertEquals({p:wait(5)}, {"exit", 0})
+  idle:close() plain:close()
+end
+
+
 function TestServe:test_thousands_of_keepalive_connections ()
   local p = H.server{workers = 1, serve = true, options = "  backlog = 4096,",
     prefix = "prlimit --nofile=8192 ", handler = [[

@@ -645,16 +645,18 @@ static int wait_fd_k (lua_State *L, int status, lua_KContext ctx) {
 }
 
 
-/* prefork.wait_fd(fd, "r"|"w"|"rw" [, timeout]) -> true | nil, "timeout";
-** yields in a task */
+/* prefork.wait_fd(fd, "r"|"w"|"rw" [, timeout [, idle]]) -> true |
+** nil, "timeout" | nil, "stopping" (an idle wait, as a graceful stop
+** ends an idle connection's read); yields in a task */
 static int l_wait_fd (lua_State *L) {
   static const char *const modes[] = {"r", "w", "rw", NULL};
   static const int events[] = {POLLIN, POLLOUT, POLLIN | POLLOUT};
   int fd = pf_tofd(L, 1);
   int mode = luaL_checkoption(L, 2, "r", modes);
   lua_Number t = luaL_optnumber(L, 3, -1);
-  return pf_pushwait(L, pf_waitk(L, fd, events[mode], pf_deadline(t), 0, 0,
-                                 wait_fd_k));
+  int idle = lua_toboolean(L, 4) ? PF_WAITIDLE : 0;
+  return pf_pushwait(L, pf_waitk(L, fd, events[mode], pf_deadline(t), idle,
+                                 0, wait_fd_k));
 }
 
 /* }====================================================== */

@@ -484,9 +484,11 @@ void pf_task_forget (void) {
 ** Lua functions
 ** ======================================================= */
 
-/* the results of a finished wait: true, or nil, "timeout", ETIMEDOUT */
+/* the results of a finished wait: true, or nil, "timeout", ETIMEDOUT, or
+** (an idle wait at a stop) nil, "stopping", ECANCELED */
 int pf_pushwait (lua_State *L, int how) {
   if (how == PF_TIMEOUT) return pf_failwith(L, "timeout", ETIMEDOUT);
+  if (how == PF_STOPPING) return pf_failwith(L, "stopping", ECANCELED);
   lua_pushboolean(L, 1);
   return 1;
 }
