@@ -1,6 +1,6 @@
 #!/usr/bin/env lua5.4
 -- examples/tls.lua [PORT [CERT KEY]]: LuaSec TLS on the connections of
--- worker:serve. A client sends a line over TLS and gets it back in
+-- worker:serve. A client sends lines over TLS and gets each back in
 -- capitals. Each connection is detached from prefork (conn:detach), given
 -- to LuaSec with a time limit of 0, and wherever LuaSec would block
 -- (handshake, receive, send) the coroutine waits with prefork.wait_fd: the
@@ -19,16 +19,50 @@ local ssl = require "ssl"
 
 local CERT, KEY = arg[2] or "cert.pem", arg[3] or "key.pem"
 
--- a LuaSec call at time limit 0: its result, waiting the prefork way
--- while it says it would block ("wantread", "wantwrite", "timeout")
-local function tls (s, method, ...)
+-- LuaSec at time limit 0 says "wantread", "wantwrite" or "timeout" where
+-- it would block: the coroutine then waits the prefork way, at most LIMIT
+-- seconds. An idle wait (nothing of the client's next message came yet)
+-- ends at a graceful stop, after a last second, with nil, "stopping".
+local LIMIT = 30
+
+local function blocked (err)
+  return err == "wantread" or err == "wantwrite" or err == "timeout"
+end
+
+local function wait (s, err, idle)
+  return prefork.wait_fd(s:getfd(), err == "wantwrite" and "w" or "r", LIMIT, idle)
+end
+
+local function handshake (s)
+  local idle = true  -- until the client's first bytes
   while true do
-    local r, err, partial = s[method](s, ...)
-    if r or (err ~= "wantread" and err ~= "wantwrite" and err ~= "timeout") then
-      return r, err, partial
-    end
-    local ok, why = prefork.wait_fd(s:getfd(), err == "wantwrite" and "w" or "r", 10)
-    if not ok then return nil, why end
+    local ok, err = s:dohandshake()
+    if ok or not blocked(err) then return ok, err end
+    local ready, why = wait(s, err, idle)
+    if not ready then return nil, why end
+    idle = false
+  end
+end
+
+local function receive (s, pattern)  -- keeps what came so far
+  local got = ""
+  while true do
+    local r, err, partial = s:receive(pattern, got)
+    if r or not blocked(err) then return r, err end
+    got = partial
+    local ready, why = wait(s, err, got == "")
+    if not ready then return nil, why end
+  end
+end
+
+local function send (s, data)  -- goes on after what went
+  local i = 1
+  while true do
+    local last, err, sent = s:send(data, i)
+    if last or not blocked(err) then return last, err end
+    i = sent + 1
+    local ready, why = wait(s, err, false)
+    if not ready then return nil, why end
   end
 end
 
@@ -49,8 +83,12 @@ prefork.start{
       raw:setfd(fd)
       local s = assert(ssl.wrap(raw, ctx))
       s:settimeout(0)
-      local line = tls(s, "dohandshake") and tls(s, "receive", "*l")
-      if line then tls(s, "send", line:upper() .. "\n") end
+      if handshake(s) then
+        while true do  -- a line in, the line in capitals out, until EOF
+          local line = receive(s, "*l")
+          if not line or not send(s, line:upper() .. "\n") then break end
+        end
+      end
       s:close()
     end)
   end,
