@@ -88,21 +88,34 @@ function TestFaults:test_a_paused_worker_leaves_the_queue_to_its_sibling ()
   local p = H.server{prefix = "prlimit --nofile=64 ", accept = "shared",
     serve = true, handler = [[
       if c:read("l") == "hog" then  -- every fd taken: its accepts fail
-        c:close("hogged ", prefork.getpid(), "\n")
         hogs = {}
         repeat local f = io.open("/dev/null"); hogs[#hogs + 1] = f until not f
+        c:write("hogged ", prefork.getpid(), "\n")
+        c:read("l")  -- (the connection's fd is held too)
       else c:close("ok ", prefork.getpid(), "\n") end]]}
-  -- with one connection at a time, the first worker in the queue takes
-  -- every one: the hog, then the first connection it cannot accept
-  local paused = H.request(p.port, "hog\n"):match("^hogged (%d+)\n$")
+  -- one connection at a time goes to the worker first in the queue
+  local hog = H.connect(p.port)
+  hog:send("hog\n")
+  local paused = hog:receive("*l"):match("^hogged (%d+)$")
   local other = paused == tostring(p.pids[1]) and p.pids[2] or p.pids[1]
-  local first = H.connect(p.port)
-  first:send("x\n")
-  p:expect("%(pid " .. paused .. "%): accept: Too many open files", 5, "err")
-  -- the sibling takes the next, and the one left waiting in the backlog
+  local pausing = "%(pid " .. paused .. "%): accept: Too many open files"
+  -- its accept loop went on after the handler (and failed), or the next
+  -- connection wakes it (and is left in the backlog): it pauses
+  local left
+  if not pcall(p.expect, p, pausing, H.valgrind and 5 or 1, "err") then
+    left = H.connect(p.port)
+    left:send("x\n")
+    p:expect(pausing, 5, "err")
+  end
+  -- a connection in the pause goes to the sibling (which takes the one
+  -- left too), not to the paused worker: no other would come for it
   lu.assertEquals(H.request(p.port, "x\n", 5), "ok " .. other .. "\n")
-  lu.assertEquals(first:receive("*a"), "ok " .. other .. "\n")
-  first:close()
+  if left and not H.valgrind then
+    lu.assertEquals(left:receive("*l"), "ok " .. other)
+  elseif left then  -- (valgrind fails an accept past its own, lower fd
+    lu.assertEquals(select(2, left:receive("*l")), "closed")  -- limit by
+  end                                  -- closing what the kernel accepted)
+  hog:close()
 end
 
 
