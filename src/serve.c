@@ -75,7 +75,7 @@ static struct {
 ** The loop
 ** ======================================================= */
 
-static void makeexclusive (int flip);
+static void makeexclusive (void);
 static void leaveset (void);
 static int balance (void);
 static void unrest (void);
@@ -106,8 +106,6 @@ static void watching (int on) {
 ** after: the balance waits for makeexclusive. */
 static void acceptfailed (int en) {
   unrest();
-  if (sv.exclusive && sv.ep < 0)
-    makeexclusive(0);  /* the first accept failed: find the set */
   leaveset();
   watching(0);
   sv.balanced = 0;
@@ -152,7 +150,7 @@ static void onaccept (struct ev_loop *loop, ev_io *io, int revents) {
       sv.spare = luaL_ref(sv.L, LUA_REGISTRYINDEX);  /* for the next one */
       if (st < 0) acceptfailed(errno);
       else if (n == 0 && sv.exclusive && ev_now(loop) - sv.lastflip >= 1)
-        makeexclusive(1);  /* woken for nothing: are the entries still exclusive? */
+        makeexclusive();  /* woken for nothing: are the entries still exclusive? */
       else if (n > 0)
         balance();  /* to the queues' ends, maybe: a sibling takes the next */
       return;
@@ -246,9 +244,9 @@ static int findentry (FILE *f, int fd, uint64_t *data, unsigned *events) {
 
 
 /* ep is libev's set (its entries for the wake pipe and every listener
-** carry libev's data): 1, with sv.ep and sv.data set and, with flip, the
-** listeners' entries there made exclusive */
-static int tryset (int ep, int flip) {
+** carry libev's data): 1, with sv.ep and sv.data set and the listeners'
+** entries there made exclusive */
+static int tryset (int ep) {
   char path[64];
   FILE *f;
   int i, all, exclusive = 1;
@@ -262,7 +260,7 @@ static int tryset (int ep, int flip) {
   for (i = 0; all && i < sv.nacc; i++) {
     findentry(f, sv.acc[i].fd, &data, &events);
     sv.data[i] = data;
-    if (flip && !(events & EXCLUSIVEBIT)
+    if (!(events & EXCLUSIVEBIT)
         && epoll_ctl(ep, EPOLL_CTL_DEL, sv.acc[i].fd, NULL) == 0
         && addentry(ep, sv.acc[i].fd, data) != 1)
       exclusive = 0;  /* a herd: no balance either */
@@ -270,31 +268,35 @@ static int tryset (int ep, int flip) {
   fclose(f);
   if (!all) return 0;
   sv.ep = ep;
-  if (flip) {
-    sv.balanced = exclusive;
-    pf_score_accepting(PF_ACCEPTING);
-  }
+  sv.balanced = exclusive;
+  pf_score_accepting(PF_ACCEPTING);
   return 1;
 }
 
 
-/* find libev's set (sv.ep, sv.data) and, with flip, make the entries
-** there exclusive. It is looked for first where it was, or most likely
-** is (sv.guess), then among every fd: a new worker's first listing of
-** /proc/self/fd costs it 0.3 to 0.5 ms here, a tenth of a respawn. */
-static void makeexclusive (int flip) {
+/* find libev's set (sv.ep, sv.data) and make the entries there
+** exclusive. It is looked for first where it was, or most likely is
+** (sv.guess), then among every fd: a new worker's first listing of
+** /proc/self/fdinfo costs it 0.3 to 0.5 ms here, a tenth of a respawn. */
+static void makeexclusive (void) {
   DIR *d;
   struct dirent *e;
   int hint = sv.ep >= 0 ? sv.ep : sv.guess;
   sv.lastflip = ev_now(sv.loop);
-  if ((hint >= 0 && tryset(hint, flip))
+  if ((hint >= 0 && tryset(hint))
       || (d = opendir("/proc/self/fdinfo")) == NULL)
     return;
   while ((e = readdir(d)) != NULL) {
     int ep = atoi(e->d_name);
-    if (e->d_name[0] != '.' && ep != dirfd(d) && tryset(ep, flip)) break;
+    if (e->d_name[0] != '.' && ep != dirfd(d) && tryset(ep)) break;
   }
   closedir(d);
+}
+
+
+/* a connection before the set is found waits (epoll tells of it again) */
+static void onfirst (struct ev_loop *loop, ev_io *io, int revents) {
+  (void)loop; (void)io; (void)revents;
 }
 
 
@@ -306,18 +308,21 @@ static int watchlisteners (const struct pollfd *fds, int n) {
   sv.data = (uint64_t *)calloc((size_t)n, sizeof(uint64_t));
   if (sv.acc == NULL || sv.data == NULL) return 0;
   for (i = 0; i < n; i++) {
-    ev_io_init(&sv.acc[i], onaccept, fds[i].fd, EV_READ);
+    ev_io_init(&sv.acc[i], onfirst, fds[i].fd, EV_READ);
     ev_io_start(sv.loop, &sv.acc[i]);
   }
   sv.nacc = n;
   sv.exclusive = !pf_accept_drains()  /* (not a socket of its own) */
                  && ev_backend(sv.loop) == EVBACKEND_EPOLL;
   if (sv.exclusive) {
-    ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries (and a first
-                                    ** accept may fail: the pause's end
-                                    ** lets the next idle wake-up flip) */
-    if (!sv.stopping && !ev_is_active(&sv.pause)) makeexclusive(1);
+    ev_run(sv.loop, EVRUN_NOWAIT);  /* libev adds the entries; no accept
+                                    ** yet (one that failed would pause
+                                    ** before the set is known, and with
+                                    ** no fd left, it could not be found) */
+    if (!sv.stopping) makeexclusive();
   }
+  for (i = 0; i < n; i++)
+    ev_set_cb(&sv.acc[i], onaccept);
   return 1;
 }
 
