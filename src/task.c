@@ -339,7 +339,8 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int flags,
   if ((flags & PF_WAITIDLE) && T.stopping) {  /* a last chance, or none */
     if (t->lingered || T.linger <= 0) return PF_STOPPING;
     t->lingering = t->lingered = 1;
-    deadline = pf_now() + T.linger;
+    if (deadline < 0 || deadline > pf_now() + T.linger)
+      deadline = pf_now() + T.linger;  /* (its own, when shorter) */
   }
   t->idle = flags & PF_WAITIDLE;
   setio(t, fd, events, flags & PF_WAITSAMEFD);
