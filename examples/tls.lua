@@ -19,10 +19,11 @@ local ssl = require "ssl"
 
 local CERT, KEY = arg[2] or "cert.pem", arg[3] or "key.pem"
 
--- LuaSec at time limit 0 says "wantread", "wantwrite" or "timeout" where
--- it would block: the coroutine then waits the prefork way, at most LIMIT
--- seconds. An idle wait (nothing of the client's next message came yet)
--- ends at a graceful stop, after a last second, with nil, "stopping".
+-- LuaSec at time limit 0 says "wantread" or "wantwrite" where it would
+-- block: the coroutine then waits the prefork way, at most LIMIT seconds.
+-- An idle wait (for a client's first bytes, or for its next line after an
+-- answer) ends at a graceful stop, after a last second, with nil,
+-- "stopping"; a wait in the middle of a handshake or of a line does not.
 local LIMIT = 30
 
 local function blocked (err)
@@ -34,23 +35,23 @@ local function wait (s, err, idle)
 end
 
 local function handshake (s)
-  local idle = true  -- until the client's first bytes
-  while true do
-    local ok, err = s:dohandshake()
+  local ok, why = wait(s, "wantread", true)  -- the client speaks first
+  while ok do
+    local err
+    ok, err = s:dohandshake()
     if ok or not blocked(err) then return ok, err end
-    local ready, why = wait(s, err, idle)
-    if not ready then return nil, why end
-    idle = false
+    ok, why = wait(s, err, false)
   end
+  return nil, why
 end
 
-local function receive (s, pattern)  -- keeps what came so far
+local function receive (s, pattern, idle)  -- keeps what came so far
   local got = ""
   while true do
     local r, err, partial = s:receive(pattern, got)
     if r or not blocked(err) then return r, err end
     got = partial
-    local ready, why = wait(s, err, got == "")
+    local ready, why = wait(s, err, idle and got == "" and err == "wantread")
     if not ready then return nil, why end
   end
 end
@@ -84,9 +85,11 @@ prefork.start{
       local s = assert(ssl.wrap(raw, ctx))
       s:settimeout(0)
       if handshake(s) then
+        local answered = false  -- (the first line is awaited, not idle)
         while true do  -- a line in, the line in capitals out, until EOF
-          local line = receive(s, "*l")
+          local line = receive(s, "*l", answered)
           if not line or not send(s, line:upper() .. "\n") then break end
+          answered = true
         end
       end
       s:close()

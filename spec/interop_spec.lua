@@ -446,9 +446,11 @@ end
 
 
 -- LuaSec in worker:serve: a client that never finishes its handshake does
--- not hold up the worker's other TLS connections; nor do they, nor one
--- idle between two lines, hold up a graceful stop (their waits are idle:
--- they end after a second, not after the example's 30 s limit)
+-- not hold up the worker's other TLS connections; a line that comes in two
+-- records and an answer larger than the socket buffers come whole; and a
+-- graceful stop ends the idle waits (a silent client, one between two
+-- lines) after a second, not after the example's 30 s limit, while a
+-- client whose first bytes come in that second is answered
 function TestRecipes:test_luasec_tls_connections_do_not_block_each_other ()
   needs("ssl", "lua-sec")
   lu.skipIf(not have("openssl"), "needs openssl (Debian: openssl)")
@@ -458,19 +460,36 @@ function TestRecipes:test_luasec_tls_connections_do_not_block_each_other ()
         .. "-out %s/cert.pem -days 2 -subj /CN=localhost 2>/dev/null")
        :format(dir, dir))
   local p = recipe("tls", "WORKERS=1", dir .. "/cert.pem " .. dir .. "/key.pem")
+  local function tls (raw)
+    local s = assert(ssl.wrap(raw, {mode = "client", protocol = "any",
+                                    verify = "none"}))
+    s:settimeout(20)
+    lu.assertTrue(s:dohandshake())
+    return s
+  end
   local silent = H.connect(p.port, 20)  -- in the handshake, saying nothing
-  local c = assert(ssl.wrap(H.connect(p.port, 20),
-                            {mode = "client", protocol = "any", verify = "none"}))
-  lu.assertTrue(c:dohandshake())
-  c:send("hello tls\n")
+  local late = H.connect(p.port, 20)  -- silent until the stop
+  local c = tls(H.connect(p.port, 20))
+  c:send("hel")
+  H.sleep(0.2)  -- (two records)
+  c:send("lo tls\n")
   lu.assertEquals(c:receive("*l"), "HELLO TLS")
-  c:send("again\n")  -- the same connection
-  lu.assertEquals(c:receive("*l"), "AGAIN")
-  p:kill("TERM")  -- both still open
+  local big = ("0123456789abcdef"):rep(H.valgrind and 62500 or 500000)
+  c:send(big .. "\n")  -- (8 MB: more than loopback's buffers hold)
+  H.sleep(0.2)  -- (the answer fills them meanwhile)
+  lu.assertTrue(c:receive(#big + 1) == big:upper() .. "\n", "the long line")
+  p:kill("TERM")  -- the three still open
+  H.sleep(0.2)
+  late = tls(late)  -- in its last second
+  H.sleep(0.1)  -- (its first line awaited apart)
+  late:send("late\n")
+  lu.assertEquals(late:receive("*l"), "LATE")
   lu.assertEquals({p:wait(H.valgrind and 20 or 5)}, {"exit", 0})
   lu.assertStrContains(p:err(), "(pid " .. p.pids[1] .. ") stopped: exit 0\n")
   lu.assertEquals(select(2, c:receive("*l")), "closed")
+  lu.assertEquals(select(2, late:receive("*l")), "closed")
   c:close()
+  late:close()
   silent:close()
   H.sh("rm -rf " .. dir)
 end
