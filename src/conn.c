@@ -231,12 +231,6 @@ static int failed (lua_State *L, const char *what, const char *why, int en) {
 }
 
 
-/* a wait that did not end ready: "timeout" or "stopping" */
-static int waitfailed (lua_State *L, const char *what, int how) {
-  return how == PF_STOPPING ? failed(L, what, "stopping", ECANCELED)
-                            : failed(L, what, "timeout", ETIMEDOUT);
-}
-
 
 /* a read that stopped at format i: the i - 2 results that came, then the
 ** failure (st: 0 at end of stream, else errno tells) */
@@ -271,14 +265,14 @@ static int readloop (lua_State *L, pf_conn *c, int i, int nargs, int how) {
       int looked = !c->drained;
       c->drained = 0;
       if (how != PF_READY && looked)
-        return (i - 2) + waitfailed(L, "read", how);
+        return (i - 2) + pf_pushwait(L, how);
     }
     while ((st = readone(L, c, i)) > 0 && i <= nargs)
       i++;
     if (st > 0) return nargs;
     if (st != AGAIN) return readfailed(L, i, st);
     if (how != NOWAIT && how != PF_READY)  /* it looked once more */
-      return (i - 2) + waitfailed(L, "read", how);
+      return (i - 2) + pf_pushwait(L, how);
     how = pf_waitk(L, c->fd, POLLIN, deadline(c), PF_WAITSAMEFD
                    | (c->wrote && c->r == c->w ? PF_WAITIDLE : 0),
                    ((lua_KContext)i << 16) | nargs, read_k);
@@ -330,7 +324,7 @@ static void closeconn (pf_conn *c) {
 ** anyway (after the results: close may change errno) */
 static int writefailed (lua_State *L, pf_conn *c, int how, size_t sent) {
   int n = how == PF_READY ? failed(L, "write", NULL, errno)
-                          : waitfailed(L, "write", how);
+                          : pf_pushwait(L, how);  /* "timeout", "stopping" */
   lua_pushinteger(L, (lua_Integer)sent);
   if (c->closing) closeconn(c);
   return n + 1;

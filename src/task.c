@@ -337,10 +337,11 @@ int pf_waitk (lua_State *L, int fd, int events, double deadline, int flags,
     return PF_READY;
   }
   if ((flags & PF_WAITIDLE) && T.stopping) {  /* a last chance, or none */
+    double last = pf_now() + T.linger;
     if (t->lingered || T.linger <= 0) return PF_STOPPING;
     t->lingering = t->lingered = 1;
-    if (deadline < 0 || deadline > pf_now() + T.linger)
-      deadline = pf_now() + T.linger;  /* (its own, when shorter) */
+    if (deadline < 0 || deadline > last)  /* (its own, when shorter) */
+      deadline = last;
   }
   t->idle = flags & PF_WAITIDLE;
   setio(t, fd, events, flags & PF_WAITSAMEFD);
