@@ -40,6 +40,7 @@
 static void ontimer (struct ev_loop *loop, ev_timer *t, int revents);
 static void onready (struct ev_loop *loop, ev_io *io, int revents);
 static void nextrecycle (lua_State *L, master *m);
+static int allready (master *m);
 
 /* crashes in a row right after the start (of a ready worker) that make
 ** its respawns back off */
@@ -55,6 +56,7 @@ static void nextrecycle (lua_State *L, master *m);
 worker *pf_newworker (lua_State *L, master *m, int idx, int ports) {
   worker *w = (worker *)calloc(1, sizeof(worker)), **p;
   idx = lua_absindex(L, idx);
+  pf_standby_clear(m);  /* copies of the set without w */
   if (w == NULL) {
     pf_ports_release(L, ports);
     luaL_error(L, "not enough memory");
@@ -106,6 +108,7 @@ static void becameready (lua_State *L, master *m, worker *w) {
     w->target = 1;
   w->replaces = NULL;
   if (old != NULL) pf_retire(L, m, old, SIGTERM);
+  if (allready(m)) pf_standby_kick(m, REFILL);
   nextrecycle(L, m);
   pf_log(L, "info", "worker %s (pid %ld) ready", name, (long)pid);
   pf_machine_waitready(L, m);
@@ -380,7 +383,34 @@ static void exited (lua_State *L, master *m, worker *w, int status) {
 }
 
 
-/* every child of the process: a worker's exit, or kept for prefork.wait */
+/* a standby died on its own (or by a hand from outside): a new one in a
+** delay that doubles while they keep dying */
+static void standbygone (lua_State *L, master *m, pid_t pid, int status) {
+  char how[32];
+  double delay = pf_backoff(++m->sbfails);
+  pf_standby_kick(m, delay);
+  fmtstatus(status, how, sizeof(how));
+  pf_log(L, "warn", "standby (pid %ld) exited: %s; a new one in %.3gs",
+         (long)pid, how, delay);
+}
+
+
+/* the standbys that are missing, once the set is ready */
+static void onrefill (struct ev_loop *loop, ev_timer *t, int revents) {
+  master *m = (master *)t->data;
+  (void)loop; (void)revents;
+  if (m->list == NULL || !allready(m)) return;  /* becameready kicks again */
+  while (!m->stopping && pf_standby_count(m) < m->standbys) {
+    if (!pf_spawn_standby(m->L, m)) {  /* logged */
+      pf_standby_kick(m, pf_backoff(++m->sbfails));
+      return;
+    }
+  }
+}
+
+
+/* every child of the process: a worker's exit, a standby's, or kept for
+** prefork.wait */
 static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
   master *m = (master *)c->data;
   worker *w;
@@ -391,7 +421,9 @@ static void onchild (struct ev_loop *loop, ev_child *c, int revents) {
       return;
     }
   }
-  if (!pf_upgrade_reaped(m, c->rpid, c->rstatus))
+  if (pf_standby_reaped(m, c->rpid))
+    standbygone(m->L, m, c->rpid, c->rstatus);
+  else if (!pf_upgrade_reaped(m, c->rpid, c->rstatus))
     pf_reaped(c->rpid, c->rstatus);
 }
 
@@ -409,6 +441,8 @@ static int stolen (void *ud, pid_t pid, int status) {
       return 1;
     }
   }
+  if (pf_standby_reaped(m, pid))  /* the hook has its status */
+    pf_standby_kick(m, pf_backoff(++m->sbfails));
   return 0;
 }
 
@@ -454,6 +488,7 @@ static void stop (lua_State *L, master *m, int how, const char *cause) {
   int n = 0;
   if (how <= m->stopping) return;
   m->stopping = how;
+  pf_standby_clear(m);
   for (w = m->list; w != NULL; w = w->next) n++;
   if (m->handoff != NULL) pf_handoff_pause(m->handoff);
   ev_timer_stop(EV_DEFAULT, &m->memory);
@@ -524,6 +559,7 @@ static void ontick (struct ev_loop *loop, ev_timer *t, int revents) {
 static void forget (void *ud) {
   master *m = (master *)ud;
   worker *w;
+  standby *s;
   pf_signals_forget(m);
   pf_status_forget();
   pf_upgrade_forget(m);
@@ -534,6 +570,11 @@ static void forget (void *ud) {
     if (w->tfd >= 0) close(w->tfd);
     w->ctl = w->tfd = -1;
   }
+  for (s = m->spare; s != NULL; s = s->next) {
+    close(s->ctl);
+    close(s->tfd);
+  }
+  m->spare = NULL;
   m->running = 0;
 }
 
@@ -548,7 +589,8 @@ void pf_machine_start (master *m, double tick) {
   ev_timer_init(&m->later, onlater, 0, 0);
   ev_timer_init(&m->memory, onmemory, 1.0, 1.0);
   ev_timer_init(&m->tick, ontick, tick, tick);
-  m->later.data = m->memory.data = m->tick.data = m;
+  ev_init(&m->refill, onrefill);
+  m->later.data = m->memory.data = m->tick.data = m->refill.data = m;
   if (m->maxmemory > 0) ev_timer_start(EV_DEFAULT, &m->memory);
   if (tick > 0) ev_timer_start(EV_DEFAULT, &m->tick);
   pf_onreap(stolen, m);
@@ -562,6 +604,8 @@ void pf_machine_stop (master *m) {
   ev_timer_stop(EV_DEFAULT, &m->later);
   ev_timer_stop(EV_DEFAULT, &m->memory);
   ev_timer_stop(EV_DEFAULT, &m->tick);
+  ev_timer_stop(EV_DEFAULT, &m->refill);
+  while (m->spare != NULL) pf_standby_kill(m, &m->spare);
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_signals_stop(m);
   pf_upgrade_forget(m);

@@ -180,8 +180,21 @@ static int m_workers (lua_State *L) {
 }
 
 
-/* m:stats() -> {pid, started, uptime, workers = m:workers(), respawns,
-** timeouts, recycled, requests} (the front adds reloads and upgrades) */
+/* the pids of the standbys, as a list */
+static void pushstandbys (lua_State *L, master *m) {
+  standby *s;
+  int i = 0;
+  lua_newtable(L);
+  for (s = m->spare; s != NULL; s = s->next) {
+    lua_pushinteger(L, s->pid);
+    lua_rawseti(L, -2, ++i);
+  }
+}
+
+
+/* m:stats() -> {pid, started, uptime, workers = m:workers(), standby,
+** respawns, timeouts, recycled, requests} (the front adds reloads and
+** upgrades) */
 static int m_stats (lua_State *L) {
   master *m = checkmaster(L);
   worker *w;
@@ -198,6 +211,8 @@ static int m_stats (lua_State *L) {
   setint(L, "requests", (lua_Integer)requests);
   m_workers(L);
   lua_setfield(L, -2, "workers");
+  pushstandbys(L, m);
+  lua_setfield(L, -2, "standby");
   return 1;
 }
 
@@ -343,6 +358,7 @@ static void readopts (lua_State *L, master *m) {
   m->maxmemory = optsecs(L, "max_memory", 0);
   m->maxfails = (int)optsecs(L, "max_boot_failures", 10);
   m->tickevery = optsecs(L, "tick", 0);
+  m->standbys = (int)optsecs(L, "standby", 0);
   if (lua_getfield(L, 1, "user") == LUA_TSTRING) {  /* the front found them */
     snprintf(m->user, sizeof(m->user), "%s", lua_tostring(L, -1));
     lua_getfield(L, 1, "uid");
@@ -362,7 +378,7 @@ static void readopts (lua_State *L, master *m) {
 ** core.master(opts) -> master | fail. opts: listeners (list),
 ** graceful_timeout, accept (the strategy), title, timeout, boot_timeout,
 ** max_requests, max_requests_jitter, max_memory, max_boot_failures,
-** tick, and the callbacks child(context) (in the new worker),
+** tick, standby (a count), and the callbacks child(context) (in the new worker),
 ** before_fork(context), on_exit(info), on_signal(name), on_start(),
 ** on_tick().
 */

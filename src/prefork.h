@@ -101,6 +101,7 @@ PF_API const char *pf_signame (int sig);
 PF_API int pf_pushstatus (lua_State *L, int status);
 PF_API void pf_settitle (const char *title);
 PF_API void pf_settitlev (const char *const *argv, int argc);
+PF_API size_t pf_prefault (void);
 PF_API void pf_reaped (pid_t pid, int status);
 PF_API pid_t pf_takereaped (pid_t pid, int *status);
 PF_API void pf_onreap (int (*hook) (void *ud, pid_t pid, int status),
@@ -346,6 +347,7 @@ typedef struct pf_workerspec {
 #define PF_SIGDOOM	(SIGRTMIN + 5)
 
 PF_API void pf_worker_setup (const pf_workerspec *spec);
+PF_API void pf_worker_rename (const char *name);
 PF_API void pf_worker_ready (void);
 PF_API int pf_worker_accept (pf_conn *c);
 PF_API void pf_worker_acceptfailed (lua_State *L, int en);

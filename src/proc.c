@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <grp.h>
 #include <pwd.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 
@@ -570,6 +571,75 @@ void pf_settitlev (const char *const *argv, int argc) {
 static int l_settitle (lua_State *L) {
   pf_settitle(luaL_checkstring(L, 1));
   return 0;
+}
+
+/* }====================================================== */
+
+
+/* {======================================================
+** Copy-on-write, done ahead
+** ======================================================= */
+
+#define MAXTOUCHED	((size_t)4 << 30)  /* bigger mappings are reserves
+                                        ** (sanitizers' shadows): left */
+#define CHUNK	4096  /* pages asked of mincore at once */
+
+/* touch reads and writes what the program never allocated (redzones) */
+#if defined(__GNUC__)
+#define PF_NOSANITIZE	__attribute__((no_sanitize("address")))
+#else
+#define PF_NOSANITIZE
+#endif
+
+/* under valgrind, whose own mappings are in the list (and a write there
+** an error) */
+static int undervalgrind (void) {
+  const char *p = getenv("LD_PRELOAD");
+  return p != NULL && strstr(p, "vgpreload") != NULL;
+}
+
+
+/* write the value it holds into each resident page of [lo, hi) */
+PF_NOSANITIZE static size_t touch (char *lo, char *hi, size_t page) {
+  static unsigned char in[CHUNK];
+  size_t n = 0;
+  while (lo < hi) {
+    size_t i, len = (size_t)(hi - lo) < CHUNK * page ? (size_t)(hi - lo)
+                                                    : CHUNK * page;
+    if (mincore(lo, len, in) != 0) return n;
+    for (i = 0; i < (len + page - 1) / page; i++) {
+      if (in[i] & 1) {
+        volatile char *p = lo + i * page;
+        *p = *p;
+        n++;
+      }
+    }
+    lo += len;
+  }
+  return n;
+}
+
+
+/*
+** Write every resident page of the process's private writable mappings
+** (the value it holds): a child forked ahead takes its copy-on-write
+** faults now, not when it has work. Returns the pages touched.
+*/
+size_t pf_prefault (void) {
+  char line[512];
+  size_t pages = 0, page = (size_t)sysconf(_SC_PAGESIZE);
+  FILE *f;
+  if (undervalgrind() || (f = fopen("/proc/self/maps", "re")) == NULL)
+    return 0;
+  while (fgets(line, sizeof(line), f) != NULL) {
+    unsigned long lo, hi;
+    char perms[5];
+    if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) == 3
+        && strcmp(perms, "rw-p") == 0 && hi - lo <= MAXTOUCHED)
+      pages += touch((char *)lo, (char *)hi, page);
+  }
+  fclose(f);
+  return pages;
 }
 
 /* }====================================================== */

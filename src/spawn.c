@@ -3,6 +3,13 @@
 ** pipe and scoreboard slot, and the new worker's side (its listeners,
 ** the worker setup, the title, then the body); a failed fork is retried
 ** with backoff.
+**
+** A standby (opts.standby) is a worker forked ahead: forked, reset, set
+** up as far as that does not depend on the worker it becomes, its pages
+** written (copy-on-write done), it waits on its socket. A spawn then
+** sends it the address of that worker, which is valid in its copy of the
+** table (table.c KILLs the standbys at any change of the set), and it
+** goes on as a new worker does. The fork is off the respawn's path.
 */
 
 #include <errno.h>
@@ -21,6 +28,7 @@ typedef struct childargs {
   master *m;
   worker *w;
   int ctl, slot, tfd;
+  int ahead;  /* a standby that became a worker, but for w and its name */
 } childargs;
 
 
@@ -47,8 +55,8 @@ static pf_listener **childlisteners (lua_State *L, childargs *a, int *n) {
 }
 
 
-/* the worker side, set up over the listeners */
-static void setup (lua_State *L, childargs *a) {
+/* the worker side, set up over the listeners; name is for the log */
+static void setup (lua_State *L, childargs *a, const char *name) {
   master *m = a->m;
   pf_workerspec spec;
   spec.L = L;
@@ -60,33 +68,49 @@ static void setup (lua_State *L, childargs *a) {
   spec.watchdog = a->tfd;
   spec.timeout = m->timeout;
   spec.master = m->pid;
-  spec.name = a->w->name;
+  spec.name = name;
   pf_worker_setup(&spec);
 }
 
 
-/* the body of a new worker, run protected: the worker side, the title,
-** then opts.child(context) */
+/* what makes a process a worker, but for its context: the worker side,
+** the mutex's lock file, the user */
+static void becomeworker (lua_State *L, childargs *a, const char *name) {
+  master *m = a->m;
+  setup(L, a, name);
+  if (m->strategy == PF_ACCEPT_MUTEX && pf_accept_openlock(m->lockfd) < 0)
+    luaL_error(L, "mutex: lock file: %s", strerror(errno));
+  if (m->user[0] != '\0') {
+    const char *what;
+    if (pf_becomeuser(m->user, m->uid, m->gid, &what) != 0)
+      luaL_error(L, "user %s: %s: %s", m->user, what, strerror(errno));
+  }
+}
+
+
+/* the process title: opts.title, what and name */
+static void settitle (lua_State *L, master *m, const char *what,
+                      const char *name) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
+  if (lua_getfield(L, -1, "title") == LUA_TSTRING) {
+    char title[256];
+    snprintf(title, sizeof(title), "%s %s%s", lua_tostring(L, -1), what,
+             name);
+    pf_settitle(title);
+  }
+  lua_pop(L, 2);
+}
+
+
+/* the body of a new worker, run protected: the worker side (unless a
+** standby did it ahead), the title, then opts.child(context) */
 static int childmain (lua_State *L) {
   childargs *a = (childargs *)lua_touserdata(L, 1);
   master *m = a->m;
   m->L = L;
-  setup(L, a);
-  if (m->strategy == PF_ACCEPT_MUTEX && pf_accept_openlock(m->lockfd) < 0)
-    return luaL_error(L, "mutex: lock file: %s", strerror(errno));
-  if (m->user[0] != '\0') {
-    const char *what;
-    if (pf_becomeuser(m->user, m->uid, m->gid, &what) != 0)
-      return luaL_error(L, "user %s: %s: %s", m->user, what, strerror(errno));
-  }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, m->opts);
-  if (lua_getfield(L, -1, "title") == LUA_TSTRING) {
-    char title[256];
-    snprintf(title, sizeof(title), "%s worker %s", lua_tostring(L, -1),
-             a->w->name);
-    pf_settitle(title);
-  }
-  lua_pop(L, 2);
+  if (a->ahead) pf_worker_rename(a->w->name);
+  else becomeworker(L, a, a->w->name);
+  settitle(L, m, "worker ", a->w->name);
   if (!pf_pushcb(L, m, "child"))
     return luaL_error(L, "no worker body");
   pf_pushctx(L, m, a->w);
@@ -95,11 +119,37 @@ static int childmain (lua_State *L) {
 }
 
 
+/* the body of a standby: it becomes a worker as far as it can ahead
+** (not its listeners under reuseport: they are its id's), takes its
+** copy-on-write faults, and waits for the worker it becomes, which is in
+** its copy of the table; then it is that worker. The master's end: exit */
+static int standbymain (lua_State *L) {
+  childargs *a = (childargs *)lua_touserdata(L, 1);
+  char buf[sizeof(worker *)];
+  size_t got = 0;
+  worker *w;
+  a->m->L = L;
+  settitle(L, a->m, "standby", "");
+  a->ahead = a->m->strategy != PF_ACCEPT_REUSEPORT;
+  if (a->ahead) becomeworker(L, a, "standby");
+  pf_prefault();
+  while (got < sizeof(buf)) {
+    ssize_t n = read(a->ctl, buf + got, sizeof(buf) - got);
+    if (n > 0) got += (size_t)n;
+    else if (n == 0 || errno != EINTR) pf_exit(0);
+  }
+  memcpy(&a->w, buf, sizeof(buf));
+  for (w = a->m->list; w != NULL && w != a->w; w = w->next) {}
+  if (w == NULL) return luaL_error(L, "standby: told to be no worker");
+  return childmain(L);
+}
+
+
 /* the new worker: a process group of its own (what it starts goes with
 ** it when it is KILLed), its body, then exit; it never returns */
-static void child (lua_State *L, childargs *a) {
+static void child (lua_State *L, childargs *a, lua_CFunction body) {
   setpgid(0, 0);
-  lua_pushcfunction(L, childmain);
+  lua_pushcfunction(L, body);
   lua_pushlightuserdata(L, a);
   pf_child_run(L, 1);
 }
@@ -139,7 +189,6 @@ static int beforefork (lua_State *L, master *m, worker *w) {
 /* the master's side of a new worker: its pid, group, slot, socket and
 ** watchdog */
 static void started (master *m, worker *w, pid_t pid, childargs *a) {
-  setpgid(pid, pid);  /* as the child does: whichever comes first */
   w->pid = pid;
   w->slot = a->slot;
   w->state = W_STARTING;
@@ -185,6 +234,49 @@ static int prepare (master *m, childargs *a, int fds[2], const char **what) {
 }
 
 
+/* fork a child that runs body, with what prepare made; the child never
+** returns; -1 when the fork failed (what prepare made is let go) */
+static pid_t forkwith (lua_State *L, master *m, childargs *a, int fds[2],
+                       lua_CFunction body) {
+  pid_t pid = pf_fork();
+  if (pid == 0) {
+    close(fds[0]);
+    a->ctl = fds[1];
+    child(L, a, body);
+  }
+  close(fds[1]);
+  if (pid < 0) {
+    close(fds[0]);
+    close(a->tfd);
+    pf_freeslot(m, a->slot);
+    return -1;
+  }
+  setpgid(pid, pid);  /* as the child does: whichever comes first */
+  a->ctl = fds[0];
+  return pid;
+}
+
+
+/* w becomes the first standby that hears it: 0 when none is left (a dead
+** or dying one is reaped) */
+static int fromstandby (master *m, worker *w) {
+  standby *s;
+  childargs a;
+  while ((s = m->spare) != NULL
+         && send(s->ctl, &w, sizeof(w), MSG_NOSIGNAL) != (ssize_t)sizeof(w))
+    pf_standby_kill(m, &m->spare);
+  if (s == NULL) return 0;
+  m->spare = s->next;
+  a.slot = s->slot;
+  a.ctl = s->ctl;
+  a.tfd = s->tfd;
+  started(m, w, s->pid, &a);
+  m->sbfails = 0;
+  free(s);
+  return 1;
+}
+
+
 void pf_spawn (lua_State *L, master *m, worker *w) {
   int fds[2];
   const char *what;
@@ -192,28 +284,49 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
   pid_t pid;
   a.m = m;
   a.w = w;
+  a.ahead = 0;
   if (!beforefork(L, m, w)) return;
+  if (fromstandby(m, w)) {
+    pf_log(L, "info", "worker %s (pid %ld) started (the standby)", w->name,
+           (long)w->pid);
+    return;
+  }
   if (!prepare(m, &a, fds, &what)) {
     forkfailed(L, m, w, what);
     return;
   }
-  pid = pf_fork();
-  if (pid == 0) {
-    close(fds[0]);
-    a.ctl = fds[1];
-    child(L, &a);
-  }
-  close(fds[1]);
-  if (pid < 0) {
-    close(fds[0]);
-    close(a.tfd);
-    pf_freeslot(m, a.slot);
+  if ((pid = forkwith(L, m, &a, fds, childmain)) < 0) {
     forkfailed(L, m, w, "fork");
     return;
   }
-  a.ctl = fds[0];
   started(m, w, pid, &a);
   pf_log(L, "info", "worker %s (pid %ld) started", w->name, (long)pid);
+}
+
+
+/* fork a standby: 1, or 0 when a step failed (logged) */
+int pf_spawn_standby (lua_State *L, master *m) {
+  int fds[2];
+  const char *what = "malloc";
+  childargs a;
+  standby *s = (standby *)malloc(sizeof(standby));
+  a.m = m;
+  a.w = NULL;
+  if (s != NULL && prepare(m, &a, fds, &what)) {
+    what = "fork";
+    if ((s->pid = forkwith(L, m, &a, fds, standbymain)) > 0) {
+      s->slot = a.slot;
+      s->ctl = a.ctl;
+      s->tfd = a.tfd;
+      s->next = m->spare;
+      m->spare = s;
+      pf_log(L, "info", "standby (pid %ld) forked", (long)s->pid);
+      return 1;
+    }
+  }
+  pf_log(L, "error", "standby: %s failed: %s", what, strerror(errno));
+  free(s);
+  return 0;
 }
 
 /* }====================================================== */

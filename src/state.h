@@ -19,6 +19,8 @@
                             ** failure to start (no backoff) */
 #define BACKOFF0	0.1  /* first delay after a death before ready */
 #define BACKOFFMAX	10.0  /* the cap of the doubling delay */
+#define REFILL	0.1  /* seconds from a set ready to a standby's fork: the
+                     ** new worker takes what waited first */
 
 enum wstate { W_PENDING, W_STARTING, W_RUNNING, W_STOPPING };
 
@@ -27,6 +29,17 @@ enum wstate { W_PENDING, W_STARTING, W_RUNNING, W_STOPPING };
 
 
 typedef struct master master;
+
+/* a standby (opts.standby): a worker forked ahead, which waits on its
+** socket for the worker it becomes (spawn.c); a copy of the set as it was
+** at its fork, so any change of the set kills it (table.c) */
+typedef struct standby {
+  struct standby *next;
+  pid_t pid;
+  int slot;  /* its scoreboard slot */
+  int ctl;  /* the master's end of its socket */
+  int tfd;  /* its watchdog */
+} standby;
 
 typedef struct worker {
   struct worker *next;
@@ -82,6 +95,10 @@ struct master {
   uid_t uid;
   gid_t gid;
   double started;  /* monotonic */
+  int standbys;  /* how many standbys to keep (opts.standby) */
+  int sbfails;  /* standbys dead on their own, in a row */
+  standby *spare;  /* the standbys */
+  ev_timer refill;  /* forks the standbys that are missing */
   unsigned long respawns, timeouts, recycled;  /* since the start */
   unsigned long requests;  /* of the workers that are gone */
   worker *recycling;  /* the worker that drains for recycling, or NULL */
@@ -123,6 +140,11 @@ PF_API double pf_backoff (int n);
 PF_API void pf_retire (lua_State *L, master *m, worker *w, int sig);
 PF_API int pf_newslot (master *m);
 PF_API void pf_freeslot (master *m, int i);
+PF_API void pf_standby_kill (master *m, standby **p);
+PF_API void pf_standby_clear (master *m);
+PF_API void pf_standby_kick (master *m, double delay);
+PF_API int pf_standby_reaped (master *m, pid_t pid);
+PF_API int pf_standby_count (master *m);
 
 /* supervise.c: watchdogs (timeout, boot_timeout), memory */
 PF_API int pf_watch_prepare (int *fd);
@@ -157,7 +179,8 @@ PF_API void pf_machine_start (master *m, double tick);
 PF_API void pf_machine_waitready (lua_State *L, master *m);
 PF_API void pf_machine_stop (master *m);
 
-/* spawn.c: forking a worker */
+/* spawn.c: forking a worker, now or ahead (a standby) */
 PF_API void pf_spawn (lua_State *L, master *m, worker *w);
+PF_API int pf_spawn_standby (lua_State *L, master *m);
 
 #endif

@@ -2,13 +2,15 @@
 ** table.c: the master's worker table: calls into the master's Lua hooks,
 ** and the operations on a worker's entry that the state machine
 ** (master.c) and spawning (spawn.c) share: timers, backoff, retiring,
-** scoreboard slots.
+** scoreboard slots, the standbys.
 */
 
+#include <errno.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/wait.h>
 
 #include "state.h"
 
@@ -124,6 +126,7 @@ double pf_backoff (int n) {
 /* told to TERM (graceful) or KILL (its process group): it goes, and is
 ** not respawned */
 void pf_retire (lua_State *L, master *m, worker *w, int sig) {
+  pf_standby_clear(m);  /* a copy of the set w leaves */
   w->respawn = 0;
   pf_untarget(m, w);
   pf_dropports(L, w);  /* unless a successor shares them */
@@ -168,3 +171,67 @@ void pf_freeslot (master *m, int i) {
 /* }====================================================== */
 
 
+/* {======================================================
+** The standbys: each a copy of the worker set as it was at its fork
+** ======================================================= */
+
+/* *p goes from the list: its fds and slot are let go */
+static void unlink_standby (master *m, standby **p) {
+  standby *s = *p;
+  *p = s->next;
+  close(s->ctl);
+  close(s->tfd);
+  pf_freeslot(m, s->slot);
+  free(s);
+}
+
+
+/* *p is KILLed and reaped now (it ran no code of the user's), and goes */
+void pf_standby_kill (master *m, standby **p) {
+  pid_t pid = (*p)->pid;
+  kill(pid, SIGKILL);
+  unlink_standby(m, p);
+  while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+}
+
+
+/* the set changes (a worker comes or goes): the standbys, copies of the
+** old set, go; new ones are forked once the set is ready */
+void pf_standby_clear (master *m) {
+  while (m->spare != NULL)
+    pf_standby_kill(m, &m->spare);
+  pf_standby_kick(m, REFILL);
+}
+
+
+/* the standbys that are missing are forked in delay seconds (if the set
+** is ready then: machine.c's refill) */
+void pf_standby_kick (master *m, double delay) {
+  if (m->standbys == 0 || !m->running || m->stopping) return;
+  ev_timer_stop(EV_DEFAULT, &m->refill);
+  ev_timer_set(&m->refill, delay, 0);
+  ev_timer_start(EV_DEFAULT, &m->refill);
+}
+
+
+/* pid was reaped: 1 if it was a standby's (now gone from the list) */
+int pf_standby_reaped (master *m, pid_t pid) {
+  standby **p;
+  for (p = &m->spare; *p != NULL; p = &(*p)->next) {
+    if ((*p)->pid == pid) {
+      unlink_standby(m, p);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+
+int pf_standby_count (master *m) {
+  standby *s;
+  int n = 0;
+  for (s = m->spare; s != NULL; s = s->next) n++;
+  return n;
+}
+
+/* }====================================================== */

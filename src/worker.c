@@ -243,6 +243,12 @@ void pf_worker_setup (const pf_workerspec *spec) {
 }
 
 
+/* a standby set up ahead becomes the worker of that name */
+void pf_worker_rename (const char *name) {
+  snprintf(self.name, sizeof(self.name), "%s", name);
+}
+
+
 /* the first accept (or worker:ready, worker:beat) tells the master that
 ** this worker is ready */
 static void ready (void) {

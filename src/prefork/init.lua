@@ -122,6 +122,11 @@ checks.max_requests = opt_integer(0)
 checks.max_requests_jitter = opt_integer(0)
 checks.max_memory = opt_integer(0)
 checks.max_boot_failures = opt_integer(0)
+checks.standby = function (v)
+  return type(v) == "boolean" or (math.type(v) == "integer" and v >= 0
+                                  and v <= 16),
+         "a boolean or an integer from 0 to 16"
+end
 checks.tick = function (v)
   return math.type(v) ~= nil and v > 0, "a number of seconds > 0"
 end
@@ -452,6 +457,7 @@ local function coremaster (self, opts, listeners)
     max_requests_jitter = opts.max_requests_jitter,
     max_memory = opts.max_memory, max_boot_failures = opts.max_boot_failures,
     tick = opts.tick,
+    standby = opts.standby == true and 1 or opts.standby or 0,
     on_tick = opts.on_tick and function () opts.on_tick(self) end,
     accept = opts.accept,
     title = opts.title,

@@ -99,6 +99,9 @@ local function prometheus (st)
     {label("state", "starting"), states.starting},
     {label("state", "running"), states.running},
     {label("state", "stopping"), states.stopping}})
+  metric(out, "prefork_standby", "gauge",
+         "Standby workers forked ahead (the standby option).",
+         {{nil, #(st.standby or {})}})
   metric(out, "prefork_requests_total", "counter",
          "Requests served: connections, and what worker:count added.",
          {{nil, st.requests}})

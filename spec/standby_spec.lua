@@ -1,0 +1,237 @@
+-- opts.standby: a worker forked ahead takes a dead worker's place (its
+-- id, its context, the set's code as it is now), is renewed when the set
+-- changes, replaced when it dies, and goes with the master.
+
+local lu = require "luaunit"
+local H = require "helpers"
+
+TestStandby = {}
+
+function TestStandby:tearDown () H.cleanup() end
+
+
+-- a master whose workers answer each line with "<id> <pid> <gen>" (gen:
+-- the config's, which each reload renews); after_fork prints where it ran
+local function master (options)
+  return H.master(([[
+local gen = 0
+prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce, %s
+  update = function () gen = gen + 1 return {gen = gen} end,
+  after_fork = function (w)
+    print("AFTER", w.id, prefork.getpid(), w.config.gen)
+    io.stdout:flush()
+  end,
+  on_worker_exit = function (m, info)
+    print("EXIT", info.id, info.pid)
+    io.stdout:flush()
+  end,
+  fork = function (w)
+    w:serve(function (c)
+      while c:read("l") do
+        c:write(("%%s %%d %%d\n"):format(w.id, prefork.getpid(), w.config.gen))
+      end
+    end)
+  end}
+]]):format(options or "standby = true,"))
+end
+
+
+-- the pid of the standby that the log says was forked after the n-th one
+local function standby (p, n)
+  local pids = {}
+  H.wait_until(function ()
+    pids = {}
+    for pid in p:err():gmatch("standby %(pid (%d+)%) forked") do
+      pids[#pids + 1] = tonumber(pid)
+    end
+    return #pids >= n
+  end, 10, "standby number " .. n)
+  return pids[n]
+end
+
+
+-- "<id> <pid> <gen>" from a worker, over one connection
+local function ask (port)
+  local c = H.connect(port, 5)
+  c:send("who\n")
+  local line = c:receive("*l")
+  c:close()
+  local id, pid, gen = line:match("^(%d+) (%d+) (%d+)$")
+  return tonumber(id), tonumber(pid), tonumber(gen)
+end
+
+
+-- wait until the master says that the worker id in pid is ready (it
+-- accepts); with after_fork's line from pid: its config's gen
+local function ready (p, id, pid)
+  p:expect(("worker %d %%(pid %d%%) ready"):format(id, pid), 10, "err")
+  return tonumber(p:expect(("AFTER\t%d\t%d\t(%%d+)\n"):format(id, pid), 10))
+end
+
+
+function TestStandby:test_a_standby_takes_a_dead_workers_place ()
+  local p = master()
+  H.ready(p, 2)
+  local s = standby(p, 1)
+  lu.assertEquals(#H.childpids(p.pid), 3)
+  lu.assertNotStrContains(p:out(), "AFTER\t%d+\t" .. s)  -- no user code yet
+  local victim = tonumber(p:err():match("worker 2 %(pid (%d+)%) ready"))
+  H.kill(victim, "KILL")
+  p:expect("worker 2 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
+  -- it is worker 2 now: after_fork ran there, with id 2, and it accepts
+  lu.assertEquals(ready(p, 2, s), 1)
+  p:expect("EXIT\t2\t" .. victim .. "\n", 10)
+  -- and a new standby is forked once the set is ready again
+  local s2 = standby(p, 2)
+  lu.assertNotEquals(s2, s)
+  H.nworkers(p, 3)
+end
+
+
+-- with each strategy, the standby accepts what its place gets: under
+-- reuseport that is the id's own socket, which nobody else takes from
+local function takeover (accept)
+  local p = master(("standby = 1, accept = %q,"):format(accept))
+  H.ready(p, 2)
+  local s = standby(p, 1)
+  local victim = tonumber(p:err():match("worker 1 %(pid (%d+)%) ready"))
+  H.kill(victim, "KILL")
+  p:expect("worker 1 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
+  ready(p, 1, s)
+  for _ = 1, 20 do  -- every connection answered: none left to a dead socket
+    local id, pid = ask(p.port)
+    lu.assertNotNil(id)
+    lu.assertNotEquals(pid, victim)
+  end
+end
+
+function TestStandby:test_the_standby_takes_over_under_shared ()
+  takeover("shared")
+end
+
+function TestStandby:test_the_standby_takes_over_under_reuseport ()
+  takeover("reuseport")
+end
+
+function TestStandby:test_the_standby_takes_over_under_mutex ()
+  takeover("mutex")
+end
+
+function TestStandby:test_the_standby_takes_over_under_master ()
+  takeover("master")
+end
+
+
+function TestStandby:test_a_reload_renews_the_standby_with_the_new_code ()
+  local p = master()
+  H.ready(p, 2)
+  local old = standby(p, 1)
+  p:kill("HUP")
+  local s = standby(p, 2)  -- forked once the new set is ready
+  lu.assertNotEquals(s, old)
+  lu.assertNil(H.pstate(old))  -- KILLed and reaped at the reload
+  H.wait_until(function () return #H.childpids(p.pid) == 3 end, 10,
+               "two workers and the standby")
+  local victim
+  for pid in p:err():gmatch("worker 1 %(pid (%d+)%) ready") do victim = tonumber(pid) end
+  H.kill(victim, "KILL")
+  p:expect("worker 1 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
+  lu.assertEquals(ready(p, 1, s), 2)  -- the reloaded config, not the first
+end
+
+
+function TestStandby:test_scaling_renews_the_standby ()
+  local p = master()
+  H.ready(p, 2)
+  local old = standby(p, 1)
+  p:kill("TTIN")
+  H.ready(p, 3)
+  local s = standby(p, 2)
+  lu.assertNil(H.pstate(old))
+  -- worker 3 was forked: the standby, a copy of the set without it,
+  -- could not become it (it would say so and fail)
+  lu.assertStrMatches(p:err(), ".*worker 3 %(pid %d+%) started\n.*")
+  lu.assertNotStrContains(p:err(), "failed")
+  -- the new worker (id 3) is one the standby can become
+  local victim = tonumber(p:err():match("worker 3 %(pid (%d+)%) ready"))
+  H.kill(victim, "KILL")
+  p:expect("worker 3 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
+  lu.assertEquals(ready(p, 3, s), 1)
+end
+
+
+function TestStandby:test_a_standby_that_dies_is_replaced_and_no_worker_is_touched ()
+  local p = master()
+  local pids = H.ready(p, 2)
+  local s = standby(p, 1)
+  H.kill(s, "KILL")
+  p:expect("standby %(pid " .. s .. "%) exited: signal KILL; a new one in 0.1s",
+           10, "err")
+  local s2 = standby(p, 2)
+  lu.assertNotEquals(s2, s)
+  lu.assertNotStrContains(p:out(), "EXIT")  -- no worker's exit
+  lu.assertEquals(H.ready(p, 2), pids)
+  lu.assertEquals(H.zombies(p.pid), 0)
+end
+
+
+function TestStandby:test_stats_list_the_standby ()
+  local p = H.master([[
+prefork.start{workers = 1, listen = "127.0.0.1:0", standby = 2,
+  on_start = announce,
+  on_tick = function (m)
+    local st = m:stats()
+    if #st.standby == 2 then
+      print("STANDBY", st.standby[1], st.standby[2], #st.workers)
+      io.stdout:flush()
+      m:stop()
+    end
+  end, tick = 0.05,
+  fork = function (w) for c in w:connections() do c:close() end end}
+]])
+  local a, b, n = p:expect("STANDBY\t(%d+)\t(%d+)\t(%d+)\n")
+  lu.assertEquals(n, "1")
+  lu.assertNotEquals(a, b)
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+  lu.assertFalse(H.alive(tonumber(a)))
+  lu.assertFalse(H.alive(tonumber(b)))
+end
+
+
+function TestStandby:test_a_graceful_stop_takes_the_standby_along ()
+  local p = master()
+  H.ready(p, 2)
+  local s = standby(p, 1)
+  p:kill("TERM")
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+  lu.assertFalse(H.alive(s))
+end
+
+
+function TestStandby:test_the_standby_leaves_when_the_master_is_killed ()
+  local p = master()
+  local pids = H.ready(p, 2)
+  local s = standby(p, 1)
+  p:kill("KILL")
+  p:wait(10)
+  for _, pid in ipairs({s, pids[1], pids[2]}) do  -- orphans: ours to reap
+    H.reap(pid, 10)
+  end
+end
+
+
+function TestStandby:test_the_option_is_checked ()
+  for _, bad in ipairs({"-1", "1.5", '"yes"', "17"}) do
+    local p = H.master(([[
+local ok, err = pcall(prefork.start, {workers = 1, listen = "127.0.0.1:0",
+  standby = %s, fork = function () end})
+print(ok, err)
+]]):format(bad), {wait = false})
+    p:wait(10)
+    lu.assertStrContains(p:out(), "false\tprefork.start: standby must be a "
+                         .. "boolean or an integer from 0 to 16 (got ")
+  end
+end
+
+
+os.exit(lu.LuaUnit.run())
