@@ -12,7 +12,9 @@
 -- loops for ever (the hang case); MAX_REQUESTS=N recycles the workers (a
 -- stopping worker's last answer closes its connection); PRELOAD_MB=N makes an
 -- N MB Lua heap in the master before the fork; FULLGC=1 runs a full
--- collection in each worker first (the worst case for copy-on-write).
+-- collection in each worker first (the worst case for copy-on-write);
+-- STANDBY=N keeps N standbys (titled "hello standby", the workers "hello
+-- worker ID").
 
 local here = arg[0]:match("^(.-)[^/]*$") .. "../"
 package.path = here .. "src/?.lua;" .. here .. "src/?/init.lua;" .. package.path
@@ -88,6 +90,8 @@ prefork.start{
     io.stdout:flush()
   end,
   max_requests = tonumber(os.getenv("MAX_REQUESTS")),
+  standby = tonumber(os.getenv("STANDBY")),
+  title = os.getenv("STANDBY") and "hello" or nil,
   timeout = os.getenv("TIMEOUT_OFF") and false or tonumber(os.getenv("TIMEOUT")),
   fork = function (w)
     if os.getenv("FULLGC") == "1" then collectgarbage() end  -- worst case
