@@ -36,16 +36,23 @@ prefork.start{workers = 2, listen = "127.0.0.1:0", on_start = announce, %s
 end
 
 
--- the pid of the standby that the log says was forked after the n-th one
-local function standby (p, n)
+-- the pid of the n-th standby that the log (p's stderr, or the text that
+-- log() returns) says was forked; once it said it is ready, unless forked
+local function standby (p, n, forked, log)
   local pids = {}
+  log = log or function () return p:err() end
   H.wait_until(function ()
     pids = {}
-    for pid in p:err():gmatch("standby %(pid (%d+)%) forked") do
+    for pid in log():gmatch("standby %(pid (%d+)%) forked") do
       pids[#pids + 1] = tonumber(pid)
     end
     return #pids >= n
   end, 10, "standby number " .. n)
+  if not forked then
+    H.wait_until(function ()
+      return log():find("standby (pid " .. pids[n] .. ") ready to take a place", 1, true)
+    end, 30, "standby " .. pids[n] .. " ready")
+  end
   return pids[n]
 end
 
@@ -217,6 +224,110 @@ function TestStandby:test_the_standby_leaves_when_the_master_is_killed ()
   for _, pid in ipairs({s, pids[1], pids[2]}) do  -- orphans: ours to reap
     H.reap(pid, 10)
   end
+end
+
+
+function TestStandby:test_a_dropped_reuseport_socket_is_not_kept_by_a_standby ()
+  -- the standby holds every id's socket until it knows its id: at TTOU it
+  -- goes, or the dropped id's socket would stay in the kernel's group and
+  -- get its share of the connections, with nobody to accept them
+  local p = master('standby = 1, accept = "reuseport", workers = 3,')
+  H.ready(p, 3)
+  local s = standby(p, 1)
+  p:kill("TTOU")
+  p:expect("worker 3 %(pid %d+%) stopped", 10, "err")
+  for _ = 1, 30 do
+    local c = H.connect(p.port, 5)
+    c:settimeout(2)
+    c:send("who\n")
+    lu.assertNotNil(c:receive("*l"))
+    c:close()
+  end
+end
+
+
+function TestStandby:test_a_stop_takes_the_standby_at_once ()
+  -- a worker busy in its handler holds the stop; the standby is gone
+  -- at its start
+  local p = master("standby = 1, graceful_timeout = 10,")
+  H.ready(p, 2)
+  local s = standby(p, 1)
+  local busy = H.connect(p.port, 5)  -- an open connection: a handler waits
+  busy:send("who\n")
+  busy:receive("*l")
+  p:kill("TERM")
+  p:expect("stopping %(TERM%)", 10, "err")
+  H.wait_until(function () return H.pstate(s) == nil end, 5, "the standby gone")
+  lu.assertFalse(p:exited())
+  busy:close()
+  lu.assertEquals({p:wait(10)}, {"exit", 0})
+end
+
+
+function TestStandby:test_a_standby_told_to_stop_leaves_and_is_replaced ()
+  for _, sig in ipairs({"TERM", "INT"}) do
+    local p = master()
+    H.ready(p, 2)
+    local s = standby(p, 1)
+    p:expect("standby %(pid " .. s .. "%) ready", 10, "err")
+    H.kill(s, sig)
+    p:expect("standby %(pid " .. s .. "%) exited: exit 0; a new one in", 10, "err")
+    local s2 = standby(p, 2)
+    local victim = tonumber(p:err():match("worker 1 %(pid (%d+)%) ready"))
+    H.kill(victim, "KILL")
+    p:expect("worker 1 %(pid " .. s2 .. "%) started %(the standby%)", 10, "err")
+    lu.assertEquals(ready(p, 1, s2), 1)
+    p:stop()
+  end
+end
+
+
+function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
+  lu.skipIf(H.valgrind, "under valgrind a standby writes no pages: it is "
+            .. "ready at once")
+  -- a 200 MB heap: the standby writes 32 MB of it before it is ready;
+  -- it is stopped (SIGSTOP) before, so the respawn must fork
+  local p = master([[standby = 1,
+  on_start = function (m)
+    BIG = {}
+    for i = 1, 2000000 do BIG[i] = ("%099d"):format(i) end
+    announce(m)
+  end,]])
+  H.ready(p, 2, 60)
+  local s
+  for try = 1, 5 do  -- (until one is caught before it is ready)
+    s = standby(p, try, true)
+    H.kill(s, "STOP")
+    if not p:err():find("standby %(pid " .. s .. "%) ready to take") then break end
+    H.kill(s, "CONT")
+    if try == 5 then lu.fail("every standby was ready before it could be stopped") end
+    p:kill("HUP")  -- a new one
+    H.ready(p, 2 * (try + 1), 60)
+  end
+  local victim
+  for pid in p:err():gmatch("worker 1 %(pid (%d+)%) ready") do victim = tonumber(pid) end
+  H.kill(victim, "KILL")
+  local pid = tonumber(p:expect("worker 1 %(pid (%d+)%) started\n", 10, "err"))
+  lu.assertNotEquals(pid, s)
+  H.kill(s, "CONT")
+  p:expect("standby %(pid " .. s .. "%) ready to take a place", 30, "err")
+end
+
+
+function TestStandby:test_usr1_renews_the_standby ()
+  -- a standby forked before the log was reopened would write to the old
+  -- file once it is a worker: the reopening renews it
+  local path = H.tmpname()
+  local function log () return H.readfile(path) or "" end
+  local p = master(("standby = 1, log = %q,"):format(path))
+  local s = standby(p, 1, false, log)
+  os.rename(path, path .. ".1")
+  p:kill("USR1")
+  local s2 = standby(p, 1, false, log)  -- the first in the new file
+  lu.assertNotEquals(s2, s)
+  lu.assertNil(H.pstate(s))
+  os.remove(path)
+  os.remove(path .. ".1")
 end
 
 

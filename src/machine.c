@@ -395,17 +395,27 @@ static void standbygone (lua_State *L, master *m, pid_t pid, int status) {
 }
 
 
-/* the standbys that are missing, once the set is ready */
+/* a worker of the set (one that is respawned when it exits)? */
+static int anywanted (master *m) {
+  worker *w;
+  for (w = m->list; w != NULL; w = w->next)
+    if (w->respawn) return 1;
+  return 0;
+}
+
+
+/* a standby that is missing, once the set is ready; one per loop turn
+** (a fork holds up the loop) */
 static void onrefill (struct ev_loop *loop, ev_timer *t, int revents) {
   master *m = (master *)t->data;
   (void)loop; (void)revents;
-  if (m->list == NULL || !allready(m)) return;  /* becameready kicks again */
-  while (!m->stopping && pf_standby_count(m) < m->standbys) {
-    if (!pf_spawn_standby(m->L, m)) {  /* logged */
-      pf_standby_kick(m, pf_backoff(++m->sbfails));
-      return;
-    }
-  }
+  if (m->stopping || !anywanted(m) || !allready(m))
+    return;  /* becameready kicks again */
+  if (pf_standby_count(m) >= m->standbys) return;
+  if (!pf_spawn_standby(m->L, m))  /* logged */
+    pf_standby_kick(m, pf_backoff(++m->sbfails));
+  else if (pf_standby_count(m) < m->standbys)
+    pf_standby_kick(m, 0);
 }
 
 
@@ -441,8 +451,10 @@ static int stolen (void *ud, pid_t pid, int status) {
       return 1;
     }
   }
-  if (pf_standby_reaped(m, pid))  /* the hook has its status */
+  if (pf_standby_reaped(m, pid)) {  /* not the hook's: replaced */
     pf_standby_kick(m, pf_backoff(++m->sbfails));
+    return 1;
+  }
   return 0;
 }
 

@@ -117,6 +117,14 @@ static int m_drop (lua_State *L) {
 }
 
 
+/* m:renew(): the standbys go (KILLed now), new ones come once the set
+** is ready: after a reload, or a reopened log, that they did not see */
+static int m_renew (lua_State *L) {
+  pf_standby_clear(checkmaster(L));
+  return 0;
+}
+
+
 /* m:stop([graceful [, cause]]) */
 static int m_stop (lua_State *L) {
   master *m = checkmaster(L);
@@ -413,7 +421,7 @@ void pf_open_master (lua_State *L) {
   static const luaL_Reg meth[] = {
     {"run", m_run}, {"want", m_want}, {"drop", m_drop}, {"stop", m_stop},
     {"workers", m_workers}, {"stats", m_stats}, {"waitready", m_waitready},
-    {"upgrading", m_upgrading},
+    {"upgrading", m_upgrading}, {"renew", m_renew},
     {NULL, NULL}
   };
   static const luaL_Reg metameth[] = {

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <fcntl.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -580,16 +581,30 @@ static int l_settitle (lua_State *L) {
 ** Copy-on-write, done ahead
 ** ======================================================= */
 
-#define MAXTOUCHED	((size_t)4 << 30)  /* bigger mappings are reserves
+#define BUDGET	((size_t)32 << 20)  /* bytes written at most */
+#define SMALL	((size_t)1 << 20)  /* mappings up to this size go first */
+#define MAXSCANNED	((size_t)4 << 30)  /* bigger mappings are reserves
                                         ** (sanitizers' shadows): left */
+#define MAXREGIONS	512
 #define CHUNK	4096  /* pages asked of mincore at once */
 
-/* touch reads and writes what the program never allocated (redzones) */
+/* touch reads and writes what the program never allocated (redzones);
+** not inlined where a fault may jump back */
 #if defined(__GNUC__)
-#define PF_NOSANITIZE	__attribute__((no_sanitize("address")))
+#define PF_NOSANITIZE	__attribute__((no_sanitize("address"), noinline))
 #else
 #define PF_NOSANITIZE
 #endif
+
+static sigjmp_buf faulted;  /* a page that cannot be written: skip on */
+static volatile size_t left;  /* pages that may still be written */
+
+
+static void onfault (int sig) {
+  (void)sig;
+  siglongjmp(faulted, 1);
+}
+
 
 /* under valgrind, whose own mappings are in the list (and a write there
 ** an error) */
@@ -599,47 +614,82 @@ static int undervalgrind (void) {
 }
 
 
-/* write the value it holds into each resident page of [lo, hi) */
-PF_NOSANITIZE static size_t touch (char *lo, char *hi, size_t page) {
+/* write the value it holds into each resident page of [lo, hi), while
+** the budget lasts */
+PF_NOSANITIZE static void touch (char *lo, char *hi, size_t page) {
   static unsigned char in[CHUNK];
-  size_t n = 0;
-  while (lo < hi) {
+  while (lo < hi && left > 0) {
     size_t i, len = (size_t)(hi - lo) < CHUNK * page ? (size_t)(hi - lo)
                                                     : CHUNK * page;
-    if (mincore(lo, len, in) != 0) return n;
-    for (i = 0; i < (len + page - 1) / page; i++) {
+    if (mincore(lo, len, in) != 0) return;
+    for (i = 0; i < (len + page - 1) / page && left > 0; i++) {
       if (in[i] & 1) {
         volatile char *p = lo + i * page;
         *p = *p;
-        n++;
+        left--;
       }
     }
     lo += len;
   }
+}
+
+
+/* touch, ended by a page that cannot be written */
+static void guarded (char *lo, char *hi, size_t page) {
+  if (sigsetjmp(faulted, 1) == 0)
+    touch(lo, hi, page);
+}
+
+
+/* the process's private writable mappings, up to max */
+static int regions (char *(*r)[2], int max) {
+  char line[512];
+  int n = 0;
+  FILE *f = fopen("/proc/self/maps", "re");
+  if (f == NULL) return 0;
+  while (n < max && fgets(line, sizeof(line), f) != NULL) {
+    unsigned long lo, hi;
+    char perms[5];
+    if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) == 3
+        && strcmp(perms, "rw-p") == 0 && hi - lo <= MAXSCANNED) {
+      r[n][0] = (char *)lo;
+      r[n++][1] = (char *)hi;
+    }
+  }
+  fclose(f);
   return n;
 }
 
 
 /*
-** Write every resident page of the process's private writable mappings
-** (the value it holds): a child forked ahead takes its copy-on-write
-** faults now, not when it has work. Returns the pages touched.
+** Write the resident pages of the process's private writable mappings
+** (the value each holds), the small mappings first (data of libraries,
+** the stack), up to BUDGET: a child forked ahead takes these
+** copy-on-write faults now, not when it has work. A page that cannot be
+** written (a protection key, say) ends its mapping's turn. Returns the
+** pages written.
 */
 size_t pf_prefault (void) {
-  char line[512];
-  size_t pages = 0, page = (size_t)sysconf(_SC_PAGESIZE);
-  FILE *f;
-  if (undervalgrind() || (f = fopen("/proc/self/maps", "re")) == NULL)
-    return 0;
-  while (fgets(line, sizeof(line), f) != NULL) {
-    unsigned long lo, hi;
-    char perms[5];
-    if (sscanf(line, "%lx-%lx %4s", &lo, &hi, perms) == 3
-        && strcmp(perms, "rw-p") == 0 && hi - lo <= MAXTOUCHED)
-      pages += touch((char *)lo, (char *)hi, page);
+  static char *r[MAXREGIONS][2];
+  struct sigaction sa, oldsegv, oldbus;
+  size_t page = (size_t)sysconf(_SC_PAGESIZE);
+  int n, i, pass;
+  if (undervalgrind() || (n = regions(r, MAXREGIONS)) == 0) return 0;
+  left = BUDGET / page;
+  memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = onfault;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &oldsegv);
+  sigaction(SIGBUS, &sa, &oldbus);
+  for (pass = 0; pass < 2; pass++) {
+    for (i = 0; i < n; i++) {
+      int small = (size_t)(r[i][1] - r[i][0]) <= SMALL;
+      if (small == (pass == 0)) guarded(r[i][0], r[i][1], page);
+    }
   }
-  fclose(f);
-  return pages;
+  sigaction(SIGSEGV, &oldsegv, NULL);
+  sigaction(SIGBUS, &oldbus, NULL);
+  return BUDGET / page - left;
 }
 
 /* }====================================================== */

@@ -6,14 +6,16 @@
 **
 ** A standby (opts.standby) is a worker forked ahead: forked, reset, set
 ** up as far as that does not depend on the worker it becomes, its pages
-** written (copy-on-write done), it waits on its socket. A spawn then
-** sends it the address of that worker, which is valid in its copy of the
-** table (table.c KILLs the standbys at any change of the set), and it
-** goes on as a new worker does. The fork is off the respawn's path.
+** written (copy-on-write done), it says "s" on its socket and waits. A
+** spawn then sends a ready one the address of that worker, which is
+** valid in its copy of the table (table.c KILLs the standbys at any
+** change of the set), and it goes on as a new worker does. The fork is
+** off the respawn's path.
 */
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,26 +121,45 @@ static int childmain (lua_State *L) {
 }
 
 
-/* the body of a standby: it becomes a worker as far as it can ahead
-** (not its listeners under reuseport: they are its id's), takes its
-** copy-on-write faults, and waits for the worker it becomes, which is in
-** its copy of the table; then it is that worker. The master's end: exit */
-static int standbymain (lua_State *L) {
-  childargs *a = (childargs *)lua_touserdata(L, 1);
+/* a standby's wait for the address of the worker it becomes; it leaves
+** at the master's end, or when told to stop (TERM, INT: the handlers set
+** up ahead only note it, and poll is never restarted) */
+static worker *waitworker (int fd) {
   char buf[sizeof(worker *)];
   size_t got = 0;
+  worker *w;
+  while (got < sizeof(buf)) {
+    struct pollfd p;
+    ssize_t n;
+    p.fd = fd;
+    p.events = POLLIN;
+    if (poll(&p, 1, -1) < 0) {
+      if (errno != EINTR || pf_worker_stopping()) pf_exit(0);
+      continue;
+    }
+    n = read(fd, buf + got, sizeof(buf) - got);
+    if (n > 0) got += (size_t)n;
+    else if (n == 0 || errno != EINTR) pf_exit(0);
+  }
+  memcpy(&w, buf, sizeof(buf));
+  return w;
+}
+
+
+/* the body of a standby: it becomes a worker as far as it can ahead
+** (not its listeners under reuseport: they are its id's), takes its
+** copy-on-write faults, says it is ready, and waits for the worker it
+** becomes, which is in its copy of the table; then it is that worker */
+static int standbymain (lua_State *L) {
+  childargs *a = (childargs *)lua_touserdata(L, 1);
   worker *w;
   a->m->L = L;
   settitle(L, a->m, "standby", "");
   a->ahead = a->m->strategy != PF_ACCEPT_REUSEPORT;
   if (a->ahead) becomeworker(L, a, "standby");
   pf_prefault();
-  while (got < sizeof(buf)) {
-    ssize_t n = read(a->ctl, buf + got, sizeof(buf) - got);
-    if (n > 0) got += (size_t)n;
-    else if (n == 0 || errno != EINTR) pf_exit(0);
-  }
-  memcpy(&a->w, buf, sizeof(buf));
+  if (write(a->ctl, "s", 1) != 1) pf_exit(0);
+  a->w = waitworker(a->ctl);
   for (w = a->m->list; w != NULL && w != a->w; w = w->next) {}
   if (w == NULL) return luaL_error(L, "standby: told to be no worker");
   return childmain(L);
@@ -257,16 +278,26 @@ static pid_t forkwith (lua_State *L, master *m, childargs *a, int fds[2],
 }
 
 
-/* w becomes the first standby that hears it: 0 when none is left (a dead
-** or dying one is reaped) */
+/* the first ready standby, or NULL */
+static standby **readystandby (master *m) {
+  standby **p;
+  for (p = &m->spare; *p != NULL && !(*p)->ready; p = &(*p)->next) {}
+  return *p != NULL ? p : NULL;
+}
+
+
+/* w becomes the first ready standby that hears it: 0 when none is left
+** (a dead or dying one is reaped) */
 static int fromstandby (master *m, worker *w) {
-  standby *s;
+  standby **p, *s;
   childargs a;
-  while ((s = m->spare) != NULL
-         && send(s->ctl, &w, sizeof(w), MSG_NOSIGNAL) != (ssize_t)sizeof(w))
-    pf_standby_kill(m, &m->spare);
-  if (s == NULL) return 0;
-  m->spare = s->next;
+  while ((p = readystandby(m)) != NULL
+         && send((*p)->ctl, &w, sizeof(w), MSG_NOSIGNAL) != (ssize_t)sizeof(w))
+    pf_standby_kill(m, p);
+  if (p == NULL) return 0;
+  s = *p;
+  *p = s->next;
+  ev_io_stop(EV_DEFAULT, &s->said);
   a.slot = s->slot;
   a.ctl = s->ctl;
   a.tfd = s->tfd;
@@ -304,6 +335,20 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
 }
 
 
+/* a standby said it is ready (or its socket ended: its exit is reaped) */
+static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
+  standby *s = (standby *)io->data;
+  char c = 0;
+  (void)revents;
+  ev_io_stop(loop, io);
+  if (recv(s->ctl, &c, 1, MSG_DONTWAIT) == 1 && c == 's') {
+    s->ready = 1;
+    pf_log(s->m->L, "info", "standby (pid %ld) ready to take a place",
+           (long)s->pid);
+  }
+}
+
+
 /* fork a standby: 1, or 0 when a step failed (logged) */
 int pf_spawn_standby (lua_State *L, master *m) {
   int fds[2];
@@ -315,9 +360,14 @@ int pf_spawn_standby (lua_State *L, master *m) {
   if (s != NULL && prepare(m, &a, fds, &what)) {
     what = "fork";
     if ((s->pid = forkwith(L, m, &a, fds, standbymain)) > 0) {
+      s->m = m;
       s->slot = a.slot;
       s->ctl = a.ctl;
       s->tfd = a.tfd;
+      s->ready = 0;
+      ev_io_init(&s->said, onsaid, s->ctl, EV_READ);
+      s->said.data = s;
+      ev_io_start(EV_DEFAULT, &s->said);
       s->next = m->spare;
       m->spare = s;
       pf_log(L, "info", "standby (pid %ld) forked", (long)s->pid);

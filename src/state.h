@@ -35,10 +35,13 @@ typedef struct master master;
 ** at its fork, so any change of the set kills it (table.c) */
 typedef struct standby {
   struct standby *next;
+  master *m;
   pid_t pid;
   int slot;  /* its scoreboard slot */
   int ctl;  /* the master's end of its socket */
   int tfd;  /* its watchdog */
+  int ready;  /* it said so: set up, its pages written */
+  ev_io said;  /* ctl: its "ready" */
 } standby;
 
 typedef struct worker {

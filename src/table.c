@@ -179,6 +179,7 @@ void pf_freeslot (master *m, int i) {
 static void unlink_standby (master *m, standby **p) {
   standby *s = *p;
   *p = s->next;
+  ev_io_stop(EV_DEFAULT, &s->said);
   close(s->ctl);
   close(s->tfd);
   pf_freeslot(m, s->slot);

@@ -123,6 +123,7 @@ function D.reopenlog (self)
   for _, w in ipairs(self.core:workers()) do
     if w.pid then core.kill(w.pid, "USR1") end
   end
+  self.core:renew()  -- standbys: forked again, onto the new log
   core.log(ok and "info" or "error", "USR1: " .. (ok and "reopened " .. self.opts.log
            or "cannot reopen the log: " .. tostring(err)))
 end

@@ -335,6 +335,7 @@ function Master:reload ()
   local config, contexts = self:update()
   local ok, err = config ~= nil, contexts
   if ok then
+    self.core:renew()  -- standbys are copies of the master before update
     self:apply(config, contexts)
     core.log("info", "reloaded: " .. #contexts .. " workers")
     self.core:waitready()
