@@ -585,7 +585,7 @@ static int l_settitle (lua_State *L) {
 #define SMALL	((size_t)1 << 20)  /* mappings up to this size go first */
 #define MAXSCANNED	((size_t)4 << 30)  /* bigger mappings are reserves
                                         ** (sanitizers' shadows): left */
-#define MAXREGIONS	512
+#define MAXREGIONS	4096
 #define CHUNK	4096  /* pages asked of mincore at once */
 
 /* touch reads and writes what the program never allocated (redzones);

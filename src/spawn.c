@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,10 +122,11 @@ static int childmain (lua_State *L) {
 }
 
 
-/* a standby's wait for the address of the worker it becomes; it leaves
-** at the master's end, or when told to stop (TERM, INT: the handlers set
-** up ahead only note it, and poll is never restarted) */
-static worker *waitworker (int fd) {
+/* a standby's wait for the address of the worker it becomes, with the
+** signals of mask unblocked only inside ppoll (so that none is missed
+** between the check and the wait); it leaves at the master's end, or when
+** told to stop (TERM, INT: the handlers set up ahead only note it) */
+static worker *waitworker (int fd, const sigset_t *mask) {
   char buf[sizeof(worker *)];
   size_t got = 0;
   worker *w;
@@ -133,8 +135,9 @@ static worker *waitworker (int fd) {
     ssize_t n;
     p.fd = fd;
     p.events = POLLIN;
-    if (poll(&p, 1, -1) < 0) {
-      if (errno != EINTR || pf_worker_stopping()) pf_exit(0);
+    if (pf_worker_stopping()) pf_exit(0);
+    if (ppoll(&p, 1, NULL, mask) < 0) {
+      if (errno != EINTR) pf_exit(0);
       continue;
     }
     n = read(fd, buf + got, sizeof(buf) - got);
@@ -152,14 +155,20 @@ static worker *waitworker (int fd) {
 ** becomes, which is in its copy of the table; then it is that worker */
 static int standbymain (lua_State *L) {
   childargs *a = (childargs *)lua_touserdata(L, 1);
+  sigset_t all, old;
   worker *w;
   a->m->L = L;
   settitle(L, a->m, "standby", "");
   a->ahead = a->m->strategy != PF_ACCEPT_REUSEPORT;
   if (a->ahead) becomeworker(L, a, "standby");
+  sigfillset(&all);  /* no handler runs while pages are written */
+  sigdelset(&all, SIGSEGV);
+  sigdelset(&all, SIGBUS);
+  sigprocmask(SIG_BLOCK, &all, &old);
   pf_prefault();
   if (write(a->ctl, "s", 1) != 1) pf_exit(0);
-  a->w = waitworker(a->ctl);
+  a->w = waitworker(a->ctl, &old);
+  sigprocmask(SIG_SETMASK, &old, NULL);
   for (w = a->m->list; w != NULL && w != a->w; w = w->next) {}
   if (w == NULL) return luaL_error(L, "standby: told to be no worker");
   return childmain(L);
@@ -302,7 +311,6 @@ static int fromstandby (master *m, worker *w) {
   a.ctl = s->ctl;
   a.tfd = s->tfd;
   started(m, w, s->pid, &a);
-  m->sbfails = 0;
   free(s);
   return 1;
 }
@@ -339,10 +347,13 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
 static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
   standby *s = (standby *)io->data;
   char c = 0;
+  ssize_t n = recv(s->ctl, &c, 1, MSG_DONTWAIT);
   (void)revents;
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
   ev_io_stop(loop, io);
-  if (recv(s->ctl, &c, 1, MSG_DONTWAIT) == 1 && c == 's') {
+  if (n == 1 && c == 's') {
     s->ready = 1;
+    s->m->sbfails = 0;
     pf_log(s->m->L, "info", "standby (pid %ld) ready to take a place",
            (long)s->pid);
   }
