@@ -76,17 +76,36 @@ local function ready (p, id, pid)
 end
 
 
+-- the pid of the latest process of worker id, from the log
+local function latest (p, id)
+  local pid
+  for x in p:err():gmatch(("worker %d %%(pid (%%d+)%%) ready"):format(id)) do
+    pid = tonumber(x)
+  end
+  return pid
+end
+
+
+-- KILL worker id: the standby s must take its place and accept; its
+-- config's gen, and the pid killed
+local function takenby (p, id, s)
+  local victim = latest(p, id)
+  H.kill(victim, "KILL")
+  p:expect(("worker %d %%(pid %d%%) started %%(the standby%%)"):format(id, s),
+           10, "err")
+  return ready(p, id, s), victim
+end
+
+
 function TestStandby:test_a_standby_takes_a_dead_workers_place ()
   local p = master()
   H.ready(p, 2)
   local s = standby(p, 1)
   lu.assertEquals(#H.childpids(p.pid), 3)
   lu.assertNotStrContains(p:out(), "AFTER\t%d+\t" .. s)  -- no user code yet
-  local victim = tonumber(p:err():match("worker 2 %(pid (%d+)%) ready"))
-  H.kill(victim, "KILL")
-  p:expect("worker 2 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
-  -- it is worker 2 now: after_fork ran there, with id 2, and it accepts
-  lu.assertEquals(ready(p, 2, s), 1)
+  -- it becomes worker 2: after_fork runs there, with id 2, and it accepts
+  local gen, victim = takenby(p, 2, s)
+  lu.assertEquals(gen, 1)
   p:expect("EXIT\t2\t" .. victim .. "\n", 10)
   -- and a new standby is forked once the set is ready again
   local s2 = standby(p, 2)
@@ -101,10 +120,7 @@ local function takeover (accept)
   local p = master(("standby = 1, accept = %q,"):format(accept))
   H.ready(p, 2)
   local s = standby(p, 1)
-  local victim = tonumber(p:err():match("worker 1 %(pid (%d+)%) ready"))
-  H.kill(victim, "KILL")
-  p:expect("worker 1 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
-  ready(p, 1, s)
+  local _, victim = takenby(p, 1, s)
   for _ = 1, 20 do  -- every connection answered: none left to a dead socket
     local id, pid = ask(p.port)
     lu.assertNotNil(id)
@@ -139,11 +155,7 @@ function TestStandby:test_a_reload_renews_the_standby_with_the_new_code ()
   lu.assertNil(H.pstate(old))  -- KILLed and reaped at the reload
   H.wait_until(function () return #H.childpids(p.pid) == 3 end, 10,
                "two workers and the standby")
-  local victim
-  for pid in p:err():gmatch("worker 1 %(pid (%d+)%) ready") do victim = tonumber(pid) end
-  H.kill(victim, "KILL")
-  p:expect("worker 1 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
-  lu.assertEquals(ready(p, 1, s), 2)  -- the reloaded config, not the first
+  lu.assertEquals(takenby(p, 1, s), 2)  -- the reloaded config, not the first
 end
 
 
@@ -160,10 +172,7 @@ function TestStandby:test_scaling_renews_the_standby ()
   lu.assertStrMatches(p:err(), ".*worker 3 %(pid %d+%) started\n.*")
   lu.assertNotStrContains(p:err(), "failed")
   -- the new worker (id 3) is one the standby can become
-  local victim = tonumber(p:err():match("worker 3 %(pid (%d+)%) ready"))
-  H.kill(victim, "KILL")
-  p:expect("worker 3 %(pid " .. s .. "%) started %(the standby%)", 10, "err")
-  lu.assertEquals(ready(p, 3, s), 1)
+  lu.assertEquals(takenby(p, 3, s), 1)
 end
 
 
@@ -273,10 +282,7 @@ function TestStandby:test_a_standby_told_to_stop_leaves_and_is_replaced ()
     H.kill(s, sig)
     p:expect("standby %(pid " .. s .. "%) exited: exit 0; a new one in", 10, "err")
     local s2 = standby(p, 2)
-    local victim = tonumber(p:err():match("worker 1 %(pid (%d+)%) ready"))
-    H.kill(victim, "KILL")
-    p:expect("worker 1 %(pid " .. s2 .. "%) started %(the standby%)", 10, "err")
-    lu.assertEquals(ready(p, 1, s2), 1)
+    lu.assertEquals(takenby(p, 1, s2), 1)
     p:stop()
   end
 end
@@ -305,9 +311,7 @@ function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
     H.kill(s, "CONT")
   end
   local _, starts = p:err():gsub("worker 1 %(pid %d+%) started\n", "")
-  local victim
-  for pid in p:err():gmatch("worker 1 %(pid (%d+)%) ready") do victim = tonumber(pid) end
-  H.kill(victim, "KILL")
+  H.kill(latest(p, 1), "KILL")
   H.wait_until(function ()
     local _, n = p:err():gsub("worker 1 %(pid %d+%) started\n", "")
     return n == starts + 1

@@ -616,8 +616,8 @@ void pf_machine_stop (master *m) {
   ev_timer_stop(EV_DEFAULT, &m->later);
   ev_timer_stop(EV_DEFAULT, &m->memory);
   ev_timer_stop(EV_DEFAULT, &m->tick);
+  pf_standby_clear(m);  /* (not running: no refill comes) */
   ev_timer_stop(EV_DEFAULT, &m->refill);
-  while (m->spare != NULL) pf_standby_kill(m, &m->spare);
   ev_child_stop(EV_DEFAULT, &m->reaper);
   pf_signals_stop(m);
   pf_upgrade_forget(m);
