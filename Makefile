@@ -94,7 +94,7 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h)
 
 $(CORE): $(OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
+	$(CC) $(LIBFLAG) -Wl,-z,now -o $@ $(OBJS) $(EV_LDFLAGS) $(EV_LIBS) $(LDFLAGS)
 
 $(CLIENT): $(CLIENT_SRCS) lua-prefork/client.h src/wire.h
 	@mkdir -p $(dir $@)

@@ -225,6 +225,16 @@ function Test:test_many_calls_one_server_args_env_stdin_exit_codes ()
   lu.assertNotStrContains(r.out, "to stderr")
 end
 
+function Test:test_the_server_binds_its_symbols_at_its_start ()
+  local r = run(CLIENT .. " -U perl " .. server() .. " echo")
+  lu.assertEquals(r.code, 0, r.err)
+  lu.assertEquals(H.readfile(D .. "/setupenv"), "LD_BIND_NOW=1\n")
+  lu.assertStrContains(r.out, "BN=-\n")  -- the executor has the caller's env
+  r = run("LD_BIND_NOW= " .. CLIENT .. " -f -U perl " .. server() .. " echo")
+  lu.assertEquals(r.code, 0, r.err)
+  lu.assertEquals(H.readfile(D .. "/setupenv"), "LD_BIND_NOW=1\nLD_BIND_NOW=\n")  -- the caller's value stays
+end
+
 function Test:test_concurrent_callers ()
   run(CLIENT .. " -U perl " .. server())  -- the server exists
   local cmd = {}

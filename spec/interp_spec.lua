@@ -249,15 +249,16 @@ local function stdfiles (d)
 end
 
 
---- A whole call: greeting, the signalling byte, the fds, the request.
-local function fakecall (path, d, argv)
+--- A whole call: greeting, the signalling byte, the fds, the request
+-- (env: a list of its entries, or FOO=fake and PATH).
+local function fakecall (path, d, argv, env)
   local c, g = fakeconnect(path)
   lu.assertEquals(g, "PFI\n\0\0\0\0")
   local files = stdfiles(d)
   assert(c:send("\0"))
   for _, f in ipairs(files) do assert(core.interp_sendfd(c:getfd(), f)) end
   for _, f in ipairs(files) do f:close() end
-  local req = request({"FOO=fake", "PATH=" .. os.getenv("PATH")}, argv)
+  local req = request(env or {"FOO=fake", "PATH=" .. os.getenv("PATH")}, argv)
   assert(c:send(u32(#req) .. req))
   return c
 end
@@ -744,6 +745,26 @@ function TestInterp:test_interpreter_flags_before_the_script ()
   lu.assertStrContains(out, "ARGS -2=lua5.4 -1=-W 0=t.lua 1=echo 2=9 3=x\n")
   lu.assertStrContains(out, "ENV FOO=fake PI=nil\n")
   lu.assertStrContains(H.readfile(d .. "/fake.err"), "ERR to stderr")
+end
+
+
+function TestInterp:test_the_environment_is_the_requests ()
+  local d = newdir()
+  call(d, "end")
+  local path = assert(sockpath(server(d)))
+  local c = fakecall(path, d, {"lua5.4", "t.lua", "env"}, {"FOO=one", "PREFORK_INTERP=x",
+    "PATH=" .. os.getenv("PATH"), "BAR=b=c", "PREFORK_INTERPX=y", "FOO=two"})
+  lu.assertEquals(readstatus(c), 0)
+  c:close()
+  -- a later entry of a name replaces an earlier one, PREFORK_INTERP goes
+  lu.assertStrContains(H.readfile(d .. "/fake.out"), "ENV FOO=two PI=nil\n")
+  local seen = {}  -- what a child of the executor gets
+  for line in (H.readfile(d .. "/env.txt") or ""):gmatch("[^\n]+") do
+    seen[line] = true
+  end
+  lu.assertTrue(seen["FOO=two"] and seen["BAR=b=c"] and seen["PREFORK_INTERPX=y"], H.readfile(d .. "/env.txt"))
+  lu.assertNil(seen["FOO=one"])
+  lu.assertNil(seen["PREFORK_INTERP=x"])
 end
 
 

@@ -60,21 +60,23 @@ static void closeslow (int lo, int hi) {
 }
 
 
-/* close every fd from 3 up, but the kept ones and also (if >= 0) */
+/* close every fd from 3 up, but the kept ones and also (if >= 0); no
+** allocation for a few kept fds (an executor's every write to the heap
+** it shares with the server is a page copied) */
 void pf_iexec_closeabove (int also) {
-  int i, lo = 3, n = X.nkeep;
-  int *keep = (int *)malloc(((size_t)n + 1) * sizeof(int));
+  int few[16], i, lo = 3, n = X.nkeep;
+  int *keep = n < 16 ? few : (int *)malloc(((size_t)n + 1) * sizeof(int));
   if (keep == NULL) _exit(127);
   if (n > 0) memcpy(keep, X.keep, (size_t)n * sizeof(int));
   if (also >= 0) keep[n++] = also;
-  qsort(keep, (size_t)n, sizeof(int), cmpint);
+  if (n > 1) qsort(keep, (size_t)n, sizeof(int), cmpint);
   for (i = 0; i <= n; i++) {
     int hi = i < n ? keep[i] - 1 : INT_MAX;
     if (hi >= lo && close_range((unsigned)lo, (unsigned)hi, 0) != 0)
       closeslow(lo, hi);
     if (i < n && keep[i] + 1 > lo) lo = keep[i] + 1;
   }
-  free(keep);
+  if (keep != few) free(keep);
 }
 
 
@@ -95,8 +97,29 @@ static void defaults (void) {
 }
 
 
+static int inexec = 0;  /* this process is (about to be) an executor */
+static FILE *luaerr;  /* stderr before quickend (io.stderr's FILE) */
 static void quickend (void);
 static void answerto (int fd);
+
+
+/* the call's environment, in place in the request's array (which lives
+** as long as the process): its entries, a later one of a name in place
+** of an earlier one (as putenv would do), but PREFORK_INTERP; environ
+** set once, not grown entry by entry */
+static void callenv (pf_ijob *j) {
+  char **env = j->r.env;
+  int i, k, n = 0;
+  for (i = 0; i < j->r.nenv; i++) {
+    size_t len = (size_t)(strchr(env[i], '=') - env[i]) + 1;  /* "name=" */
+    int drop = strncmp(env[i], "PREFORK_INTERP=", len) == 0;
+    for (k = i + 1; k < j->r.nenv && !drop; k++)
+      drop = strncmp(env[i], env[k], len) == 0;
+    if (!drop) env[n++] = env[i];
+  }
+  env[n] = NULL;
+  environ = env;
+}
 
 
 /* ps shows the call's argv; argv[0] stays this program's (lua.c's
@@ -118,15 +141,12 @@ static void enter (pf_ijob *j) {
     if (dup2(j->fds[i], i) < 0) _exit(127);
   pf_iexec_closeabove(j->fds[PF_CALLFD] >= 3 ? j->fds[PF_CALLFD] : -1);
   answerto(j->fds[PF_CALLFD]);
+  if (!inexec) quickend();
   __fpurge(stdin);
   clearerr(stdin);
   clearerr(stdout);
-  clearerr(stderr);
-  clearenv();
-  for (i = 0; i < j->r.nenv; i++)
-    putenv(j->r.env[i]);  /* the request lives as long as the process */
-  unsetenv("PREFORK_INTERP");
-  quickend();
+  clearerr(luaerr);
+  callenv(j);
   title(j);
 }
 
@@ -176,7 +196,6 @@ void pf_iexec_become (pf_ijob *j) {
 ** executor still answers (its client would wait for its copy to close).
 ** ======================================================= */
 
-static int inexec = 0;  /* this process is an executor */
 static int errored = 0;  /* lua.c reported an error */
 static int exitcode = -1;  /* os.exit(code, true) */
 static struct {
@@ -308,6 +327,7 @@ int pf_iexec_setexit (lua_State *L) {
 static void quickend (void) {
   static const cookie_io_functions_t io = {NULL, errwrite, NULL, NULL};
   FILE *f = fopencookie(NULL, "w", io);
+  luaerr = stderr;
   inexec = 1;
   on_exit(onexit, NULL);
   if (f != NULL) {
@@ -424,6 +444,7 @@ void pf_iexec_spare (int chan, pf_ijob *j) {
   if (getppid() != X.server) _exit(127);
   if (X.sparetitle != NULL) pf_settitle(X.sparetitle);
   prctl(PR_SET_NAME, "spare executor", 0, 0, 0);  /* (ps -o comm) */
+  quickend();  /* ahead: it needs no call */
   if (!takecall(chan, j)) _exit(127);
   close(chan);
   enter(j);

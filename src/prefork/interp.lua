@@ -142,6 +142,14 @@ function interp.initialisation_complete (opts)
   for _, p in ipairs(also) do files[#files + 1] = p end
   local keep = {}
   for i, fd in ipairs(opts.keep_fds or {}) do keep[i] = fd end
+  -- os.exit keeps a closing exit's code for the executor's quick end;
+  -- wrapped here, once, not in each executor (whose every write to a
+  -- table of the server's is a page copied)
+  local exit = os.exit
+  os.exit = function (code, close)
+    if close then core.interp_setexit(code) end
+    return exit(code, close)
+  end
   local argv = core.interp_serve(env, {
     files = files,
     keep = keep,
@@ -156,11 +164,6 @@ function interp.initialisation_complete (opts)
   })
   -- only an executor gets here
   _G.arg = makearg(argv, script)
-  local exit = os.exit
-  os.exit = function (code, close)
-    if close then core.interp_setexit(code) end
-    return exit(code, close)
-  end
 end
 
 
