@@ -83,12 +83,13 @@ function B.stop (p)
   end
 end
 
---- wrk against a URL: req/s, errors (socket errors and non-2xx)
+--- wrk against a URL: req/s, errors (socket errors and non-2xx), its
+-- output, and the requests it made
 function B.wrk (port, seconds, close)
   local out = H.sh(("wrk -t2 -c50 -d%ds %s http://127.0.0.1:%d/ 2>&1"):format(
     seconds, close and "-H 'Connection: close'" or "", port))
-  local _, rps, errs = lib.wrkstats(out)
-  return rps, errs, out
+  local n, rps, errs = lib.wrkstats(out)
+  return rps, errs, out, n
 end
 
 local root = H.sh("pwd"):gsub("\n", "")
@@ -181,7 +182,8 @@ local function ticks (pids)
   return t
 end
 
---- the busiest worker's share (%) of the workers' CPU between two ticks()
+--- the busiest worker's share (%) of the workers' CPU between two
+-- ticks(), and the workers' CPU in all (ticks)
 local function busiest (t0, t1)
   local sum, top = 0, 0
   for pid, v in pairs(t1) do
@@ -189,37 +191,46 @@ local function busiest (t0, t1)
     sum = sum + d
     if d > top then top = d end
   end
-  return sum > 0 and 100 * top / sum or 0
+  return sum > 0 and 100 * top / sum or 0, sum
 end
+
+local TICK = tonumber(H.sh("getconf CLK_TCK")) or 100
 
 local function http_case (name, title, close, note)
   local case = {name = name, title = title, unit = "req/s", better = "higher", note = note,
     target = {peer = "nginx", ratio = 1.1}}  -- design.md 4, both modes
   case.run = function ()
     local servers = B.start_http(2)
-    local samples, errors, shares = {}, {}, {}
+    local samples, errors, shares, costs = {}, {}, {}, {}
     for r = 1, B.http_rounds do
       for _, p in ipairs(servers) do
         local pids = B.workers(p)
         local t0 = ticks(pids)
-        local rps, errs = B.wrk(p.port, B.seconds, close)
-        local share = busiest(t0, ticks(pids))
+        local rps, errs, _, n = B.wrk(p.port, B.seconds, close)
+        local share, used = busiest(t0, ticks(pids))
+        local cost = n > 0 and used / TICK / n * 1e6 or 0  -- µs of CPU a request
         samples[p.name] = samples[p.name] or {}
         table.insert(samples[p.name], rps)
         shares[p.name] = (shares[p.name] or "") .. (" %.0f"):format(share)
+        costs[p.name] = costs[p.name] or {}
+        table.insert(costs[p.name], cost)
         errors[p.name] = (errors[p.name] or 0) + errs
-        B.say(("  round %d %-13s %9.0f req/s  %d errors  busiest worker %.0f %%")
-              :format(r, p.name, rps, errs, share))
+        B.say(("  round %d %-13s %9.0f req/s  %d errors  busiest worker %.0f %%  %.1f µs CPU a request")
+              :format(r, p.name, rps, errs, share, cost))
       end
     end
     B.stop_all(servers)
-    local lines = {}  -- how evenly each spread the load, round by round
+    local lines, cpu = {}, {}  -- how evenly each spread the load; its cost
     for _, peer in ipairs({"lua-prefork", "nginx"}) do
       if shares[peer] then lines[#lines + 1] = peer .. ":" .. shares[peer] end
+      if costs[peer] then cpu[#cpu + 1] = ("%s %.1f"):format(peer, B.median(costs[peer])) end
     end
     case.note = (note and note .. " " or "") .. "The busiest worker's share of "
       .. "the two workers' CPU time, round by round (50 is an even split, 100 "
-      .. "one worker doing everything): " .. table.concat(lines, "; ") .. "."
+      .. "one worker doing everything): " .. table.concat(lines, "; ") .. ". "
+      .. "The workers' CPU time (user + system) per request, median of the rounds: "
+      .. table.concat(cpu, " µs, ") .. " µs (wrk shares the two CPUs: what "
+      .. "a server does not use, wrk does)."
     return samples, errors
   end
   B.case(case)
