@@ -288,17 +288,15 @@ function TestStandby:test_a_standby_told_to_stop_leaves_and_is_replaced ()
 end
 
 
-function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
-  lu.skipIf(H.valgrind, "under valgrind a standby writes no pages: it is "
-            .. "ready at once")
-  -- a 200 MB heap: the standby writes 32 MB of it before it is ready; it
-  -- is stopped (SIGSTOP) before, so the respawn must fork
+-- a master with a 200 MB heap (its standby writes 32 MB of it before it
+-- is ready) and its standby stopped (SIGSTOP) before it is: the pid
+local function stoppedstandby (options)
   local p = master([[standby = 1,
   on_start = function (m)
     BIG = {}
     for i = 1, 2000000 do BIG[i] = ("%099d"):format(i) end
     announce(m)
-  end,]])
+  end,]] .. (options or ""))
   H.ready(p, 2, 60)
   local s
   for try = 1, 5 do  -- (until one is caught before it is ready)
@@ -310,6 +308,14 @@ function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
     H.kill(s, "KILL")  -- a new one comes
     H.kill(s, "CONT")
   end
+  return p, s
+end
+
+
+function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
+  lu.skipIf(H.valgrind, "under valgrind a standby writes no pages: it is "
+            .. "ready at once")
+  local p, s = stoppedstandby()  -- so the respawn must fork
   local _, starts = p:err():gsub("worker 1 %(pid %d+%) started\n", "")
   H.kill(latest(p, 1), "KILL")
   H.wait_until(function ()
@@ -319,6 +325,19 @@ function TestStandby:test_a_standby_that_is_not_ready_is_not_taken ()
   lu.assertNotStrContains(p:err(), "(pid " .. s .. ") started")
   H.kill(s, "CONT")
   p:expect("standby %(pid " .. s .. "%) ready to take a place", 30, "err")
+end
+
+
+function TestStandby:test_a_standby_not_ready_by_boot_timeout_is_replaced ()
+  lu.skipIf(H.valgrind, "under valgrind a standby writes no pages: it is "
+            .. "ready at once")
+  local p, s = stoppedstandby("boot_timeout = 3,")
+  p:expect("standby %(pid " .. s .. "%) not ready after 3s %(boot_timeout%): KILL", 10, "err")
+  p:expect("standby %(pid " .. s .. "%) exited: signal KILL; a new one in", 10, "err")
+  H.wait_until(function () return H.pstate(s) == nil end, 10, "the stopped standby reaped")
+  local _, forked = p:err():gsub("standby %(pid %d+%) forked", "")
+  standby(p, forked + 1)  -- its replacement, ready
+  lu.assertNotStrContains(p:out(), "EXIT")  -- no worker touched
 end
 
 

@@ -307,6 +307,7 @@ static int fromstandby (master *m, worker *w) {
   s = *p;
   *p = s->next;
   ev_io_stop(EV_DEFAULT, &s->said);
+  ev_timer_stop(EV_DEFAULT, &s->late);
   a.slot = s->slot;
   a.ctl = s->ctl;
   a.tfd = s->tfd;
@@ -351,12 +352,24 @@ static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
   (void)revents;
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
   ev_io_stop(loop, io);
+  ev_timer_stop(loop, &s->late);
   if (n == 1 && c == 's') {
     s->ready = 1;
     s->m->sbfails = 0;
     pf_log(s->m->L, "info", "standby (pid %ld) ready to take a place",
            (long)s->pid);
   }
+}
+
+
+/* a standby not ready by boot_timeout (stopped, stuck): KILLed, and
+** replaced once it is reaped, as one that died */
+static void onlate (struct ev_loop *loop, ev_timer *t, int revents) {
+  standby *s = (standby *)t->data;
+  (void)loop; (void)revents;
+  pf_log(s->m->L, "warn", "standby (pid %ld) not ready after %.3gs "
+         "(boot_timeout): KILL", (long)s->pid, s->m->boottimeout);
+  kill(s->pid, SIGKILL);
 }
 
 
@@ -377,8 +390,10 @@ int pf_spawn_standby (lua_State *L, master *m) {
       s->tfd = a.tfd;
       s->ready = 0;
       ev_io_init(&s->said, onsaid, s->ctl, EV_READ);
-      s->said.data = s;
+      ev_timer_init(&s->late, onlate, m->boottimeout, 0);
+      s->said.data = s->late.data = s;
       ev_io_start(EV_DEFAULT, &s->said);
+      if (m->boottimeout > 0) ev_timer_start(EV_DEFAULT, &s->late);
       s->next = m->spare;
       m->spare = s;
       pf_log(L, "info", "standby (pid %ld) forked", (long)s->pid);

@@ -42,6 +42,7 @@ typedef struct standby {
   int tfd;  /* its watchdog */
   int ready;  /* it said so: set up, its pages written */
   ev_io said;  /* ctl: its "ready" */
+  ev_timer late;  /* not ready by boot_timeout: killed */
 } standby;
 
 typedef struct worker {

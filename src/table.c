@@ -180,6 +180,7 @@ static void unlink_standby (master *m, standby **p) {
   standby *s = *p;
   *p = s->next;
   ev_io_stop(EV_DEFAULT, &s->said);
+  ev_timer_stop(EV_DEFAULT, &s->late);
   close(s->ctl);
   close(s->tfd);
   pf_freeslot(m, s->slot);
