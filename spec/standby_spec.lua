@@ -331,13 +331,36 @@ end
 function TestStandby:test_a_standby_not_ready_by_boot_timeout_is_replaced ()
   lu.skipIf(H.valgrind, "under valgrind a standby writes no pages: it is "
             .. "ready at once")
-  local p, s = stoppedstandby("boot_timeout = 3,")
-  p:expect("standby %(pid " .. s .. "%) not ready after 3s %(boot_timeout%): KILL", 10, "err")
+  local p, s = stoppedstandby("boot_timeout = 5,")
+  local _, forked = p:err():gsub("standby %(pid %d+%) forked", "")  -- s the last
+  p:expect("standby %(pid " .. s .. "%) not ready after 5s %(boot_timeout%): KILL", 15, "err")
   p:expect("standby %(pid " .. s .. "%) exited: signal KILL; a new one in", 10, "err")
   H.wait_until(function () return H.pstate(s) == nil end, 10, "the stopped standby reaped")
-  local _, forked = p:err():gsub("standby %(pid %d+%) forked", "")
   standby(p, forked + 1)  -- its replacement, ready
   lu.assertNotStrContains(p:out(), "EXIT")  -- no worker touched
+end
+
+
+function TestStandby:test_a_standby_ready_behind_a_busy_loop_is_not_killed ()
+  lu.skipIf(H.valgrind, "under valgrind a standby may take more than the 1 s "
+            .. "boot_timeout here to be ready")
+  -- the log hook holds the loop for 2 s once the standby is forked: its
+  -- "ready" and the 1 s deadline come due in the same loop turn
+  local p = master([[standby = 1, boot_timeout = 1,
+  log = function (level, msg)
+    io.stderr:write(msg, "\n")
+    if msg:find("standby %(pid %d+%) forked") and not HELD then
+      HELD = true
+      local t = os.clock() + 2  -- (CPU time: this loop spends it)
+      while os.clock() < t do end
+    end
+  end,]])
+  H.ready(p, 2)
+  local s = standby(p, 1)
+  H.sleep(0.5)
+  lu.assertNotStrContains(p:err(), "not ready after")
+  lu.assertEquals(H.pstate(s) ~= nil and H.pstate(s) ~= "Z", true, "the standby lives")
+  takenby(p, 1, s)  -- and is taken
 end
 
 

@@ -345,31 +345,42 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
 
 
 /* a standby said it is ready (or its socket ended: its exit is reaped) */
-static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
-  standby *s = (standby *)io->data;
+/* what s said: 1 ready (logged last: the log hook may change the set
+** and free s), 0 its socket ended (its exit is reaped), -1 nothing yet */
+static int hear (standby *s) {
   char c = 0;
   ssize_t n = recv(s->ctl, &c, 1, MSG_DONTWAIT);
-  (void)revents;
-  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
-  ev_io_stop(loop, io);
-  ev_timer_stop(loop, &s->late);
-  if (n == 1 && c == 's') {
-    s->ready = 1;
-    s->m->sbfails = 0;
-    pf_log(s->m->L, "info", "standby (pid %ld) ready to take a place",
-           (long)s->pid);
-  }
+  if (n < 0 && (errno == EAGAIN || errno == EINTR)) return -1;
+  ev_io_stop(EV_DEFAULT, &s->said);
+  ev_timer_stop(EV_DEFAULT, &s->late);
+  if (n != 1 || c != 's') return 0;
+  s->ready = 1;
+  s->m->sbfails = 0;
+  pf_log(s->m->L, "info", "standby (pid %ld) ready to take a place",
+         (long)s->pid);
+  return 1;
+}
+
+
+static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
+  (void)loop; (void)revents;
+  (void)hear((standby *)io->data);
 }
 
 
 /* a standby not ready by boot_timeout (stopped, stuck): KILLed, and
-** replaced once it is reaped, as one that died */
+** replaced once it is reaped, as one that died. (Its "ready" may have
+** come in the same loop turn, behind a busy hook: heard first.) */
 static void onlate (struct ev_loop *loop, ev_timer *t, int revents) {
   standby *s = (standby *)t->data;
+  master *m = s->m;
+  pid_t pid = s->pid;
   (void)loop; (void)revents;
-  pf_log(s->m->L, "warn", "standby (pid %ld) not ready after %.3gs "
-         "(boot_timeout): KILL", (long)s->pid, s->m->boottimeout);
-  kill(s->pid, SIGKILL);
+  if (hear(s) == 1) return;
+  ev_io_stop(EV_DEFAULT, &s->said);  /* it is not taken now */
+  kill(pid, SIGKILL);
+  pf_log(m->L, "warn", "standby (pid %ld) not ready after %.3gs "
+         "(boot_timeout): KILL", (long)pid, m->boottimeout);
 }
 
 
