@@ -344,7 +344,6 @@ void pf_spawn (lua_State *L, master *m, worker *w) {
 }
 
 
-/* a standby said it is ready (or its socket ended: its exit is reaped) */
 /* what s said: 1 ready (logged last: the log hook may change the set
 ** and free s), 0 its socket ended (its exit is reaped), -1 nothing yet */
 static int hear (standby *s) {
@@ -362,6 +361,7 @@ static int hear (standby *s) {
 }
 
 
+/* a standby said it is ready (or its socket ended: its exit is reaped) */
 static void onsaid (struct ev_loop *loop, ev_io *io, int revents) {
   (void)loop; (void)revents;
   (void)hear((standby *)io->data);
